@@ -1,0 +1,31 @@
+"""funcadapt: the effect of any PEFT adapter as a pure function of a coefficient.
+
+tree = funcadapt.extract(model)                  # adapter params (the model's own) + structure
+params = funcadapt.transform(tree, -1.0)          # pure: new tensors, nothing mutated
+out = funcadapt.call(model, params, **batch)      # functional_call, exact fallbacks, checkpoint-safe
+
+with funcadapt.AdapterModifier(model, "scale", -1.0):   # the same, as a context manager
+    loss = model(**batch).loss
+"""
+
+from .call import call, vmap
+from .modifier import AdapterModifier
+from .rules.base import RULES, Rule
+from .transform import MODES, OPS, transform
+from .tree import AdapterTree, LayerSpec, extract
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "OPS",
+    "RULES",
+    "AdapterModifier",
+    "AdapterTree",
+    "LayerSpec",
+    "Rule",
+    "call",
+    "extract",
+    "transform",
+    "vmap",
+]

@@ -1,0 +1,163 @@
+"""Running a model on transformed parameters.
+
+``call(model, params, *args, **kwargs)`` is ``torch.func.functional_call`` with three
+differences: unknown or misspelled keys are an error (functional_call ignores them),
+the forward-time entries of :func:`funcadapt.transform` become the exact fallback
+(output interpolation) and the vmap-safe forwards some adapters need, and gradient
+checkpointing recomputes with the same swapped tensors (see :mod:`funcadapt.swap`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+
+from .rules import find_rule
+from .rules.base import Coeff, Patch, is_number
+from .swap import Frame
+from .transform import FORWARD_PREFIX, parse_forward_key
+
+
+def call(model: nn.Module, params: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """``model(*args, **kwargs)`` with ``params`` in place of the model's own tensors.
+
+    ``params`` maps ``named_parameters()``/``named_buffers()`` keys to tensors (any subset,
+    e.g. the output of :func:`funcadapt.transform`). The model is restored on return and on
+    error; autograd reaches the original parameters through whatever produced ``params``.
+    """
+    with frame(model, params):
+        return model(*args, **kwargs)
+
+
+def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
+    """The (not yet applied) :class:`~funcadapt.swap.Frame` that ``call`` runs the model in."""
+    tensors: dict[str, Tensor] = {}
+    forward_args: dict[tuple[str, str], dict[str, Coeff]] = {}
+    for key, value in params.items():
+        if key.startswith(FORWARD_PREFIX):
+            name, adapter, path = parse_forward_key(key)
+            forward_args.setdefault((path, adapter), {})[name] = value
+        elif isinstance(value, Tensor):
+            tensors[key] = value
+        else:
+            raise TypeError(f"params[{key!r}] is a {type(value).__name__}, not a tensor")
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    _check_keys(model, modules, tensors)
+
+    touched: dict[str, dict[str, dict[str, Coeff]]] = {}  # layer path -> adapter -> forward args
+    for key in tensors:
+        found = _adapter_of(modules, key)
+        if found is not None:
+            touched.setdefault(found[0], {}).setdefault(found[1], {})
+    for (path, adapter), args in forward_args.items():
+        if path not in modules or not isinstance(modules[path], BaseTunerLayer):
+            raise ValueError(f"forward entry for layer {path!r}, which is not an adapter layer of this model")
+        touched.setdefault(path, {}).setdefault(adapter, {}).update(args)
+
+    builders: list[Callable[[], list[Patch]]] = []
+    for path, per_adapter in touched.items():
+        layer = modules[path]
+        for adapter, args in per_adapter.items():
+            rule = find_rule(layer, adapter)
+            if rule is not None and rule.patches is not None:
+                builders.append(_bind(rule.patches, layer, adapter, args))
+        interp = {a: args["interp"] for a, args in per_adapter.items() if "interp" in args}
+        if interp:
+            builders.append(_interpolation(path, layer, interp))
+    return Frame(model, tensors, builders)
+
+
+def _bind(fn: Callable[..., list[Patch]], *args: Any) -> Callable[[], list[Patch]]:
+    return lambda: fn(*args)
+
+
+def _check_keys(model: nn.Module, modules: Mapping[str, nn.Module], tensors: Mapping[str, Tensor]) -> None:
+    for key, value in tensors.items():
+        prefix, _, name = key.rpartition(".")
+        owner = modules.get(prefix)
+        current = None
+        if owner is not None:
+            current = owner._parameters.get(name, owner._buffers.get(name))
+        if current is None:
+            known = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"params has key {key!r}, which is not a parameter or buffer of the model{hint}")
+        if value.shape != current.shape:
+            raise ValueError(f"params[{key!r}] has shape {tuple(value.shape)}, the model's has {tuple(current.shape)}")
+
+
+def _adapter_of(modules: Mapping[str, nn.Module], key: str) -> tuple[str, str] | None:
+    """(layer path, adapter) when ``key`` is an adapter tensor ``<layer>.<attr>.<adapter>[...]``."""
+    parts = key.split(".")
+    for i in range(len(parts) - 2, -1, -1):
+        layer = modules.get(".".join(parts[:i]))
+        if isinstance(layer, BaseTunerLayer):
+            if parts[i] in layer.adapter_layer_names and i + 1 < len(parts):
+                return ".".join(parts[:i]), parts[i + 1]
+            return None
+    return None
+
+
+def _interpolation(path: str, layer: Any, coeffs: Mapping[str, Coeff]) -> Callable[[], list[Patch]]:
+    """The exact fallback: ``y = y0 + c·(y1 − y0)``, y0 with these adapters switched off."""
+    values = list(coeffs.values())
+    c = values[0]
+    if any(v is not c and not (is_number(v) and is_number(c) and v == c) for v in values[1:]):
+        raise ValueError(
+            f"layer {path!r} has several adapters without an exact parameter transform ({sorted(coeffs)}) "
+            f"and they were given different coefficients; the output-interpolation fallback can only "
+            f"scale them together. Give them one coefficient, or modify them in separate calls"
+        )
+    adapters = set(coeffs)
+
+    def without(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        saved = layer._active_adapter
+        remaining = [a for a in layer.active_adapters if a not in adapters]
+        layer._active_adapter = remaining
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            layer._active_adapter = saved
+
+    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def interpolated(*args: Any, **kwargs: Any) -> Any:
+            if is_number(c) and c == 0.0:
+                return without(forward, args, kwargs)
+            y1 = forward(*args, **kwargs)
+            y0 = without(forward, args, kwargs)
+            return pytree.tree_map(_lerp, y0, y1)
+
+        return interpolated
+
+    def _lerp(y0: Any, y1: Any) -> Any:
+        if not isinstance(y0, Tensor) or not y0.is_floating_point():
+            return y1
+        k = c.to(device=y0.device, dtype=y0.dtype) if isinstance(c, Tensor) else c
+        return y0 + k * (y1 - y0)
+
+    return lambda: [Patch(layer, "forward", wrap, wrap=True)]
+
+
+def vmap(
+    func: Callable[..., Any],
+    in_dims: Any = 0,
+    out_dims: Any = 0,
+    *,
+    randomness: str = "different",
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """``torch.func.vmap`` with ``randomness="different"`` by default.
+
+    Each coefficient in the vmapped batch then draws its own dropout mask, exactly as
+    separate passes would; ``torch.func.vmap``'s default ("error") refuses any dropout
+    in train mode. Pass ``randomness="same"`` to share one mask across coefficients.
+    """
+    return torch.func.vmap(func, in_dims, out_dims, randomness=randomness, chunk_size=chunk_size)

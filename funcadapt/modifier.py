@@ -1,0 +1,75 @@
+"""``AdapterModifier``: the stateful shell over extract → transform → frame.
+
+Inside the context the model's adapter tensors *are* the transformed tensors (swapped
+into ``_parameters``, as ``functional_call`` does), so a plain ``model(**batch)`` builds
+an autograd graph through the transform back to the original Parameters. On exit the
+original Parameter objects are put back, bit for bit; the graph keeps the transformed
+tensors alive, so ``backward()`` after the context gives the gradients of the math
+that ran. Contexts nest (the inner one transforms what the outer one shows) and must be
+exited in reverse order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from .call import frame
+from .swap import Frame
+from .transform import MODES, OPS, transform
+from .tree import AdapterTree, extract
+
+
+class AdapterModifier:
+    """Temporarily apply ``op`` (``"scale"``, ``"invert"``, ``"disable"``, ``"shift"``,
+    ``"replace"``) with ``value`` to the model's adapters.
+
+    >>> with AdapterModifier(model, "scale", -1.0):
+    ...     loss = model(**batch).loss          # the antiparallel adapter
+    >>> loss.backward()                          # exact gradients, after exit
+
+    Everything is computed on entry: a bad op, mode, value or adapter raises before the
+    model is touched. Not reentrant: one ``with`` per instance at a time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        op: str,
+        value: Any = None,
+        *,
+        adapter_names: str | Iterable[str] | None = None,
+        mode: str = "linear",
+    ) -> None:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; choose one of {OPS}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        self.model = model
+        self.op = op
+        self.value = value
+        self.adapter_names = adapter_names
+        self.mode = mode
+        self.tree: AdapterTree | None = None
+        self._frame: Frame | None = None
+
+    def __enter__(self) -> AdapterModifier:
+        if self._frame is not None:
+            raise RuntimeError("this AdapterModifier is already active; create one per `with` block")
+        tree = extract(self.model, self.adapter_names)
+        params = transform(tree, self.value, self.op, self.mode)
+        f = frame(self.model, params)
+        f.apply()
+        self.tree, self._frame = tree, f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        f, self._frame = self._frame, None
+        if f is not None:
+            f.unapply()
+
+    def __repr__(self) -> str:
+        state = "active" if self._frame is not None else "inactive"
+        return f"AdapterModifier(op={self.op!r}, value={self.value!r}, mode={self.mode!r}, {state})"

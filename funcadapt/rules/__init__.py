@@ -1,0 +1,9 @@
+"""Adapter rules, one module per family. Importing this package registers them all;
+:data:`~funcadapt.rules.base.RULES` is the registry that extraction, the transforms,
+the tests and the support table all read. Adding an adapter means adding one module
+here and importing it below."""
+
+from . import ia3, lora, oft, randlora, road, vera  # noqa: F401  (registration)
+from .base import RULES, Coeff, Effect, Patch, Rule, RuleDoc, find_rule, register, rule_named
+
+__all__ = ["RULES", "Coeff", "Effect", "Patch", "Rule", "RuleDoc", "find_rule", "register", "rule_named"]

@@ -1,0 +1,159 @@
+"""The rule registry: one :class:`Rule` per adapter family, the single source of truth.
+
+A rule says, for one PEFT layer class (and optionally one variant of it), how the
+adapter's effect depends on a coefficient ``c``:
+
+* ``linear(spec, params, c)``: the exact transform for ``mode="linear"``,
+  ``y(c) = y0 + c·(y1 − y0)`` at the adapted layer. ``None`` means no exact
+  parameter-space transform exists and the layer's output is interpolated instead
+  (the *fallback*, exact by construction).
+* ``geometric(spec, params, c)``: ``mode="geometric"``, the coefficient scales the
+  adapter's generator on its own manifold. ``None``: the family has no such structure
+  and asking for it is an error. For additive families it equals ``linear``.
+* ``invert(spec, params)``: the exact inverse effect; ``None`` means ``geometric`` at
+  ``c = −1``.
+* ``patches(layer, adapter, args)``: attribute swaps installed on the live modules
+  while a call runs, for layers whose PEFT forward cannot run under ``torch.func``
+  transforms, or that need a coefficient at forward time.
+
+Transforms are pure: they read the tensors they are given and return new ones.
+The support table in ``docs/support.md`` is generated from :data:`RULES`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from numbers import Number
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Coeff = float | Tensor
+"""A coefficient: a Python number, or a 0-d tensor (possibly requiring grad, possibly vmapped)."""
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What a rule returns for one (layer, adapter): new raw parameters by role, and
+    the arguments the forward needs at call time (e.g. an interpolation coefficient)."""
+
+    params: Mapping[str, Tensor] = field(default_factory=dict)
+    forward: Mapping[str, Coeff] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Set ``obj.<attr> = value`` while a call runs; restored exactly afterwards.
+    ``value`` may be a callable ``current -> new`` to wrap what is there now."""
+
+    obj: Any
+    attr: str
+    value: Any
+    wrap: bool = False
+
+
+@dataclass(frozen=True)
+class RuleDoc:
+    """Human-facing description; the support table is rendered from these fields."""
+
+    adapter: str
+    layers: str
+    linear: str
+    linear_exact: str  # "exact (parameter space)" / "exact fallback (output interpolation)" / ...
+    geometric: str
+    invert: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    layer_type: type
+    doc: RuleDoc
+    linear: Callable[[Any, Mapping[str, Tensor], Coeff], Effect] | None
+    geometric: Callable[[Any, Mapping[str, Tensor], Coeff], Effect] | None = None
+    invert: Callable[[Any, Mapping[str, Tensor]], Effect] | None = None
+    match: Callable[[Any, str], bool] = lambda layer, adapter: True
+    static: Callable[[Any, str], dict[str, Any]] = lambda layer, adapter: {}
+    patches: Callable[[Any, str, Mapping[str, Coeff]], list[Patch]] | None = None
+    no_geometric_reason: str = ""
+
+
+RULES: list[Rule] = []
+
+
+def register(rule: Rule) -> Rule:
+    """Add a rule. Rules registered earlier win, so register subclasses (AdaLoRA)
+    before their bases (LoRA) and variants before the plain form."""
+    if any(r.name == rule.name for r in RULES):
+        raise ValueError(f"a rule named {rule.name!r} is already registered")
+    RULES.append(rule)
+    return rule
+
+
+def rule_named(name: str) -> Rule:
+    for r in RULES:
+        if r.name == name:
+            return r
+    raise KeyError(name)
+
+
+def find_rule(layer: Any, adapter: str) -> Rule | None:
+    for r in RULES:
+        if isinstance(layer, r.layer_type) and r.match(layer, adapter):
+            return r
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Numeric helpers shared by the rules. Transforms compute in float32 (float64 when
+# the parameter is float64) and cast back, so bf16 adapters lose nothing extra.
+
+
+def is_number(c: object) -> bool:
+    return isinstance(c, Number) and not isinstance(c, bool)
+
+
+def compute_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def as_compute(c: Coeff, like: Tensor) -> Coeff:
+    """A coefficient ready to combine with ``like`` in its compute dtype."""
+    if isinstance(c, Tensor):
+        return c.to(device=like.device, dtype=compute_dtype(like))
+    return c
+
+
+def scale(p: Tensor, c: Coeff) -> Tensor:
+    """``c · p`` in p's dtype (one rounding)."""
+    if not isinstance(c, Tensor):
+        return p * c
+    return (p.to(compute_dtype(p)) * as_compute(c, p)).to(p.dtype)
+
+
+def lerp_from_one(p: Tensor, c: Coeff) -> Tensor:
+    """``1 + c·(p − 1)``: the linear path from the identity multiplier to ``p``."""
+    q = p.to(compute_dtype(p))
+    return (1 + as_compute(c, p) * (q - 1)).to(p.dtype)
+
+
+def power(p: Tensor, c: Coeff) -> Tensor:
+    """``p ** c`` for positive p (the geometric path of a multiplier)."""
+    q = p.to(compute_dtype(p))
+    return torch.pow(q, as_compute(c, p)).to(p.dtype)
+
+
+def require_positive(t: Tensor, what: str, path: str, adapter: str) -> None:
+    if bool((t <= 0).any()):
+        raise ValueError(
+            f"layer {path!r} adapter {adapter!r}: {what} has non-positive entries, so its "
+            f"geometric power is undefined; use mode='linear'"
+        )
+
+
+PI = math.pi

@@ -1,0 +1,156 @@
+"""OFT: a block-diagonal rotation R = Cayley(Q) applied to the layer input (Linear,
+Conv) or output (Embedding), with Q skew-symmetric, built from the trained vector.
+
+geometric: Q ↦ c·Q, i.e. R(c) = Cayley(c·Q): the rotation's own one-parameter path.
+           Q is linear in the trained vector, so this is an exact parameter transform.
+linear:    x ↦ x + c·(x·R − x) at the rotation. The base layer is affine in what the
+           rotation produces, so the layer output is exactly y0 + c·(y1 − y0). No
+           parameter-space form exists (I + c(R − I) is not a rotation).
+invert:    exact Cayley: Q ↦ −Q (Cayley(−Q) = Cayley(Q)⁻¹ exactly).
+           Cayley–Neumann (PEFT's default, ``use_cayley_neumann=True``): R is a
+           truncated series, so Cayley(−Q) is only an approximate inverse
+           (error O(‖Q‖⁵) with 5 terms); funcadapt applies the exact matrix inverse of
+           the R that PEFT uses instead.
+
+PEFT's rotation writes the skew matrix and the series in place into fresh tensors,
+which ``torch.func.vmap`` refuses for a batched Q. While a call runs the rotation
+module's ``forward`` is swapped for :func:`rotate`, the same math out of place.
+COFT's projection, which PEFT applies to the stored weight in place under
+``no_grad``, is applied functionally with the same straight-through gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from peft.tuners.oft.layer import OFTLayer
+from torch import Tensor
+
+from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+
+_ROLES = ("oft_R.weight", "oft_embedding_R.weight")
+
+
+def _skew(rot: Any, vec: Tensor) -> Tensor:
+    n, b = vec.shape[0], rot.block_size
+    m = vec.new_zeros(n, b, b).index_put((torch.arange(n, device=vec.device)[:, None], rot.rows, rot.cols), vec)
+    return m - m.transpose(-2, -1)
+
+
+def _project(rot: Any, vec: Tensor, eps: float) -> Tensor:
+    q = _skew(rot, vec)
+    eps_t = eps / torch.sqrt(torch.tensor(float(q.shape[0])))
+    norm = torch.linalg.norm(q, dim=(1, 2), keepdim=True)
+    out = torch.where(norm <= eps_t, q, eps_t * (q / norm))
+    return out[:, rot.rows, rot.cols]
+
+
+def _cayley(rot: Any, vec: Tensor) -> Tensor:
+    """Same arithmetic as PEFT's ``_cayley_batch``, out of place."""
+    b = rot.block_size
+    q = _skew(rot, vec)
+    if rot.use_cayley_neumann:
+        terms = rot.num_cayley_neumann_terms
+        r = torch.eye(b, device=vec.device, dtype=vec.dtype).expand_as(q)
+        if terms > 1:
+            r = r + 2.0 * q
+            if terms > 2:
+                q2 = torch.bmm(q, q)
+                r = r + 2.0 * q2
+                qp = q2
+                for _ in range(3, terms - 1):
+                    qp = torch.bmm(qp, q)
+                    r = r + 2.0 * qp
+                qp = torch.bmm(qp, q)
+                r = r + qp
+        return r.to(vec.dtype)
+    eye = torch.eye(b, device=q.device).unsqueeze(0).expand_as(q)
+    return torch.linalg.solve(eye + q, eye - q, left=False).to(vec.dtype)
+
+
+def rotate(rot: Any, x: Tensor, linear: Coeff | None = None, inverse: bool = False) -> Tensor:
+    """PEFT's ``OFTRotationModule.forward`` in pure ops, optionally interpolated or inverted."""
+    out_dtype = x.dtype
+    weight = rot.weight
+    if x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    if rot.coft:
+        weight = weight + (_project(rot, weight, rot.eps) - weight).detach()
+    r = _cayley(rot, weight)
+    if inverse:
+        r = torch.linalg.inv(r.float()).to(r.dtype)
+    shape = x.shape
+    xx = rot._unfold(x) if len(shape) == 4 else x
+    folded = xx.shape
+    rank = rot.in_features // rot.block_size if rot.block_share else rot.r
+    if rot.block_share:
+        r = r.repeat(rank, 1, 1)
+    y = torch.einsum("...rk,rkc->...rc", xx.reshape(*folded[:-1], rank, rot.block_size), r).reshape(*folded)
+    if len(shape) == 4:
+        y = rot._fold(y, shape)
+    if linear is not None:
+        y = x + _as(linear, y) * (y - x)
+    return y.to(out_dtype)
+
+
+def _as(c: Coeff, like: Tensor) -> Coeff:
+    return c.to(device=like.device, dtype=like.dtype) if isinstance(c, Tensor) else c
+
+
+def _rot_module(layer: Any, adapter: str) -> Any:
+    if adapter in layer.oft_R:
+        return layer.oft_R[adapter]
+    return layer.oft_embedding_R[adapter]
+
+
+def _linear(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    return Effect(forward={"oft_linear": c})
+
+
+def _geometric(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    return Effect({role: scale(t, c) for role, t in p.items() if role in _ROLES})
+
+
+def _invert(spec, p: Mapping[str, Tensor]) -> Effect:
+    if spec.static["use_cayley_neumann"]:
+        return Effect(forward={"oft_inverse": 1.0})
+    return _geometric(spec, p, -1.0)
+
+
+def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+    rot = _rot_module(layer, adapter)
+    linear, inverse = args.get("oft_linear"), "oft_inverse" in args
+    return [Patch(rot, "forward", lambda x: rotate(rot, x, linear, inverse))]
+
+
+def _static(layer: Any, adapter: str) -> dict:
+    rot = _rot_module(layer, adapter)
+    return {
+        "block_size": rot.block_size,
+        "use_cayley_neumann": bool(rot.use_cayley_neumann),
+        "num_cayley_neumann_terms": rot.num_cayley_neumann_terms,
+        "coft": bool(rot.coft),
+    }
+
+
+OFT = register(
+    Rule(
+        name="oft",
+        layer_type=OFTLayer,
+        doc=RuleDoc(
+            adapter="OFT (incl. COFT, block sharing)",
+            layers="Linear, Conv1D, Conv2d, Embedding",
+            linear="x ↦ x + c·(x·R − x) at the rotation ⇒ y(c) = y0 + c·(y1 − y0)",
+            linear_exact="exact fallback (interpolation at the rotation)",
+            geometric="R(c) = Cayley(c·Q)",
+            invert="exact: R⁻¹ (Cayley(−Q); exact matrix inverse under Cayley–Neumann)",
+        ),
+        linear=_linear,
+        geometric=_geometric,
+        invert=_invert,
+        patches=_patches,
+        static=_static,
+    )
+)

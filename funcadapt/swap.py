@@ -1,0 +1,196 @@
+"""Frames: make tensors and forward patches visible on a live model, then restore it.
+
+A :class:`Frame` is what ``torch.func.functional_call`` does internally (swap the
+tensors in ``_parameters`` / ``_buffers``, run, swap back), extended with attribute
+patches (a layer's ``forward``, a helper method) and made re-enterable: the exact
+same swap can be applied again later. That is what gradient checkpointing needs. Its
+recompute runs during ``backward()``, after the call or context has exited; a plain
+functional_call then recomputes with the restored parameters and gives silently wrong
+gradients. While a frame is applied, every checkpointing layer's
+``_gradient_checkpointing_func`` is wrapped so that its (non-reentrant) checkpoint
+gets a ``context_fn`` whose recompute context re-applies the frames that were active
+when the forward ran, and only those.
+
+Frames on one process form a stack (:data:`_STACK`); they must be exited in reverse
+order. Nothing here is thread-safe: use one model per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .rules.base import Patch
+
+_STACK: list[Frame] = []
+_MISSING = object()
+
+
+class Frame:
+    """Tensors to show under their ``named_parameters``/``named_buffers`` keys, and
+    patch builders (called at apply time, so a wrapper wraps what is there then)."""
+
+    def __init__(
+        self,
+        root: nn.Module,
+        tensors: Mapping[str, Tensor],
+        builders: list[Callable[[], list[Patch]]],
+    ) -> None:
+        self.root = root
+        self._slots = [(_owner(root, key), key.rpartition(".")[2], t) for key, t in tensors.items()]
+        self._builders = builders
+        self._checkpointing: list[Any] = [
+            m
+            for m in root.modules()
+            if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func")
+        ]
+        self._undo: list[Callable[[], None]] | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self._undo is not None
+
+    def apply(self) -> None:
+        if self._undo is not None:
+            raise RuntimeError("this funcadapt frame is already applied")
+        undo: list[Callable[[], None]] = []
+        try:
+            for module, name, tensor in self._slots:
+                store: dict[str, Any] = module._parameters if name in module._parameters else module._buffers
+                undo.append(functools.partial(store.__setitem__, name, store[name]))
+                store[name] = tensor
+            for build in self._builders:
+                for patch in build():
+                    _set(
+                        patch.obj,
+                        patch.attr,
+                        patch.value(getattr(patch.obj, patch.attr)) if patch.wrap else patch.value,
+                        undo,
+                    )
+            for module in self._checkpointing:
+                current: Any = module._gradient_checkpointing_func
+                if not getattr(current, "_funcadapt", False):
+                    _set(module, "_gradient_checkpointing_func", _replaying(current), undo)
+        except BaseException:
+            _run(undo)
+            raise
+        self._undo = undo
+        _STACK.append(self)
+
+    def unapply(self) -> None:
+        if self._undo is None:
+            raise RuntimeError("this funcadapt frame is not applied")
+        if not _STACK or _STACK[-1] is not self:
+            raise RuntimeError("funcadapt contexts must be exited in the reverse order they were entered")
+        _STACK.pop()
+        undo, self._undo = self._undo, None
+        _run(undo)
+
+    def __enter__(self) -> Frame:
+        self.apply()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unapply()
+
+
+def _owner(root: nn.Module, key: str) -> nn.Module:
+    prefix, _, name = key.rpartition(".")
+    module = root.get_submodule(prefix) if prefix else root
+    if name not in module._parameters and name not in module._buffers:
+        raise KeyError(key)
+    return module
+
+
+def _set(obj: Any, attr: str, value: Any, undo: list[Callable[[], None]]) -> None:
+    old = obj.__dict__.get(attr, _MISSING)
+    setattr(obj, attr, value)
+    if old is _MISSING:
+        undo.append(functools.partial(delattr, obj, attr))
+    else:
+        undo.append(functools.partial(setattr, obj, attr, old))
+
+
+def _run(undo: list[Callable[[], None]]) -> None:
+    for step in reversed(undo):
+        step()
+
+
+@contextlib.contextmanager
+def replay(snapshot: tuple[Frame, ...]) -> Iterator[None]:
+    """Show exactly the frames of ``snapshot`` (as at the original forward) while the body runs."""
+    current = list(_STACK)
+    for frame in reversed(current):
+        frame.unapply()
+    try:
+        applied: list[Frame] = []
+        try:
+            for frame in snapshot:
+                frame.apply()
+                applied.append(frame)
+            yield
+        finally:
+            for frame in reversed(applied):
+                frame.unapply()
+    finally:
+        for frame in current:
+            frame.apply()
+
+
+_warned_functorch = False
+
+
+def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a transformers ``_gradient_checkpointing_func`` so its recompute replays the frames."""
+    stored = dict(getattr(checkpoint_func, "keywords", None) or {})
+
+    def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        global _warned_functorch
+        if torch._C._functorch.maybe_current_level() is not None:
+            # torch.utils.checkpoint cannot recompute under vmap/grad transforms; running the
+            # layer directly gives the same values and gradients, with the memory of no checkpointing.
+            if not _warned_functorch:
+                warnings.warn(
+                    "funcadapt: gradient checkpointing is skipped inside torch.func transforms (vmap/grad); "
+                    "results are identical, memory use is that of an uncheckpointed forward",
+                    stacklevel=2,
+                )
+                _warned_functorch = True
+            return function(*args)
+        options = {**stored, **kwargs}
+        if options.get("use_reentrant", True) is not False:
+            raise ValueError(
+                "reentrant gradient checkpointing recomputes layers without funcadapt's swapped tensors and "
+                "would give silently wrong gradients; enable it with use_reentrant=False: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
+        user_context = options.get("context_fn")
+        snapshot = tuple(_STACK)
+
+        def context_fn() -> tuple[Any, Any]:
+            if user_context is None:
+                forward_ctx, recompute_ctx = contextlib.nullcontext(), contextlib.nullcontext()
+            else:
+                forward_ctx, recompute_ctx = user_context()
+
+            @contextlib.contextmanager
+            def recompute() -> Iterator[None]:
+                with recompute_ctx, replay(snapshot):
+                    yield
+
+            return forward_ctx, recompute()
+
+        return checkpoint_func(function, *args, **{**kwargs, "context_fn": context_fn})
+
+    run._funcadapt = True  # type: ignore[attr-defined]
+    return run
+
+
+def active_frames() -> tuple[Frame, ...]:
+    return tuple(_STACK)

@@ -1,0 +1,169 @@
+"""Pure transforms of an :class:`AdapterTree`'s parameters.
+
+``transform(tree, coeff, op, mode)`` returns a new ``dict[str, Tensor]``: the tree's
+keys, with new tensors where the op changes something and the tree's own tensors
+elsewhere. Nothing is mutated. Where an adapter has no exact parameter-space form for
+the requested coefficient, the result also carries a forward-time entry under a key
+``"@funcadapt.<name>.<adapter>.<layer path>"``; :func:`funcadapt.call` turns those into
+the exact fallback. Passing such params straight to ``torch.func.functional_call``
+fails loudly (``@funcadapt`` is not a submodule) instead of silently dropping them.
+
+Ops (``mode`` applies to ``scale``):
+
+* ``scale``   coefficient c. ``mode="linear"``: y(c) = y0 + c·(y1 − y0) at each adapted
+  layer, per adapter. ``mode="geometric"``: c scales the adapter's generator.
+* ``invert``  the exact inverse effect (geometric c = −1 where that is exact).
+* ``disable`` c = 0: exactly the base model.
+* ``shift``   raw parameters + value (a number, ``{adapter: number}`` or ``{key: tensor}``).
+* ``replace`` raw parameters replaced by ``{key: tensor}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .rules.base import Coeff, Effect, Rule, is_number, rule_named
+from .tree import AdapterTree, LayerSpec
+
+OPS = ("scale", "invert", "disable", "shift", "replace")
+MODES = ("linear", "geometric")
+FORWARD_PREFIX = "@funcadapt."
+
+
+def forward_key(name: str, adapter: str, path: str) -> str:
+    return f"{FORWARD_PREFIX}{name}.{adapter}.{path}"
+
+
+def parse_forward_key(key: str) -> tuple[str, str, str]:
+    """``"@funcadapt.<name>.<adapter>.<path>"`` -> (name, adapter, path)."""
+    _, name, adapter, path = key.split(".", 3)
+    return name, adapter, path
+
+
+def _check_coeff(c: Any, where: str) -> Coeff:
+    if is_number(c):
+        return float(c)
+    if isinstance(c, Tensor):
+        if c.dim() != 0:
+            raise ValueError(
+                f"coefficient{where} must be a number or a 0-d tensor, got shape {tuple(c.shape)}; to evaluate "
+                f"several coefficients at once, torch.func.vmap over them (see funcadapt.vmap)"
+            )
+        if not c.is_floating_point():
+            c = c.to(torch.get_default_dtype())
+        return c
+    raise TypeError(f"coefficient{where} must be a number or a 0-d tensor, got {type(c).__name__}")
+
+
+def _per_adapter(tree: AdapterTree, coeff: Any) -> Callable[[str], Coeff | None]:
+    """adapter name -> its coefficient (None: leave that adapter unchanged)."""
+    if isinstance(coeff, Mapping):
+        unknown = sorted(set(coeff) - set(tree.adapters))
+        if unknown:
+            raise ValueError(f"coefficients given for unknown adapter(s) {unknown}; the tree has {list(tree.adapters)}")
+        checked = {a: _check_coeff(c, f" for adapter {a!r}") for a, c in coeff.items()}
+        return checked.get
+    c = _check_coeff(coeff, "")
+    return lambda adapter: c
+
+
+def _refuse(rule: Rule, spec: LayerSpec, what: str) -> ValueError:
+    reason = rule.no_geometric_reason or f"{rule.doc.adapter} has no group structure"
+    return ValueError(
+        f"layer {spec.path!r} adapter {spec.adapter!r} ({rule.doc.adapter}): {what} is undefined: {reason}. "
+        f"Use mode='linear' (op='scale' with coeff=-1.0 gives the exact antiparallel effect)"
+    )
+
+
+def _scaled(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff, mode: str) -> Effect:
+    if mode == "linear":
+        if rule.linear is None:
+            return Effect(forward={"interp": c})
+        return rule.linear(spec, p, c)
+    if rule.geometric is None:
+        raise _refuse(rule, spec, "mode='geometric'")
+    return rule.geometric(spec, p, c)
+
+
+def _inverted(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
+    if rule.invert is not None:
+        return rule.invert(spec, p)
+    if rule.geometric is None:
+        raise _refuse(rule, spec, "op='invert'")
+    return rule.geometric(spec, p, -1.0)
+
+
+def _raw_updates(tree: AdapterTree, value: Any, op: str) -> dict[str, Tensor]:
+    """Per-key updates for shift / replace, validated against the tree."""
+    if op == "replace" or (isinstance(value, Mapping) and value and set(value) <= set(tree.params)):
+        if not isinstance(value, Mapping):
+            raise TypeError("op='replace' takes a dict {parameter key: tensor} (a subset of tree.params)")
+        unknown = sorted(set(value) - set(tree.params))
+        if unknown:
+            raise ValueError(f"{op}: unknown parameter key(s) {unknown[:3]}; keys must come from tree.params")
+        out = {}
+        for key, v in value.items():
+            old = tree.params[key]
+            v = torch.as_tensor(v, device=old.device) if not isinstance(v, Tensor) else v
+            if op == "replace" and v.shape != old.shape:
+                raise ValueError(f"replace: {key!r} has shape {tuple(old.shape)}, got {tuple(v.shape)}")
+            out[key] = v.to(old.dtype) if op == "replace" else (old + v.to(old.dtype))
+        return out
+    per_adapter = _per_adapter(tree, value)
+    out = {}
+    for spec in tree.layers:
+        d = per_adapter(spec.adapter)
+        if d is None:
+            continue
+        for key in spec.keys.values():
+            old = tree.params[key]
+            out[key] = old + (d.to(device=old.device, dtype=old.dtype) if isinstance(d, Tensor) else d)
+    return out
+
+
+def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str = "linear") -> dict[str, Any]:
+    """Pure: the tree's parameters with ``op`` applied at coefficient ``coeff``.
+
+    ``coeff``: a number, a 0-d tensor (may require grad, may be vmapped), or a dict
+    ``{adapter_name: coeff}`` (adapters left out are unchanged). For ``shift`` the amount
+    added (number, ``{adapter: number}`` or ``{key: tensor}``); for ``replace`` a dict
+    ``{key: tensor}``; unused by ``invert`` and ``disable``.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; choose one of {OPS}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    out: dict[str, Any] = dict(tree.params)
+    if op in ("shift", "replace"):
+        if coeff is None:
+            raise ValueError(f"op={op!r} needs a value")
+        out.update(_raw_updates(tree, coeff, op))
+        return out
+    if op == "scale":
+        if coeff is None:
+            raise ValueError("op='scale' needs a coefficient")
+        per_adapter = _per_adapter(tree, coeff)
+    elif coeff is not None:
+        raise ValueError(f"op={op!r} takes no coefficient (got {coeff!r}); use op='scale' for a coefficient")
+
+    for spec in tree.layers:
+        rule = rule_named(spec.rule)
+        p = {role: tree.params[key] for role, key in spec.keys.items()}
+        if op == "scale":
+            c = per_adapter(spec.adapter)
+            if c is None or (is_number(c) and c == 1.0):
+                continue  # identity, bit for bit
+            effect = _scaled(rule, spec, p, c, mode)
+        elif op == "disable":
+            effect = _scaled(rule, spec, p, 0.0, "linear")
+        else:
+            effect = _inverted(rule, spec, p)
+        for role, tensor in effect.params.items():
+            out[spec.keys[role]] = tensor
+        for name, value in effect.forward.items():
+            out[forward_key(name, spec.adapter, spec.path)] = value
+    return out

@@ -1,0 +1,209 @@
+"""``extract``: a model's adapter parameters as a pytree plus their static structure.
+
+An :class:`AdapterTree` is the equinox-style split of a model's adapters: ``params`` is
+a flat ``dict[str, Tensor]`` keyed exactly as ``model.named_parameters()`` names them
+(the values *are* the model's Parameter objects, no copies), and ``layers`` holds the
+static part (layer path, adapter name, rule, which key plays which role, PEFT's float
+``scaling`` ...). The tree is a registered pytree node whose only leaves are
+``params``, so ``torch.func`` transforms and ``tree_map`` see exactly those tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch.utils._pytree as pytree
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+
+from .rules import find_rule
+from .rules.base import RULES
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One adapter on one layer. ``keys`` maps a role (``"lora_B.weight"``, ``"ia3_l"``,
+    ...: the parameter's path below ``<layer>.<attr>.<adapter>`` with the adapter name
+    removed) to its full key in ``params``."""
+
+    path: str
+    adapter: str
+    rule: str
+    layer_type: str
+    keys: Mapping[str, str]
+    static: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterTree:
+    params: dict[str, Tensor]
+    layers: tuple[LayerSpec, ...]
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(sorted({spec.adapter for spec in self.layers}))
+
+    def with_params(self, params: Mapping[str, Tensor]) -> AdapterTree:
+        """The same structure over other tensors (equinox's ``combine``)."""
+        if set(params) != set(self.params):
+            missing, extra = set(self.params) - set(params), set(params) - set(self.params)
+            raise ValueError(f"params do not match the tree: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
+        return replace(self, params=dict(params))
+
+    def __repr__(self) -> str:
+        rules = sorted({s.rule for s in self.layers})
+        return (
+            f"AdapterTree({len(self.layers)} adapter layers, {len(self.params)} tensors, "
+            f"adapters={list(self.adapters)}, rules={rules})"
+        )
+
+
+def _flatten(tree: AdapterTree) -> tuple[list[Tensor], Any]:
+    keys = list(tree.params)
+    return [tree.params[k] for k in keys], (tuple(keys), tree.layers)
+
+
+def _unflatten(values: Iterable[Tensor], context: Any) -> AdapterTree:
+    keys, layers = context
+    return AdapterTree(dict(zip(keys, values, strict=False)), layers)
+
+
+pytree.register_pytree_node(
+    AdapterTree,
+    _flatten,
+    _unflatten,
+    serialized_type_name="funcadapt.AdapterTree",
+)
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def adapter_entries(layer: Any, adapter: str) -> dict[str, tuple[str, Tensor]]:
+    """role -> (key below the layer, tensor) for every tensor PEFT registers for ``adapter``."""
+    out: dict[str, tuple[str, Tensor]] = {}
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr, None)
+        if container is None or not hasattr(container, "keys") or adapter not in container:
+            continue
+        item = container[adapter]
+        if isinstance(item, Tensor):
+            out[attr] = (_join(attr, adapter), item)
+        elif isinstance(item, nn.Module):
+            for sub, tensor in item.named_parameters():
+                out[_join(attr, sub)] = (_join(attr, adapter, sub), tensor)
+    return out
+
+
+def _layer_adapters(layer: Any) -> set[str]:
+    names: set[str] = set()
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr, None)
+        if container is not None and hasattr(container, "keys"):
+            names.update(container.keys())
+    return names
+
+
+def _check_prompt_learning(model: nn.Module, adapter_names: Iterable[str] | None) -> None:
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, Mapping):
+        return
+    names = list(adapter_names) if adapter_names is not None else [getattr(model, "active_adapter", None)]
+    for name in names:
+        config = configs.get(name) if isinstance(name, str) else None
+        if config is not None and getattr(config, "is_prompt_learning", False):
+            raise ValueError(
+                f"adapter {name!r} is {config.peft_type.value} (a prompt-learning method): it acts through "
+                f"virtual tokens in the model's input or cache, not through a layer's weights, so it has "
+                f"no per-layer coefficient. Train a layer adapter (LoRA, IA3, ...) to steer with "
+                f"funcadapt, or drop the virtual tokens to compare against the base model."
+            )
+
+
+def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) -> AdapterTree:
+    """Find every adapter layer of ``model`` and return its parameters as an :class:`AdapterTree`.
+
+    ``adapter_names=None`` takes each layer's active adapters; otherwise exactly the
+    named ones, which must exist and be active (PEFT's forward ignores inactive ones,
+    so modifying them would silently do nothing). Works on a ``PeftModel``, on any
+    module with adapters injected, and on a single adapter layer.
+
+    Raises ``ValueError`` for merged adapters, adapter types without a rule, unknown
+    names and prompt-learning methods, naming the layer and the fix.
+    """
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names]
+    wanted = None if adapter_names is None else list(dict.fromkeys(adapter_names))
+    _check_prompt_learning(model, wanted)
+
+    params: dict[str, Tensor] = {}
+    layers: list[LayerSpec] = []
+    seen: set[str] = set()
+    for path, module in model.named_modules():
+        layer: Any = module
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        present = _layer_adapters(layer)
+        seen |= present
+        if layer.disable_adapters:
+            continue  # inside ``with model.disable_adapter()``: no adapter has an effect here
+        active = list(layer.active_adapters)
+        if wanted is None:
+            chosen = [a for a in active if a in present]
+        else:
+            chosen = [a for a in wanted if a in present]
+            inactive = [a for a in chosen if a not in active]
+            if inactive:
+                raise ValueError(
+                    f"layer {path!r}: adapter {inactive[0]!r} is loaded but not active, so PEFT's forward "
+                    f"ignores it and modifying it would have no effect; activate it first "
+                    f"(model.set_adapter({inactive[0]!r}), or base_model.set_adapter([...]) for several)"
+                )
+        for adapter in chosen:
+            if adapter in getattr(layer, "merged_adapters", ()):
+                raise ValueError(
+                    f"layer {path!r} has adapter {adapter!r} merged into its base weights; its effect can no "
+                    f"longer be scaled separately. Call model.unmerge_adapter() first"
+                )
+            rule = find_rule(layer, adapter)
+            if rule is None:
+                supported = ", ".join(sorted({r.layer_type.__name__ for r in RULES}))
+                raise ValueError(
+                    f"layer {path!r} is a {type(layer).__module__}.{type(layer).__qualname__} (adapter "
+                    f"{adapter!r}), which funcadapt has no rule for yet. Supported layer families: {supported}. "
+                    f"Exclude it with adapter_names=[...] or open an issue"
+                )
+            entries = adapter_entries(layer, adapter)
+            keys = {}
+            for role, (sub, tensor) in entries.items():
+                key = _join(path, sub)
+                keys[role] = key
+                params[key] = tensor
+            layers.append(
+                LayerSpec(
+                    path=path,
+                    adapter=adapter,
+                    rule=rule.name,
+                    layer_type=type(layer).__name__,
+                    keys=keys,
+                    static=rule.static(layer, adapter),
+                )
+            )
+
+    if wanted is not None:
+        unknown = [a for a in wanted if a not in seen]
+        if unknown:
+            raise ValueError(f"no adapter layer has adapter(s) {unknown}; the model has {sorted(seen) or 'none'}")
+    if not layers:
+        if not seen:
+            raise ValueError(
+                f"found no PEFT adapter layer in {type(model).__name__}; wrap it with peft.get_peft_model() "
+                f"or inject_adapter_in_model() first"
+            )
+        raise ValueError(
+            "no adapter is active on any layer (adapters disabled, e.g. inside `with model.disable_adapter()`?)"
+        )
+    return AdapterTree(params, tuple(layers))
