@@ -1,0 +1,250 @@
+"""Tiny models and one adapter configuration per rule (and per notable variant).
+
+Every rule in ``funcadapt.RULES`` must have at least one case here
+(``test_registry_coverage`` checks it), so a new rule cannot land untested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import (
+    AdaLoraConfig,
+    IA3Config,
+    LoraConfig,
+    OFTConfig,
+    RandLoraConfig,
+    RoadConfig,
+    VeraConfig,
+    get_peft_model,
+)
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 64
+
+
+def tiny_llama() -> nn.Module:
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            attn_implementation="eager",
+        )
+    )
+
+
+def tiny_gpt2() -> nn.Module:
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            attn_implementation="eager",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
+
+
+def tiny_bert() -> nn.Module:
+    return BertModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            attn_implementation="eager",
+        )
+    )
+
+
+ARCHS: dict[str, Callable[[], nn.Module]] = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+ATTN = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+FFN = {"llama": ["down_proj"], "gpt2": ["c_proj"], "bert": ["output.dense"]}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    rule: str
+    config: Callable[[str], Any]  # arch -> peft config
+    archs: tuple[str, ...] = ("llama",)
+    geometric: bool = True
+    notes: dict = field(default_factory=dict)
+
+
+def _lora(**kw: Any) -> Callable[[str], Any]:
+    return lambda arch: LoraConfig(
+        r=4, lora_alpha=8, target_modules=ATTN[arch], fan_in_fan_out=arch == "gpt2", **kw
+    )
+
+
+CASES: list[Case] = [
+    Case("lora", "lora", _lora(), archs=("llama", "gpt2", "bert")),
+    Case("lora-rslora-bias", "lora", _lora(use_rslora=True, lora_bias=True)),
+    Case(
+        "lora-embedding",
+        "lora",
+        lambda arch: LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    ),
+    Case("dora", "dora", _lora(use_dora=True), archs=("llama", "gpt2"), geometric=False),
+    Case("lora-variant-mica", "lora-variant", _lora(init_lora_weights="mica"), geometric=False),
+    Case(
+        "adalora",
+        "adalora",
+        lambda arch: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=ATTN[arch]),
+        archs=("llama", "bert"),
+    ),
+    Case(
+        "ia3",
+        "ia3",
+        lambda arch: IA3Config(
+            target_modules=ATTN[arch] + FFN[arch], feedforward_modules=FFN[arch], fan_in_fan_out=arch == "gpt2"
+        ),
+        archs=("llama", "gpt2", "bert"),
+    ),
+    Case("vera", "vera", lambda arch: VeraConfig(r=4, target_modules=ATTN[arch]), archs=("llama", "bert")),
+    Case("randlora", "randlora", lambda arch: RandLoraConfig(r=4, target_modules=ATTN[arch])),
+    Case("oft", "oft", lambda arch: OFTConfig(r=0, oft_block_size=8, target_modules=ATTN[arch]), archs=("llama", "bert")),
+    Case(
+        "oft-exact-cayley",
+        "oft",
+        lambda arch: OFTConfig(r=0, oft_block_size=8, target_modules=ATTN[arch], use_cayley_neumann=False),
+    ),
+    Case(
+        "oft-block-share",
+        "oft",
+        lambda arch: OFTConfig(r=0, oft_block_size=8, target_modules=ATTN[arch], block_share=True),
+    ),
+    Case(
+        "oft-coft",
+        "oft",
+        lambda arch: OFTConfig(r=0, oft_block_size=8, target_modules=ATTN[arch], coft=True, eps=1e-1),
+    ),
+    Case("road_1", "road", lambda arch: RoadConfig(variant="road_1", group_size=8, target_modules=ATTN[arch])),
+    Case(
+        "road_2",
+        "road",
+        lambda arch: RoadConfig(variant="road_2", group_size=8, target_modules=ATTN[arch]),
+        geometric=False,
+    ),
+    Case(
+        "road_4",
+        "road",
+        lambda arch: RoadConfig(variant="road_4", group_size=8, target_modules=ATTN[arch]),
+        geometric=False,
+    ),
+]
+
+CASE_IDS = [c.id for c in CASES]
+CASE_ARCH = [(c, a) for c in CASES for a in c.archs]
+
+
+def case(case_id: str) -> Case:
+    return next(c for c in CASES if c.id == case_id)
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1, scale: float = 0.2) -> None:
+    """PEFT initialises many adapters to the identity; make every trainable adapter tensor non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def build(case_: Case, arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    base = ARCHS[arch]()
+    config = case_.config(arch)
+    model = get_peft_model(base, config)
+    randomize_adapters(model, seed=seed + 1)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    model.eval()
+    if getattr(config, "coft", False):
+        with torch.no_grad():  # PEFT's COFT projects its stored weights in place on the first forward
+            model(**inputs(arch))
+    return model
+
+
+def inputs(arch: str = "llama", batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g)}
+
+
+def output(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def reference_interpolation(model: nn.Module, coeff: float) -> Iterator[None]:
+    """Independent reference for mode='linear': at every adapter layer, replace the output by
+    y0 + c·(y1 − y0), with y0 computed by PEFT with the layer's adapters disabled.
+    Uses only forward hooks and PEFT's own ``_disable_adapters`` switch, nothing from funcadapt."""
+    handles = []
+    for _, layer in adapter_layers(model):
+
+        def hook(module: Any, args: tuple, kwargs: dict, y1: torch.Tensor) -> torch.Tensor:
+            module._disable_adapters = True
+            try:
+                y0 = module.forward(*args, **kwargs)
+            finally:
+                module._disable_adapters = False
+            return y0 + coeff * (y1 - y0)
+
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything 'nothing about the model changed' promises: values, objects, flags."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "ids": {k: id(v) for k, v in model.named_parameters(remove_duplicate=False)},
+        "buffer_ids": {k: id(v) for k, v in model.named_buffers(remove_duplicate=False)},
+        "grad": {k: v.requires_grad for k, v in model.named_parameters(remove_duplicate=False)},
+        "training": {k: m.training for k, m in model.named_modules(remove_duplicate=False)},
+        "dicts": {k: sorted(m.__dict__) for k, m in model.named_modules(remove_duplicate=False)},
+        "classes": {k: type(v) for k, v in model.named_parameters(remove_duplicate=False)},
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
+    after = snapshot(model)
+    assert after["ids"] == before["ids"], "Parameter objects were replaced"
+    assert after["buffer_ids"] == before["buffer_ids"], "buffers were replaced"
+    assert after["grad"] == before["grad"], "requires_grad changed"
+    assert after["training"] == before["training"], "training flags changed"
+    assert after["dicts"] == before["dicts"], "module attributes were left behind"
+    assert after["classes"] == before["classes"], "parameters are no longer Parameters"
+    assert before["state"].keys() == after["state"].keys()
+    for k, v in before["state"].items():
+        w = after["state"][k]
+        assert v.dtype == w.dtype and torch.equal(v, w), f"state_dict entry {k} changed"

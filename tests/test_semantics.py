@@ -1,0 +1,94 @@
+"""What a coefficient means, per rule: c=1 is PEFT, c=0 is the base model, linear mode is
+the independent per-layer reference y0 + c·(y1 − y0), exact fast paths equal the fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CASE_ARCH, CASES, build, inputs, output, reference_interpolation
+
+import funcadapt
+from funcadapt.rules.base import RULES
+from funcadapt.transform import forward_key
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CA_IDS = [f"{c.id}-{a}" for c, a in CASE_ARCH]
+
+
+def run(model, params, arch="llama"):
+    return output(funcadapt.call(model, params, **inputs(arch)))
+
+
+def test_registry_coverage():
+    """Every registered rule has at least one case, so no rule ships untested."""
+    assert {r.name for r in RULES} <= {c.rule for c in CASES}
+
+
+@pytest.mark.parametrize(("case", "arch"), CASE_ARCH, ids=CA_IDS)
+def test_endpoints(case, arch):
+    model = build(case, arch)
+    tree = funcadapt.extract(model)
+    assert {s.rule for s in tree.layers} == {case.rule}
+    with torch.no_grad():
+        y1 = output(model(**inputs(arch)))
+        with model.disable_adapter():
+            y0 = output(model(**inputs(arch)))
+        assert not torch.allclose(y0, y1, atol=1e-4), "adapter must be non-trivial for this test to mean anything"
+        # c = 1 as a number is the identity, bit for bit; as a tensor it goes through the transform
+        assert torch.equal(run(model, funcadapt.transform(tree, 1.0), arch), y1)
+        torch.testing.assert_close(run(model, funcadapt.transform(tree, torch.tensor(1.0)), arch), y1)
+        # c = 0 and op="disable" are exactly the base model
+        assert torch.equal(run(model, funcadapt.transform(tree, None, "disable"), arch), y0)
+        torch.testing.assert_close(run(model, funcadapt.transform(tree, 0.0), arch), y0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(run(model, funcadapt.transform(tree, torch.tensor(0.0)), arch), y0)
+
+
+@pytest.mark.parametrize(("case", "arch"), CASE_ARCH, ids=CA_IDS)
+@pytest.mark.parametrize("c", [-1.0, 0.5, 2.0])
+def test_linear_matches_reference(case, arch, c):
+    model = build(case, arch)
+    tree = funcadapt.extract(model)
+    with torch.no_grad():
+        with reference_interpolation(model, c):
+            ref = output(model(**inputs(arch)))
+        got = run(model, funcadapt.transform(tree, c), arch)
+        got_t = run(model, funcadapt.transform(tree, torch.tensor(c)), arch)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_t, ref, rtol=1e-4, atol=1e-5)
+
+
+def _fallback(tree, c):
+    """The same coefficient through the generic output-interpolation fallback only."""
+    params = dict(tree.params)
+    for spec in tree.layers:
+        params[forward_key("interp", spec.adapter, spec.path)] = c
+    return params
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.rule not in ("dora", "lora-variant")], ids=lambda c: c.id)
+@pytest.mark.parametrize("c", [-1.0, 0.5, 2.0])
+def test_fast_path_equals_fallback(case, c):
+    model = build(case)
+    tree = funcadapt.extract(model)
+    with torch.no_grad():
+        fast = run(model, funcadapt.transform(tree, c))
+        slow = run(model, _fallback(tree, c))
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.archs and "llama" in c.archs], ids=lambda c: c.id)
+def test_bf16(case):
+    model = build(case, dtype=torch.bfloat16)
+    tree = funcadapt.extract(model)
+    with torch.no_grad():
+        y1 = output(model(**inputs()))
+        with model.disable_adapter():
+            y0 = output(model(**inputs()))
+        assert torch.equal(run(model, funcadapt.transform(tree, 1.0)), y1)
+        assert torch.equal(run(model, funcadapt.transform(tree, None, "disable")), y0)
+        with reference_interpolation(model, -1.0):
+            ref = output(model(**inputs()))
+        got = run(model, funcadapt.transform(tree, torch.tensor(-1.0)))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0.05, atol=0.05)
