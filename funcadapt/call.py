@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from .rules import find_rule
-from .rules.base import Coeff, Patch, is_number
+from .rules.base import Coeff, Patch, is_adapter_layer, is_number
 from .swap import Frame
 from .transform import FORWARD_PREFIX, parse_forward_key
 
@@ -57,7 +56,7 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
         if found is not None:
             touched.setdefault(found[0], {}).setdefault(found[1], {})
     for (path, adapter), args in forward_args.items():
-        if path not in modules or not isinstance(modules[path], BaseTunerLayer):
+        if path not in modules or not is_adapter_layer(modules[path]):
             raise ValueError(f"forward entry for layer {path!r}, which is not an adapter layer of this model")
         touched.setdefault(path, {}).setdefault(adapter, {}).update(args)
 
@@ -98,8 +97,8 @@ def _adapter_of(modules: Mapping[str, nn.Module], key: str) -> tuple[str, str] |
     """(layer path, adapter) when ``key`` is an adapter tensor ``<layer>.<attr>.<adapter>[...]``."""
     parts = key.split(".")
     for i in range(len(parts) - 2, -1, -1):
-        layer = modules.get(".".join(parts[:i]))
-        if isinstance(layer, BaseTunerLayer):
+        layer: Any = modules.get(".".join(parts[:i]))
+        if is_adapter_layer(layer):
             if parts[i] in layer.adapter_layer_names and i + 1 < len(parts):
                 return ".".join(parts[:i]), parts[i + 1]
             return None

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.utils._pytree as pytree
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from .rules import find_rule
-from .rules.base import RULES
+from .rules.base import RULES, is_adapter_layer
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
     seen: set[str] = set()
     for path, module in model.named_modules():
         layer: Any = module
-        if not isinstance(layer, BaseTunerLayer):
+        if not is_adapter_layer(layer):
             continue
         present = _layer_adapters(layer)
         seen |= present

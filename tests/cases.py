@@ -19,10 +19,12 @@ from peft import (
     OFTConfig,
     RandLoraConfig,
     RoadConfig,
+    TrainableTokensConfig,
     VeraConfig,
     get_peft_model,
 )
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -139,6 +141,16 @@ CASES: list[Case] = [
         "oft",
         lambda arch: OFTConfig(r=0, oft_block_size=8, target_modules=ATTN[arch], coft=True, eps=1e-1),
     ),
+    Case(
+        "modules-to-save",
+        "modules-to-save",
+        lambda arch: LoraConfig(r=4, target_modules=ATTN[arch], modules_to_save=["lm_head"]),
+    ),
+    Case(
+        "trainable-tokens",
+        "trainable-tokens",
+        lambda arch: TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 2, 3, 5, 8]),
+    ),
     Case("road_1", "road", lambda arch: RoadConfig(variant="road_1", group_size=8, target_modules=ATTN[arch])),
     Case(
         "road_2",
@@ -196,7 +208,7 @@ def output(out: Any) -> torch.Tensor:
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, Any]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ def test_registry_coverage():
 def test_endpoints(case, arch):
     model = build(case, arch)
     tree = funcadapt.extract(model)
-    assert {s.rule for s in tree.layers} == {case.rule}
+    assert case.rule in {s.rule for s in tree.layers}
     with torch.no_grad():
         y1 = output(model(**inputs(arch)))
         with model.disable_adapter():

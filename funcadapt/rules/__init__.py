@@ -3,7 +3,18 @@
 the tests and the support table all read. Adding an adapter means adding one module
 here and importing it below."""
 
-from . import ia3, lora, oft, randlora, road, vera  # noqa: F401  (registration)
-from .base import RULES, Coeff, Effect, Patch, Rule, RuleDoc, find_rule, register, rule_named
+from . import auxiliary, ia3, lora, oft, randlora, road, vera  # noqa: F401  (registration)
+from .base import ADAPTER_LAYERS, RULES, Coeff, Effect, Patch, Rule, RuleDoc, find_rule, register, rule_named
 
-__all__ = ["RULES", "Coeff", "Effect", "Patch", "Rule", "RuleDoc", "find_rule", "register", "rule_named"]
+__all__ = [
+    "ADAPTER_LAYERS",
+    "RULES",
+    "Coeff",
+    "Effect",
+    "Patch",
+    "Rule",
+    "RuleDoc",
+    "find_rule",
+    "register",
+    "rule_named",
+]

@@ -29,6 +29,8 @@ from numbers import Number
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import ModulesToSaveWrapper
 from torch import Tensor
 
 Coeff = float | Tensor
@@ -84,6 +86,14 @@ class Rule:
 
 
 RULES: list[Rule] = []
+
+ADAPTER_LAYERS: tuple[type, ...] = (BaseTunerLayer, ModulesToSaveWrapper)
+"""What counts as an adapter layer: PEFT's tuner layers and its modules_to_save wrapper.
+(The trainable-tokens wrapper delegates to a tuner layer inside it.)"""
+
+
+def is_adapter_layer(module: object) -> bool:
+    return isinstance(module, ADAPTER_LAYERS)
 
 
 def register(rule: Rule) -> Rule:
