@@ -150,6 +150,7 @@ def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str
     elif coeff is not None:
         raise ValueError(f"op={op!r} takes no coefficient (got {coeff!r}); use op='scale' for a coefficient")
 
+    shared = _jointly_interpolated(tree, per_adapter if op == "scale" else None, op, mode)
     for spec in tree.layers:
         rule = rule_named(spec.rule)
         p = {role: tree.params[key] for role, key in spec.keys.items()}
@@ -157,7 +158,7 @@ def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str
             c = per_adapter(spec.adapter)
             if c is None or (is_number(c) and c == 1.0):
                 continue  # identity, bit for bit
-            effect = _scaled(rule, spec, p, c, mode)
+            effect = Effect(forward={"interp": c}) if spec.path in shared else _scaled(rule, spec, p, c, mode)
         elif op == "disable":
             effect = _scaled(rule, spec, p, 0.0, "linear")
         else:
@@ -167,3 +168,44 @@ def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str
         for name, value in effect.forward.items():
             out[forward_key(name, spec.adapter, spec.path)] = value
     return out
+
+
+def _same(a: Coeff | None, b: Coeff | None) -> bool:
+    return a is b or (is_number(a) and is_number(b) and a == b)
+
+
+def _jointly_interpolated(
+    tree: AdapterTree, per_adapter: Callable[[str], Coeff | None] | None, op: str, mode: str
+) -> set[str]:
+    """Layers whose adapters must be interpolated together.
+
+    With one coefficient for several adapters on a layer, linear mode promises
+    y(c) = y0 + c·(y1 − y0) for the layer as a whole. Per-adapter transforms give that
+    only when the adapters' effects add (LoRA family); stacked multiplicative or
+    rotation adapters (IA3·IA3, OFT∘OFT, LoRA then DoRA, which renormalises what came
+    before) would make the layer polynomial in c, so those layers use the exact output
+    interpolation for all their adapters at once. ``invert`` on such a layer is only
+    exact when the adapters commute (the inverse of A∘B is B⁻¹∘A⁻¹).
+    """
+    by_layer: dict[str, list[LayerSpec]] = {}
+    for spec in tree.layers:
+        by_layer.setdefault(spec.path, []).append(spec)
+    joint: set[str] = set()
+    for path, specs in by_layer.items():
+        if len(specs) < 2:
+            continue
+        rules = [rule_named(s.rule) for s in specs]
+        if op == "invert":
+            if not all(r.commutative for r in rules):
+                raise ValueError(
+                    f"layer {path!r} has several adapters ({[s.adapter for s in specs]}) whose effects do not "
+                    f"commute, so inverting each does not invert their composition; invert them one at a time "
+                    f"(adapter_names=[...]) or use op='scale' with coeff=-1.0"
+                )
+            continue
+        if op != "scale" or mode != "linear" or all(r.additive for r in rules) or per_adapter is None:
+            continue
+        coeffs = [per_adapter(s.adapter) for s in specs]
+        if all(_same(c, coeffs[0]) for c in coeffs[1:]):
+            joint.add(path)
+    return joint

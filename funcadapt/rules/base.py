@@ -83,6 +83,10 @@ class Rule:
     static: Callable[[Any, str], dict[str, Any]] = lambda layer, adapter: {}
     patches: Callable[[Any, str, Mapping[str, Coeff]], list[Patch]] | None = None
     no_geometric_reason: str = ""
+    additive: bool = False
+    """Effects of several adapters of additive rules on one layer add up (ΔW_a + ΔW_b)."""
+    commutative: bool = False
+    """Effects on one layer commute with each other, so inverting each inverts the composition."""
 
 
 RULES: list[Rule] = []

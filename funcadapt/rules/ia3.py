@@ -37,6 +37,7 @@ IA3 = register(
             invert="exact: λ ↦ 1/λ",
         ),
         linear=_linear,
+        commutative=True,
         geometric=_geometric,
         static=lambda layer, a: {"is_feedforward": bool(layer.is_feedforward)},
     )

@@ -87,6 +87,8 @@ ADALORA = register(
             invert="exact: ΔW ↦ −ΔW",
         ),
         linear=_adalora_linear,
+        additive=True,
+        commutative=True,
         geometric=_adalora_linear,
         patches=_adalora_patches,
         static=lambda layer, a: {"scaling": layer.scaling.get(a), "ranknum": float(layer.ranknum[a].item())},
@@ -145,6 +147,8 @@ LORA = register(
             invert="exact: ΔW ↦ −ΔW",
         ),
         linear=_lora_linear,
+        additive=True,
+        commutative=True,
         geometric=_lora_linear,
         static=_lora_static,
     )

@@ -63,6 +63,8 @@ RANDLORA = register(
             invert="exact: ΔW ↦ −ΔW",
         ),
         linear=_linear,
+        additive=True,
+        commutative=True,
         geometric=_linear,
         patches=_patches,
         static=lambda layer, a: {"scaling": layer.scaling.get(a)},

@@ -31,6 +31,8 @@ VERA = register(
             invert="exact: ΔW ↦ −ΔW",
         ),
         linear=_linear,
+        additive=True,
+        commutative=True,
         geometric=_linear,
     )
 )

@@ -1,0 +1,309 @@
+"""vmap over coefficients and exact gradients: a vmapped batch of coefficients equals
+sequential passes (values and parameter gradients), parameter gradients equal those of
+the independent reference y0 + c·(y1 − y0), d(output)/dc passes finite-difference
+gradcheck in float64 (linear and geometric), train-mode dropout draws one mask per
+coefficient under funcadapt.vmap, and per-adapter coefficient dicts mean what they say."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import (
+    CASES,
+    VOCAB,
+    assert_unchanged,
+    build,
+    inputs,
+    output,
+    randomize_adapters,
+    reference_interpolation,
+    snapshot,
+    tiny_llama,
+)
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import LoraLayer
+from transformers.models.llama import modeling_llama
+
+import funcadapt
+
+GEOMETRIC = [c for c in CASES if c.geometric]
+COEFFS = (1.0, -1.0, 0.5)
+
+
+def labels_for(n: int, batch: int, seq: int) -> torch.Tensor:
+    """One label tensor per coefficient, all different, stacked on a leading axis."""
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, VOCAB, (n, batch, seq), generator=g)
+
+
+def trainable(tree: funcadapt.AdapterTree) -> dict[str, torch.Tensor]:
+    """The tree's tensors that autograd can differentiate (some variants freeze part of the
+    adapter, e.g. MiCA's lora_B)."""
+    return {k: p for k, p in tree.params.items() if p.requires_grad}
+
+
+def grads(loss: torch.Tensor, tree: funcadapt.AdapterTree) -> list[torch.Tensor | None]:
+    return list(torch.autograd.grad(loss, list(trainable(tree).values()), allow_unused=True))
+
+
+def assert_grads_close(got, want, tree, rtol=1e-5, atol=1e-6):
+    """Same tensors get a gradient, with the same values; and the comparison is not vacuous."""
+    nonzero = 0
+    for key, g, w in zip(trainable(tree), got, want, strict=True):
+        assert (g is None) == (w is None), f"{key}: gradient is None on one side only"
+        if g is None:
+            continue
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m, key=key: f"grad of {key}: {m}")
+        nonzero += bool(w.abs().max() > 0)
+    assert nonzero > 0, "no adapter parameter received a non-zero gradient"
+
+
+def f64_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in the logits' dtype (transformers' own loss upcasts logits
+    with ``.float()``, i.e. *down* to float32 in a float64 model)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _rms_norm_in_input_dtype(self, hidden_states):
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _eager_attention_in_input_dtype(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key = modeling_llama.repeat_kv(key, module.num_key_value_groups)
+    value = modeling_llama.repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = weights.softmax(dim=-1)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+@pytest.fixture
+def float64_llama(monkeypatch):
+    """Make transformers' Llama float64 end to end for gradcheck.
+
+    ``LlamaRMSNorm`` casts its input to float32 and the eager attention takes its softmax
+    in float32, even in a ``model.double()`` model. That float32 rounding (~1e-7 relative)
+    divided by gradcheck's finite-difference step 2·eps = 2e-6 is a ~5% error in the
+    numerical derivative, so every case fails gradcheck for reasons that have nothing to do
+    with funcadapt. Instead of loosening eps/atol we patch those two functions (class /
+    module level, undone by monkeypatch; the model instance is not touched) to the same
+    math in the input dtype, and keep gradcheck's defaults."""
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", _eager_attention_in_input_dtype)
+
+
+# ----------------------------------------------------------------------------
+# 1. vmap over a coefficient axis == a Python loop (losses and parameter gradients)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_vmap_loss_and_grads_equal_loop(case):
+    model = build(case)
+    tree = funcadapt.extract(model)
+    ids = inputs(batch=2, seq=6)["input_ids"]
+    coeffs = torch.tensor(COEFFS)
+    labels = labels_for(len(coeffs), 2, 6)
+
+    def loss_fn(c, lab):
+        return funcadapt.call(model, funcadapt.transform(tree, c), input_ids=ids, labels=lab).loss
+
+    before = snapshot(model)
+    losses = funcadapt.vmap(loss_fn, in_dims=(0, 0))(coeffs, labels)
+    g_vmap = grads(losses.sum(), tree)
+    assert_unchanged(model, before)
+
+    loop = torch.stack([loss_fn(coeffs[i], labels[i]) for i in range(len(coeffs))])
+    g_loop = grads(loop.sum(), tree)
+    assert_unchanged(model, before)
+
+    assert losses.shape == (len(coeffs),)
+    torch.testing.assert_close(losses, loop, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_vmap, g_loop, tree)
+
+
+# ----------------------------------------------------------------------------
+# 2. parameter gradients == gradients of the independent reference
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("c", [-1.0, 2.0])
+def test_param_grads_match_reference(case, c):
+    model = build(case)
+    tree = funcadapt.extract(model)
+    batch = inputs(batch=2, seq=6)
+    labels = labels_for(1, 2, 6)[0]
+
+    before = snapshot(model)
+    got_float = grads(funcadapt.call(model, funcadapt.transform(tree, c), **batch, labels=labels).loss, tree)
+    got_tensor = grads(
+        funcadapt.call(model, funcadapt.transform(tree, torch.tensor(c)), **batch, labels=labels).loss, tree
+    )
+    assert_unchanged(model, before)
+
+    with reference_interpolation(model, c):
+        want = grads(model(**batch, labels=labels).loss, tree)
+
+    assert_grads_close(got_float, want, tree, rtol=1e-4, atol=1e-6)
+    assert_grads_close(got_tensor, want, tree, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# 3./4. d(loss)/d(coeff) passes finite-difference gradcheck in float64
+
+
+# batch 1, seq 4; small token ids so that token-level adapters (trainable tokens) act too
+GRADCHECK_IDS = torch.tensor([[1, 2, 3, 5]])
+
+
+def _gradcheck_coeff(case, mode: str, c0: float) -> None:
+    model = build(case)
+    model.double()
+    tree = funcadapt.extract(model)
+    ids = GRADCHECK_IDS
+
+    def f(c):
+        return f64_lm_loss(output(funcadapt.call(model, funcadapt.transform(tree, c, mode=mode), input_ids=ids)), ids)
+
+    c = torch.tensor(c0, dtype=torch.float64, requires_grad=True)
+    before = snapshot(model)
+    (dc,) = torch.autograd.grad(f(c), c)
+    # a derivative that is ~0 would make the check vacuous
+    assert dc.abs() > 1e-4, f"d(loss)/dc = {dc.item():.3g}: the coefficient has (almost) no effect"
+    assert torch.autograd.gradcheck(f, (c,))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_gradcheck_coeff_linear(case, float64_llama):
+    _gradcheck_coeff(case, "linear", 0.7)
+
+
+# ----------------------------------------------------------------------------
+# 4. mode="geometric": vmap == loop, and gradcheck
+
+
+@pytest.mark.parametrize("case", GEOMETRIC, ids=lambda c: c.id)
+def test_vmap_equals_loop_geometric(case):
+    model = build(case)
+    tree = funcadapt.extract(model)
+    batch = inputs(batch=2, seq=6)
+    coeffs = torch.tensor(COEFFS)
+
+    def f(c):
+        return output(funcadapt.call(model, funcadapt.transform(tree, c, mode="geometric"), **batch))
+
+    before = snapshot(model)
+    with torch.no_grad():
+        got = funcadapt.vmap(f)(coeffs)
+        want = torch.stack([f(c) for c in coeffs])
+    assert_unchanged(model, before)
+    assert not torch.allclose(want[0], want[1], atol=1e-4), "coefficients must change the output"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", GEOMETRIC, ids=lambda c: c.id)
+def test_gradcheck_coeff_geometric(case, float64_llama):
+    _gradcheck_coeff(case, "geometric", 0.7)
+
+
+# ----------------------------------------------------------------------------
+# 5. train-mode dropout under vmap
+
+
+def _dropout_lora():
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+    model = get_peft_model(tiny_llama(), config)
+    randomize_adapters(model, seed=1)
+    model.train()
+    return model
+
+
+def test_vmap_dropout_randomness():
+    model = _dropout_lora()
+    tree = funcadapt.extract(model)
+    batch = inputs(batch=1, seq=4)
+    coeffs = torch.tensor([1.0, 1.0])
+
+    def f(c):
+        return output(funcadapt.call(model, funcadapt.transform(tree, c), **batch))
+
+    before = snapshot(model)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = output(model(**batch))  # no LoRA, so no dropout: deterministic
+        different = funcadapt.vmap(f)(coeffs)
+        same = funcadapt.vmap(f, randomness="same")(coeffs)
+        # torch.func.vmap's default randomness="error" refuses dropout: funcadapt's default matters
+        with pytest.raises(RuntimeError, match="randomness"):
+            torch.func.vmap(f)(coeffs)
+    assert_unchanged(model, before)
+
+    assert different.shape == same.shape == (2, *base.shape)
+    for row in (*different, *same):
+        assert not torch.allclose(row, base, atol=1e-4), "the adapter must act in every row"
+    assert not torch.allclose(different[0], different[1], atol=1e-4), "randomness='different' shared one mask"
+    torch.testing.assert_close(same[0], same[1], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------
+# 6. per-adapter coefficient dicts
+
+
+def _two_loras():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    # "default" (adapter a) and "b" overlap on v_proj only: layers carry a alone, b alone, or both
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "o_proj"]))
+    model.base_model.set_adapter(["default", "b"])
+    randomize_adapters(model, seed=1)
+    model.eval()
+    return model
+
+
+def _scaled_lora_reference(model, scales: dict[str, float], batch) -> torch.Tensor:
+    """Each adapter's ΔW = s·B·A scaled by its own coefficient, by scaling lora_B (and
+    nothing else) on a deep copy; the model under test is never touched."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in ref.modules():
+            if isinstance(module, LoraLayer):
+                for name, k in scales.items():
+                    if name in module.lora_B:
+                        module.lora_B[name].weight.mul_(k)
+        return output(ref(**batch))
+
+
+@pytest.mark.parametrize("c_b", [2.0, torch.tensor(2.0)], ids=["float", "tensor"])
+def test_vmap_dict_coeff_two_adapters(c_b):
+    model = _two_loras()
+    tree = funcadapt.extract(model)
+    assert tree.adapters == ("b", "default")
+    assert {s.path.rsplit(".", 1)[1] for s in tree.layers if s.adapter == "b"} == {"v_proj", "o_proj"}
+    batch = inputs(batch=2, seq=6)
+    coeffs = torch.tensor(COEFFS)
+
+    def f(c_a):
+        return output(funcadapt.call(model, funcadapt.transform(tree, {"default": c_a, "b": c_b}), **batch))
+
+    before = snapshot(model)
+    with torch.no_grad():
+        got = funcadapt.vmap(f)(coeffs)
+        loop = torch.stack([f(c) for c in coeffs])
+    assert_unchanged(model, before)
+
+    refs = torch.stack([_scaled_lora_reference(model, {"default": float(c), "b": float(c_b)}, batch) for c in coeffs])
+    assert_unchanged(model, before)
+
+    torch.testing.assert_close(got, loop, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loop, refs, rtol=1e-4, atol=1e-5)
+    # b is really at 2.0, not 1.0: the reference with b at 1 differs
+    with torch.no_grad():
+        b_at_one = _scaled_lora_reference(model, {"default": 1.0, "b": 1.0}, batch)
+    assert not torch.allclose(b_at_one, refs[0], atol=1e-4)
