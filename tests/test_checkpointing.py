@@ -65,7 +65,7 @@ def count_mlp_forwards(model: Any) -> Iterator[list[int]]:
     """How often layer 0's MLP runs: twice per forward+backward when it is checkpointed."""
     count = [0]
     mlp = model.get_base_model().model.layers[0].mlp
-    handle = mlp.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+    handle = mlp.register_forward_pre_hook(lambda *a: count.__setitem__(0, count[0] + 1))  # the recompute stops early
     try:
         yield count
     finally:
