@@ -17,6 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from . import quantized
 from .rules import find_rule
 from .rules.base import Coeff, Patch, is_adapter_layer, is_number
 from .swap import Frame
@@ -70,6 +71,7 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
         interp = {a: args["interp"] for a, args in per_adapter.items() if "interp" in args}
         if interp:
             builders.append(_interpolation(path, layer, interp))
+    builders.append(lambda: quantized.patches(modules))
     return Frame(model, tensors, builders)
 
 

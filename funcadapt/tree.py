@@ -17,6 +17,7 @@ from typing import Any
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from .quantized import check_supported
 from .rules import find_rule
 from .rules.base import RULES, is_adapter_layer
 
@@ -145,6 +146,7 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
         layer: Any = module
         if not is_adapter_layer(layer):
             continue
+        check_supported(path, layer)
         present = _layer_adapters(layer)
         seen |= present
         if layer.disable_adapters:

@@ -5,6 +5,7 @@ forward did, and only those."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +22,16 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 BATCH = inputs()
 POS = torch.randint(0, VOCAB, BATCH["input_ids"].shape, generator=torch.Generator().manual_seed(11))
 NEG = torch.randint(0, VOCAB, BATCH["input_ids"].shape, generator=torch.Generator().manual_seed(12))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The models are tiny: a second intra-op thread gains nothing and, on shared cores,
+    OpenMP spin-waiting makes every op orders of magnitude slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)
@@ -85,11 +96,11 @@ def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads.values()])
 
 
-def assert_grads_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+def assert_grads_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
     assert got.keys() == ref.keys()
     assert flat(ref).abs().max() > 0, "reference gradients are all zero: the test would mean nothing"
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"grad of {k}: {m}")
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=atol, msg=lambda m, k=k: f"grad of {k}: {m}")
 
 
 def rel_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
@@ -180,9 +191,8 @@ def test_reentrant_checkpointing_refused(case_id):
         funcadapt.call(model, funcadapt.transform(tree, -1.0), **BATCH, labels=POS)
     assert not swap.active_frames()
     assert_unchanged(model, before)
-    with pytest.raises(ValueError, match="use_reentrant"):
-        with AdapterModifier(model, "scale", -1.0):
-            model(**BATCH, labels=POS)
+    with pytest.raises(ValueError, match="use_reentrant"), AdapterModifier(model, "scale", -1.0):
+        model(**BATCH, labels=POS)
     assert not swap.active_frames()
     assert_unchanged(model, before)
     model(**BATCH, labels=POS).loss.backward()  # the model itself still trains normally
@@ -197,8 +207,10 @@ def _vmap_check(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
         return loss_call(model, tree, c)
 
     monkeypatch.setattr(swap, "_warned_functorch", False)
-    with pytest.warns(UserWarning, match="checkpointing is skipped"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         losses = funcadapt.vmap(f)(cs)
+    assert any("checkpointing is skipped" in str(w.message) for w in caught), [str(w.message) for w in caught]
     got = grads_of(losses.sum(), params)
 
     with count_mlp_forwards(model) as count:
@@ -206,7 +218,7 @@ def _vmap_check(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
         ref = grads_of(loop.sum(), params)
     assert count[0] == 2 * len(cs), "the loop was expected to run checkpointed"
     torch.testing.assert_close(losses, loop, rtol=1e-5, atol=1e-6)
-    assert_grads_close(got, ref)
+    assert_grads_close(got, ref, atol=1e-5)  # batched kernels reduce in another order
 
 
 @pytest.mark.xfail(

@@ -33,6 +33,16 @@ POS, NEG = _labels(11), _labels(12)
 
 
 @pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The models are tiny: a second intra-op thread gains nothing and, on shared cores,
+    OpenMP spin-waiting makes every op orders of magnitude slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def _no_leaked_frames() -> Iterator[None]:
     """Every test must leave funcadapt's frame stack empty (a leaked frame would also
     corrupt later tests, so it is removed here either way)."""
@@ -195,9 +205,8 @@ def test_nested_scales_compose_fallback(case_id, outer, inner):
     """Output-interpolation fallback: the inner context interpolates what the outer one shows."""
     model = build(case(case_id))
     before = snapshot(model)
-    with AdapterModifier(model, "scale", outer):
-        with AdapterModifier(model, "scale", inner):
-            nested = _run(model)
+    with AdapterModifier(model, "scale", outer), AdapterModifier(model, "scale", inner):
+        nested = _run(model)
     with AdapterModifier(model, "scale", outer * inner):
         direct = _run(model)
     torch.testing.assert_close(nested, direct, rtol=1e-4, atol=1e-5)
@@ -252,10 +261,9 @@ def test_exception_restores_bit_for_bit(case_id):
     model = build(case(case_id))
     tree = funcadapt.extract(model)
     before = snapshot(model)
-    with pytest.raises(_Boom):
-        with AdapterModifier(model, "scale", -1.0):
-            output(model(**BATCH)).sum().backward()
-            raise _Boom
+    with pytest.raises(_Boom), AdapterModifier(model, "scale", -1.0):
+        output(model(**BATCH)).sum().backward()
+        raise _Boom
     assert not swap.active_frames()
     for p in model.parameters():
         p.grad = None  # the backward above is the caller's business; snapshot() does not look at .grad

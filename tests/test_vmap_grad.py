@@ -1,6 +1,6 @@
 """vmap over coefficients and exact gradients: a vmapped batch of coefficients equals
 sequential passes (values and parameter gradients), parameter gradients equal those of
-the independent reference y0 + c·(y1 − y0), d(output)/dc passes finite-difference
+the independent reference y0 + c·(y1 − y0), d(loss)/dc passes finite-difference
 gradcheck in float64 (linear and geometric), train-mode dropout draws one mask per
 coefficient under funcadapt.vmap, and per-adapter coefficient dicts mean what they say."""
 

@@ -1,0 +1,142 @@
+"""Quantized base layers: bitsandbytes 4-bit and 8-bit, under ``torch.func`` transforms.
+
+bitsandbytes' ``MatMul4Bit`` / ``MatMul8bitLt`` are ``autograd.Function``s without
+``setup_context``, so ``vmap`` (and ``grad``) refuse them, and its 4-bit inference kernel
+has no batching rule. The quantized weight never depends on the coefficient, so a
+vmapped input can be folded into the batch dimension around the layer: one call of
+the real kernel on ``(B·N, ...)`` rows, exactly the same arithmetic per row, and the
+result unfolded. :class:`FoldBatch` does that as an ``autograd.Function`` with a
+``vmap`` rule; its backward is bitsandbytes' own (the layer runs under autograd inside
+the forward and its graph is kept for the backward), so gradients are bitsandbytes'
+and nothing is ever dequantized and kept.
+
+Other quantization backends (GPTQ, AWQ, HQQ, torchao, ...) are refused by
+:func:`check_supported` with the layer and the backend named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .rules.base import Patch
+
+try:  # bitsandbytes is optional
+    import bitsandbytes as bnb
+
+    BNB_LINEARS: tuple[type, ...] = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+except ImportError:  # pragma: no cover - exercised only without the extra
+    BNB_LINEARS = ()
+
+
+class FoldBatch(torch.autograd.Function):
+    """``fn(x)`` for a per-row function ``fn``; under vmap, the vmapped dim is folded into dim 0."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x: Tensor, fn: Callable[[Tensor], Tensor], inner: list) -> Tensor:
+        if not x.requires_grad:
+            inner.append(None)
+            return fn(x)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_()
+            y = fn(x_in)
+        inner.append((x_in, y))
+        return y.detach()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.inner = inputs[2].pop()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        if ctx.inner is None:
+            return None, None, None
+        x_in, y = ctx.inner
+        ctx.inner = None
+        (grad_x,) = torch.autograd.grad(y, x_in, grad)
+        return grad_x, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, fn: Callable[[Tensor], Tensor], inner: list) -> tuple[Tensor, Any]:
+        if in_dims[0] is None:
+            return FoldBatch.apply(x, fn, inner), None
+        x = x.movedim(in_dims[0], 0)
+        n, rows = x.shape[0], x.shape[1]
+        y = FoldBatch.apply(x.reshape(n * rows, *x.shape[2:]), fn, inner)
+        return y.reshape(n, rows, *y.shape[1:]), 0
+
+
+def fold_batch(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    return FoldBatch.apply(x, fn, [])
+
+
+def _folding_forward(layer: nn.Module) -> Callable[..., Tensor]:
+    forward = type(layer).forward
+
+    def folded(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if torch._C._functorch.maybe_current_level() is None:
+            return forward(layer, x, *args, **kwargs)
+        if any(p.requires_grad for p in layer.parameters(recurse=False)):
+            raise ValueError(
+                f"a trainable parameter inside quantized layer {type(layer).__name__} cannot be differentiated "
+                f"under torch.func transforms; freeze it (requires_grad_(False)) or call without vmap"
+            )
+        return fold_batch(lambda t: forward(layer, t, *args, **kwargs), x)
+
+    return folded
+
+
+def patches(modules: dict[str, nn.Module]) -> list[Patch]:
+    """Forward swaps for every bitsandbytes linear in the model (adapted or not)."""
+    if not BNB_LINEARS:
+        return []
+    return [Patch(m, "forward", _folding_forward(m)) for m in modules.values() if isinstance(m, BNB_LINEARS)]
+
+
+_UNSUPPORTED = {
+    "auto_gptq": "GPTQ (auto-gptq)",
+    "gptqmodel": "GPTQ (gptqmodel)",
+    "awq": "AWQ (autoawq)",
+    "hqq": "HQQ",
+    "torchao": "torchao",
+    "optimum": "optimum quantization",
+    "aqlm": "AQLM",
+    "eetq": "EETQ",
+    "compressed_tensors": "compressed-tensors",
+    "fp_quant": "FP-Quant",
+    "awq_ext": "AWQ",
+}
+
+
+def backend_of(module: nn.Module) -> str | None:
+    """The name of a quantization backend funcadapt does not handle, if ``module`` (or its weight) is one."""
+    candidates: list[type] = [type(module)]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor):
+        candidates.append(type(weight))
+    for cls in candidates:
+        root = cls.__module__.split(".")[0]
+        if root in _UNSUPPORTED:
+            return _UNSUPPORTED[root]
+        if root == "peft" and any(
+            part in cls.__module__.split(".") for part in ("gptq", "awq", "hqq", "torchao", "aqlm", "eetq")
+        ):
+            return cls.__module__.split(".")[-1].upper()
+    return None
+
+
+def check_supported(path: str, layer: Any) -> None:
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    for module in (layer, base):
+        backend = backend_of(module)
+        if backend is not None:
+            raise ValueError(
+                f"layer {path!r} has a {backend} quantized base layer ({type(base).__module__}."
+                f"{type(base).__name__}), which funcadapt does not support yet (supported: bitsandbytes 4-bit "
+                f"and 8-bit, unquantized). Load the base model with bitsandbytes or in full/half precision"
+            )
