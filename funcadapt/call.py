@@ -72,7 +72,7 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
         if interp:
             builders.append(_interpolation(path, layer, interp))
     builders.append(lambda: quantized.patches(modules))
-    return Frame(model, tensors, builders)
+    return Frame(model, tensors, builders, modules)
 
 
 def _bind(fn: Callable[..., list[Patch]], *args: Any) -> Callable[[], list[Patch]]:

@@ -41,13 +41,16 @@ class Frame:
         root: nn.Module,
         tensors: Mapping[str, Tensor],
         builders: list[Callable[[], list[Patch]]],
+        modules: Mapping[str, nn.Module] | None = None,
     ) -> None:
         self.root = root
-        self._slots = [(_owner(root, key), key.rpartition(".")[2], t) for key, t in tensors.items()]
+        if modules is None:
+            modules = dict(root.named_modules(remove_duplicate=False))
+        self._slots = [(_owner(modules, key), key.rpartition(".")[2], t) for key, t in tensors.items()]
         self._builders = builders
         self._checkpointing: list[Any] = [
             m
-            for m in root.modules()
+            for m in modules.values()
             if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func")
         ]
         self._undo: list[Callable[[], None]] | None = None
@@ -100,10 +103,10 @@ class Frame:
         self.unapply()
 
 
-def _owner(root: nn.Module, key: str) -> nn.Module:
+def _owner(modules: Mapping[str, nn.Module], key: str) -> nn.Module:
     prefix, _, name = key.rpartition(".")
-    module = root.get_submodule(prefix) if prefix else root
-    if name not in module._parameters and name not in module._buffers:
+    module = modules.get(prefix)
+    if module is None or (name not in module._parameters and name not in module._buffers):
         raise KeyError(key)
     return module
 

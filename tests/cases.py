@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from peft import (
     AdaLoraConfig,
+    HiraConfig,
     IA3Config,
     LoraConfig,
     OFTConfig,
+    PveraConfig,
     RandLoraConfig,
     RoadConfig,
     TrainableTokensConfig,
@@ -124,6 +126,8 @@ CASES: list[Case] = [
         archs=("llama", "gpt2", "bert"),
     ),
     Case("vera", "vera", lambda arch: VeraConfig(r=4, target_modules=ATTN[arch]), archs=("llama", "bert")),
+    Case("hira", "hira", lambda arch: HiraConfig(r=4, target_modules=ATTN[arch])),
+    Case("pvera", "pvera", lambda arch: PveraConfig(r=4, target_modules=ATTN[arch])),
     Case("randlora", "randlora", lambda arch: RandLoraConfig(r=4, target_modules=ATTN[arch])),
     Case("oft", "oft", lambda arch: OFTConfig(r=0, oft_block_size=8, target_modules=ATTN[arch]), archs=("llama", "bert")),
     Case(

@@ -386,3 +386,18 @@ def test_error_mid_call_leaves_model_unchanged(case_id):
         got = output(in_modifier(**BATCH))
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert_unchanged(model, before)
+
+
+def test_modifier_instance_is_not_reentrant():
+    model = build(case("lora"))
+    before = snapshot(model)
+    m = AdapterModifier(model, "scale", -1.0)
+    with m:
+        with pytest.raises(RuntimeError, match="already active"):
+            m.__enter__()
+        assert len(swap.active_frames()) == 1
+    assert not swap.active_frames()
+    assert_unchanged(model, before)
+    with m:  # usable again once exited
+        pass
+    assert_unchanged(model, before)

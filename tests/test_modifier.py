@@ -83,7 +83,9 @@ def assert_grads_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor
 
 def reference(model: nn.Module, tree: funcadapt.AdapterTree) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The math of the contrastive loop, written functionally."""
+    torch.manual_seed(100)
     lp = funcadapt.call(model, funcadapt.transform(tree, 1.0), **BATCH, labels=POS).loss
+    torch.manual_seed(101)
     ln = funcadapt.call(model, funcadapt.transform(tree, -1.0), **BATCH, labels=NEG).loss
     return lp.detach(), ln.detach(), grads_of(lp + ln, trainable(tree))
 
@@ -91,8 +93,10 @@ def reference(model: nn.Module, tree: funcadapt.AdapterTree) -> tuple[torch.Tens
 def contrastive_step(model: nn.Module, optimizer: torch.optim.Optimizer, modifier: Callable[..., Any]) -> tuple:
     """The seed's training step, verbatim (backward after both contexts exited)."""
     optimizer.zero_grad()
+    torch.manual_seed(100)  # adapters that sample in training mode (PVeRA) draw the reference's noise
     with modifier(model, "scale", 1.0):
         lp = model(**BATCH, labels=POS).loss
+    torch.manual_seed(101)
     with modifier(model, "scale", -1.0):
         ln = model(**BATCH, labels=NEG).loss
     (lp + ln).backward()
@@ -123,7 +127,7 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_contrastive_loop_exact_gradients(case):
     model = build(case)
-    model.train()  # every dropout in the tiny models and adapters is 0
+    model.train()  # every dropout is 0; stochastic adapters are seeded identically in both computations
     tree = funcadapt.extract(model)
     params = trainable(tree)
     lp_ref, ln_ref, ref = reference(model, tree)
@@ -199,16 +203,33 @@ def test_nested_scales_compose_lora():
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("case_id", ["dora", "modules-to-save"])
-@pytest.mark.parametrize(("outer", "inner"), [(-1.0, 2.0), (0.5, -1.0)])
-def test_nested_scales_compose_fallback(case_id, outer, inner):
-    """Output-interpolation fallback: the inner context interpolates what the outer one shows."""
-    model = build(case(case_id))
+_OFT_NESTING = pytest.mark.xfail(
+    strict=True,
+    reason="funcadapt bug: OFT's linear-mode patch replaces the rotation's forward (Patch(wrap=False)) "
+    "instead of wrapping what is there, so an inner context discards the outer one's coefficient",
+)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=_OFT_NESTING) if c.rule == "oft" else c for c in CASES],
+    ids=lambda c: c.id,
+)
+@pytest.mark.parametrize(("outer", "inner"), [(2.0, -0.5)])
+def test_nested_scales_compose(case, outer, inner):
+    """Linear mode: the inner context scales what the outer one shows, so nesting multiplies
+    the coefficients, for exact rules and for the output-interpolation fallback alike."""
+    model = build(case)
+    tree = funcadapt.extract(model)
     before = snapshot(model)
     with AdapterModifier(model, "scale", outer), AdapterModifier(model, "scale", inner):
         nested = _run(model)
+    assert_unchanged(model, before)
     with AdapterModifier(model, "scale", outer * inner):
         direct = _run(model)
+    with torch.no_grad():
+        inner_only = output(funcadapt.call(model, funcadapt.transform(tree, inner), **BATCH))
+    assert not torch.allclose(direct, inner_only, atol=1e-4), "outer coefficient must matter for this test"
     torch.testing.assert_close(nested, direct, rtol=1e-4, atol=1e-5)
     assert_unchanged(model, before)
 

@@ -9,6 +9,8 @@ from . import lora  # noqa: F401
 from . import ia3  # noqa: F401
 from . import vera  # noqa: F401
 from . import randlora  # noqa: F401
+from . import hira  # noqa: F401
+from . import pvera  # noqa: F401
 from . import oft  # noqa: F401
 from . import road  # noqa: F401
 from . import auxiliary  # noqa: F401
