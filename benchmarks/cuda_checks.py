@@ -184,7 +184,7 @@ def sdpa_check(saved: str) -> dict[str, str]:
                 v = funcadapt.vmap(f, in_dims=dims)(torch.tensor([1.0, -1.0], device="cuda"), ids)
                 lo = torch.stack([f(c, i) for c, i in zip(torch.tensor([1.0, -1.0], device="cuda"), ids, strict=True)])
             res[name] = f"ok, max rel diff {rel(v, lo):.1e}"
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             res[name] = f"FAILS: {type(e).__name__}: {str(e)[:120]}"
     batched = torch.stack([mask, mask])
     try:
@@ -192,7 +192,7 @@ def sdpa_check(saved: str) -> dict[str, str]:
         with torch.no_grad():
             funcadapt.vmap(f)(torch.tensor([1.0, -1.0], device="cuda"), ids, batched)
         res["batched mask"] = "ok"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         res["batched mask"] = f"fails ({type(e).__name__}: transformers reads the mask's values to skip it)"
     return res
 
@@ -226,7 +226,7 @@ def main() -> int:
                     print(
                         f"{quant:<8}{adapter:<10}" + "".join(f"{r[c]:10.1e}" for c in cols) + ("  FAIL" if bad else "")
                     )
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     failed = True
                     print(f"{quant:<8}{adapter:<10}  ERROR {type(e).__name__}: {str(e)[:200]}")
                     traceback.print_exc(limit=3)
