@@ -72,7 +72,33 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
         if interp:
             builders.append(_interpolation(path, layer, interp))
     builders.append(lambda: quantized.patches(modules))
+    builders.append(lambda: _input_grad_hooks(modules))
     return Frame(model, tensors, builders, modules)
+
+
+def _input_grad_hooks(modules: Mapping[str, nn.Module]) -> list[Patch]:
+    """transformers' and PEFT's ``enable_input_require_grads`` hook calls ``output.requires_grad_()``,
+    which torch.func transforms refuse. It only serves reentrant checkpointing, which funcadapt
+    does not run under transforms, so inside a transform the hook is skipped."""
+    found = []
+    for module in modules.values():
+        hooks = module._forward_hooks
+        if any(getattr(h, "__name__", "").startswith("make_inputs_require_grad") for h in hooks.values()):
+            patched = type(hooks)(
+                (k, _outside_transforms(h) if getattr(h, "__name__", "").startswith("make_inputs_require_grad") else h)
+                for k, h in hooks.items()
+            )
+            found.append(Patch(module, "_forward_hooks", patched))
+    return found
+
+
+def _outside_transforms(hook: Callable[..., Any]) -> Callable[..., Any]:
+    def skipped_in_transforms(*args: Any) -> Any:
+        if torch._C._functorch.maybe_current_level() is not None:
+            return None
+        return hook(*args)
+
+    return skipped_in_transforms
 
 
 def _bind(fn: Callable[..., list[Patch]], *args: Any) -> Callable[[], list[Patch]]:

@@ -66,9 +66,9 @@ class AdapterModifier:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        f, self._frame = self._frame, None
-        if f is not None:
-            f.unapply()
+        if self._frame is not None:
+            self._frame.unapply()  # raises, leaving this context active, when exited out of order
+            self._frame = None
 
     def __repr__(self) -> str:
         state = "active" if self._frame is not None else "inactive"

@@ -70,12 +70,8 @@ class Frame:
                 store[name] = tensor
             for build in self._builders:
                 for patch in build():
-                    _set(
-                        patch.obj,
-                        patch.attr,
-                        patch.value(getattr(patch.obj, patch.attr)) if patch.wrap else patch.value,
-                        undo,
-                    )
+                    value = patch.value(getattr(patch.obj, patch.attr, None)) if patch.wrap else patch.value
+                    _set(patch.obj, patch.attr, value, undo)
             for module in self._checkpointing:
                 current: Any = module._gradient_checkpointing_func
                 if not getattr(current, "_funcadapt", False):

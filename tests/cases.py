@@ -96,9 +96,7 @@ class Case:
 
 
 def _lora(**kw: Any) -> Callable[[str], Any]:
-    return lambda arch: LoraConfig(
-        r=4, lora_alpha=8, target_modules=ATTN[arch], fan_in_fan_out=arch == "gpt2", **kw
-    )
+    return lambda arch: LoraConfig(r=4, lora_alpha=8, target_modules=ATTN[arch], fan_in_fan_out=arch == "gpt2", **kw)
 
 
 CASES: list[Case] = [
@@ -129,7 +127,9 @@ CASES: list[Case] = [
     Case("hira", "hira", lambda arch: HiraConfig(r=4, target_modules=ATTN[arch])),
     Case("pvera", "pvera", lambda arch: PveraConfig(r=4, target_modules=ATTN[arch])),
     Case("randlora", "randlora", lambda arch: RandLoraConfig(r=4, target_modules=ATTN[arch])),
-    Case("oft", "oft", lambda arch: OFTConfig(r=0, oft_block_size=8, target_modules=ATTN[arch]), archs=("llama", "bert")),
+    Case(
+        "oft", "oft", lambda arch: OFTConfig(r=0, oft_block_size=8, target_modules=ATTN[arch]), archs=("llama", "bert")
+    ),
     Case(
         "oft-exact-cayley",
         "oft",

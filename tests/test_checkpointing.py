@@ -240,13 +240,6 @@ def _samples_in_training(model: nn.Module) -> bool:
     return not torch.equal(a, b)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="funcadapt bug: gradient_checkpointing_enable() installs transformers' enable_input_require_grads "
-    "hook (output.requires_grad_(True) on the input embeddings), which fails under torch.func.vmap; funcadapt "
-    "skips the checkpoint under functorch but not this hook",
-)
 def test_vmap_with_checkpointing_enabled(monkeypatch):
     model = checkpointed("lora")
     _vmap_check(model, monkeypatch)

@@ -203,16 +203,9 @@ def test_nested_scales_compose_lora():
     assert_unchanged(model, before)
 
 
-_OFT_NESTING = pytest.mark.xfail(
-    strict=True,
-    reason="funcadapt bug: OFT's linear-mode patch replaces the rotation's forward (Patch(wrap=False)) "
-    "instead of wrapping what is there, so an inner context discards the outer one's coefficient",
-)
-
-
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, marks=_OFT_NESTING) if c.rule == "oft" else c for c in CASES],
+    CASES,
     ids=lambda c: c.id,
 )
 @pytest.mark.parametrize(("outer", "inner"), [(2.0, -0.5)])
@@ -251,11 +244,6 @@ def test_out_of_order_exit_raises_and_keeps_state():
         _force_unapply()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="funcadapt bug: AdapterModifier.__exit__ drops its frame before unapply() succeeds, so after an "
-    "out-of-order exit the outer frame can never be exited and stays applied",
-)
 def test_out_of_order_exit_then_cleanup_restores():
     model = build(case("lora"))
     before = snapshot(model)

@@ -23,6 +23,14 @@ from torch import Tensor
 
 from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
 
+_SVD4BIT: Any
+try:
+    from peft.tuners.adalora.bnb import SVDLinear4bit as _SVD4BIT
+except ImportError:  # bitsandbytes not installed
+    _SVD4BIT = None
+# AdaLoRA classes whose forward adds in place (the 8-bit class already adds out of place)
+_SVD_LINEAR: tuple[type, ...] = (SVDLinear,) if _SVD4BIT is None else (SVDLinear, _SVD4BIT)
+
 
 def _is_vanilla(layer: Any, adapter: str) -> bool:
     return adapter not in getattr(layer, "lora_variant", {})
@@ -53,10 +61,12 @@ def _adalora_linear(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
 
 
 def adalora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """PEFT's ``SVDLinear.forward`` with ``result + ...`` instead of ``result += ...``: the
-    in-place add cannot take a vmapped (batched) update into an unbatched result."""
+    """PEFT's ``SVDLinear.forward`` / ``SVDLinear4bit.forward`` with ``result + ...`` instead of
+    ``result += ...``: the in-place add cannot take a vmapped (batched) update into an unbatched
+    result. Casts happen where PEFT's do (the 4-bit class casts before scaling)."""
     if layer.disable_adapters or layer.merged:
         return type(layer).forward(layer, x, *args, **kwargs)
+    cast_first = _SVD4BIT is not None and isinstance(layer, _SVD4BIT)
     result = layer.base_layer(x, *args, **kwargs)
     for adapter in layer.active_adapters:
         if adapter not in layer.lora_A:
@@ -64,12 +74,15 @@ def adalora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         lora_a, lora_b, lora_e = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_E[adapter]
         x = layer._cast_input_dtype(x, lora_a.dtype)
         delta = layer.lora_dropout[adapter](x) @ (lora_a * lora_e).T @ lora_b.T
-        result = result + (delta * layer.scaling[adapter] / (layer.ranknum[adapter] + 1e-5)).to(result.dtype)
+        if cast_first:
+            delta = delta.to(result.dtype)
+        delta = delta * layer.scaling[adapter] / (layer.ranknum[adapter] + 1e-5)
+        result = result + delta.to(result.dtype)
     return result
 
 
 def _adalora_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    if not isinstance(layer, SVDLinear):
+    if not isinstance(layer, _SVD_LINEAR):
         return []  # SVDConv2d keeps PEFT's forward: exact, but not vmap-safe (in-place add)
     return [Patch(layer, "forward", functools.partial(adalora_forward, layer))]
 

@@ -70,8 +70,10 @@ def _cayley(rot: Any, vec: Tensor) -> Tensor:
     return torch.linalg.solve(eye + q, eye - q, left=False).to(vec.dtype)
 
 
-def rotate(rot: Any, x: Tensor, linear: Coeff | None = None, inverse: bool = False) -> Tensor:
-    """PEFT's ``OFTRotationModule.forward`` in pure ops, optionally interpolated or inverted."""
+def rotate(rot: Any, x: Tensor, ops: tuple = ()) -> Tensor:
+    """PEFT's ``OFTRotationModule.forward`` in pure ops. ``ops`` edit the block matrices R
+    in order: ``("lerp", c)``: R ↦ I + c·(R − I) (so x·R ↦ x + c·(x·R − x)); ``("inverse",)``:
+    R ↦ R⁻¹. Nested funcadapt contexts append their ops, so they compose."""
     out_dtype = x.dtype
     weight = rot.weight
     if x.dtype != weight.dtype:
@@ -79,8 +81,12 @@ def rotate(rot: Any, x: Tensor, linear: Coeff | None = None, inverse: bool = Fal
     if rot.coft:
         weight = weight + (_project(rot, weight, rot.eps) - weight).detach()
     r = _cayley(rot, weight)
-    if inverse:
-        r = torch.linalg.inv(r.float()).to(r.dtype)
+    for op in ops:
+        if op[0] == "lerp":
+            eye = torch.eye(r.shape[-1], device=r.device, dtype=r.dtype)
+            r = eye + _as(op[1], r) * (r - eye)
+        else:
+            r = torch.linalg.inv(r.float()).to(r.dtype)
     shape = x.shape
     xx = rot._unfold(x) if len(shape) == 4 else x
     folded = xx.shape
@@ -90,8 +96,6 @@ def rotate(rot: Any, x: Tensor, linear: Coeff | None = None, inverse: bool = Fal
     y = torch.einsum("...rk,rkc->...rc", xx.reshape(*folded[:-1], rank, rot.block_size), r).reshape(*folded)
     if len(shape) == 4:
         y = rot._fold(y, shape)
-    if linear is not None:
-        y = x + _as(linear, y) * (y - x)
     return y.to(out_dtype)
 
 
@@ -119,10 +123,20 @@ def _invert(spec, p: Mapping[str, Tensor]) -> Effect:
     return _geometric(spec, p, -1.0)
 
 
+_OPS = "_funcadapt_oft_ops"
+
+
 def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
     rot = _rot_module(layer, adapter)
-    linear, inverse = args.get("oft_linear"), "oft_inverse" in args
-    return [Patch(rot, "forward", lambda x: rotate(rot, x, linear, inverse))]
+    ops: tuple = ()
+    if "oft_linear" in args:
+        ops = (("lerp", args["oft_linear"]),)
+    elif "oft_inverse" in args:
+        ops = (("inverse",),)
+    return [
+        Patch(rot, _OPS, lambda current: (current or ()) + ops, wrap=True),
+        Patch(rot, "forward", lambda x: rotate(rot, x, getattr(rot, _OPS, ()))),
+    ]
 
 
 def _static(layer: Any, adapter: str) -> dict:
