@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -103,23 +107,76 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn: Callable[[], None], args: argparse.Namespace) -> tuple[float, float | None]:
-    for _ in range(args.warmup):
-        fn()
+def measure_all(fns: dict[str, Callable[[], None]], args: argparse.Namespace) -> dict[str, tuple[float, float | None]]:
+    """Warm every method up, then time them round-robin (so drift hits all alike); median per method.
+    On CUDA also the peak memory above the resting state during that method's steps."""
+    for fn in fns.values():
+        for _ in range(args.warmup):
+            fn()
     sync(args.device)
-    times = []
-    peak = None
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, float | None] = {name: None for name in fns}
     for _ in range(args.repeats):
-        t = time.perf_counter()
-        fn()
-        sync(args.device)
-        times.append(time.perf_counter() - t)
-    if args.device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-    return statistics.median(times), peak
+        for name, fn in fns.items():
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                resting = torch.cuda.memory_allocated()
+            t = time.perf_counter()
+            fn()
+            sync(args.device)
+            times[name].append(time.perf_counter() - t)
+            if args.device == "cuda":
+                peak = (torch.cuda.max_memory_allocated() - resting) / 2**20
+                peaks[name] = max(peaks[name] or 0.0, peak)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
+
+
+class RssPeak:
+    """Peak resident memory above the level at entry, sampled every 0.5 ms in a thread."""
+
+    def __enter__(self) -> RssPeak:
+        import psutil
+
+        self._process = psutil.Process()
+        self._start = self._peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_increase = self._peak - self._start
+
+
+METHODS = ("peft_two_pass", "seed_inplace", "modifier_two_pass", "funcadapt_vmap", "peft_concat")
+
+
+def isolated(argv: list[str], args: argparse.Namespace) -> dict:
+    """Each method in its own process, so one method's allocations cannot hide another's peak."""
+    rest = [a for a in argv if a != "--isolate"]
+    results = {}
+    for name in METHODS:
+        out = subprocess.run(
+            [sys.executable, __file__, *rest, "--only", name], capture_output=True, text=True, check=True
+        ).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        results[name] = (row["time"], row["rss_mib"])
+    print(
+        f"\nCPU ({torch.get_num_threads()} threads), one process per method; model {args.model} {args.dtype} "
+        f"quant={args.quant}; adapter {args.adapter}; batch {args.batch}×{args.seq}; median of {args.repeats}\n"
+    )
+    limit = results["peft_concat"]
+    print(f"{'method':<20}{'time ms':>10}{'vs limit':>10}{'peak RSS MiB':>14}{'vs limit':>10}")
+    for name, (sec, mib) in results.items():
+        print(f"{name:<20}{sec * 1e3:10.1f}{sec / limit[0]:10.3f}{mib:14.0f}{mib / max(limit[1], 1e-9):10.3f}")
+    return {"results": results}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,8 +191,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--isolate", action="store_true", help="run each method in a fresh process and report its peak RSS (CPU memory)"
+    )
+    parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.isolate:
+        return isolated(argv if argv is not None else sys.argv[1:], args)
 
     model = build(args)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -194,15 +257,25 @@ def main(argv: list[str] | None = None) -> dict:
         "funcadapt_vmap": fvmap,
         "peft_concat": concat,
     }
-    results = {name: measure(fn, args) for name, fn in methods.items()}
+    if args.only:
+        with RssPeak() as rss:
+            time_s = measure_all({args.only: methods[args.only]}, args)[args.only][0]
+        print(json.dumps({"time": time_s, "rss_mib": rss.peak_increase / 2**20}))
+        return {}
+    results = measure_all(methods, args)
 
     model.eval()
+    minus_one = torch.tensor(-1.0, device=args.device)
     with torch.no_grad():
-        plain = measure(lambda: model(input_ids=ids), args)[0]
-        at_one = measure(lambda: funcadapt.call(model, funcadapt.transform(tree, 1.0), input_ids=ids), args)[0]
-        at_tensor = measure(
-            lambda: funcadapt.call(model, funcadapt.transform(tree, torch.tensor(-1.0)), input_ids=ids), args
-        )[0]
+        forward = measure_all(
+            {
+                "plain": lambda: model(input_ids=ids),
+                "c1": lambda: funcadapt.call(model, funcadapt.transform(tree, 1.0), input_ids=ids),
+                "c-1": lambda: funcadapt.call(model, funcadapt.transform(tree, minus_one), input_ids=ids),
+            },
+            args,
+        )
+    plain, at_one, at_tensor = (forward[k][0] for k in ("plain", "c1", "c-1"))
     t = time.perf_counter()
     n = 20
     for _ in range(n):

@@ -92,3 +92,30 @@ def test_bf16(case):
         got = run(model, funcadapt.transform(tree, torch.tensor(-1.0)))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref.float(), rtol=0.05, atol=0.05)
+
+
+def test_bare_model_with_injected_adapters_and_single_layer():
+    """extract works on a plain torch model with adapters injected (no PeftModel), and on one layer."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    net = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False), net)
+    x = torch.randn(5, 8)
+    tree = funcadapt.extract(net)
+    assert len(tree.layers) == 2
+    assert all(tree.params[k] is p for k, p in net.named_parameters() if k in tree.params)
+    with torch.no_grad():
+        y1 = net(x)
+        with reference_interpolation(net, -1.0):
+            ref = net(x)
+        torch.testing.assert_close(funcadapt.call(net, funcadapt.transform(tree, -1.0), x), ref)
+        assert torch.equal(funcadapt.call(net, funcadapt.transform(tree, 1.0), x), y1)
+        layer = net[0]
+        sub = funcadapt.extract(layer)
+        assert set(sub.params) == {"lora_A.default.weight", "lora_B.default.weight"}
+        h = torch.randn(3, 8)
+        delta = layer(h) - layer.base_layer(h)
+        torch.testing.assert_close(
+            funcadapt.call(layer, funcadapt.transform(sub, 2.0), h), layer.base_layer(h) + 2 * delta
+        )
