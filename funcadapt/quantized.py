@@ -71,6 +71,15 @@ class FoldBatch(torch.autograd.Function):
         return y.reshape(n, rows, *y.shape[1:]), 0
 
 
+def kind(module: nn.Module) -> str | None:
+    """``"int8"``, ``"4bit"`` or None for a (base) layer."""
+    if BNB_LINEARS and isinstance(module, BNB_LINEARS[1]):
+        return "int8"
+    if BNB_LINEARS and isinstance(module, BNB_LINEARS[0]):
+        return "4bit"
+    return None
+
+
 def fold_batch(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return FoldBatch.apply(x, fn, [])
 

@@ -81,7 +81,7 @@ def _refuse(rule: Rule, spec: LayerSpec, what: str) -> ValueError:
 
 def _scaled(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff, mode: str) -> Effect:
     if mode == "linear":
-        if rule.linear is None:
+        if rule.linear is None or (spec.static.get("quantized") == "int8" and rule.acts_on_input(spec)):
             return Effect(forward={"interp": c})
         return rule.linear(spec, p, c)
     if rule.geometric is None:

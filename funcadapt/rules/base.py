@@ -87,6 +87,10 @@ class Rule:
     """Effects of several adapters of additive rules on one layer add up (ΔW_a + ΔW_b)."""
     commutative: bool = False
     """Effects on one layer commute with each other, so inverting each inverts the composition."""
+    acts_on_input: Callable[[Any], bool] = lambda spec: False
+    """The adapter changes the base layer's *input* (feed-forward IA3, OFT). Its exact linear
+    transform relies on the base layer being linear in its input; an int8 base quantises its
+    input row by row, so there linear mode falls back to output interpolation."""
 
 
 RULES: list[Rule] = []

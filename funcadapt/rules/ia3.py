@@ -38,6 +38,7 @@ IA3 = register(
         ),
         linear=_linear,
         commutative=True,
+        acts_on_input=lambda spec: bool(spec.static.get("is_feedforward")),
         geometric=_geometric,
         static=lambda layer, a: {"is_feedforward": bool(layer.is_feedforward)},
     )

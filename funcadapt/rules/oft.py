@@ -166,5 +166,6 @@ OFT = register(
         invert=_invert,
         patches=_patches,
         static=_static,
+        acts_on_input=lambda spec: spec.layer_type != "Embedding",
     )
 )
