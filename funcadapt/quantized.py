@@ -45,8 +45,13 @@ class FoldBatch(torch.autograd.Function):
         with torch.enable_grad():
             x_in = x.detach().requires_grad_()
             y = fn(x_in)
+        out = y.detach()
+        # The backward needs y's graph, not its values: drop y's reference to the output's
+        # storage (a zero-stride stand-in of the same shape), so only the returned tensor
+        # keeps it alive, exactly as long as plain PEFT would.
+        y.data = y.new_zeros(()).expand(y.shape)
         inner.append((x_in, y))
-        return y.detach()
+        return out
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
