@@ -16,17 +16,19 @@ each adapter with a bitsandbytes path, on a random tiny Llama moved/loaded on CU
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import tempfile
 import traceback
-from typing import Any
+from pathlib import Path
 
 import peft
 import torch
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import funcadapt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from cases import reference_interpolation
 
 T = ["q_proj", "v_proj"]
 ADAPTERS = {
@@ -84,28 +86,6 @@ def randomize(model: torch.nn.Module) -> None:
                 p.add_(0.2 * torch.randn(p.shape, generator=g).to(p))
 
 
-@contextlib.contextmanager
-def reference(model: torch.nn.Module, c: float):
-    handles = []
-    for m in model.modules():
-        if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer):
-
-            def hook(module: Any, args: tuple, kwargs: dict, y1: torch.Tensor) -> torch.Tensor:
-                module._disable_adapters = True
-                try:
-                    y0 = module.forward(*args, **kwargs)
-                finally:
-                    module._disable_adapters = False
-                return y0 + c * (y1 - y0)
-
-            handles.append(m.register_forward_hook(hook, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
@@ -134,7 +114,7 @@ def check(saved: str, quant: str, adapter: str) -> dict[str, float]:
             .max()
             .item()
         )
-        with reference(model, -1.0):
+        with reference_interpolation(model, -1.0):
             ref = model(input_ids=ids[0]).logits
         got = funcadapt.call(
             model, funcadapt.transform(tree, torch.tensor(-1.0, device="cuda")), input_ids=ids[0]

@@ -24,25 +24,6 @@ POS = torch.randint(0, VOCAB, BATCH["input_ids"].shape, generator=torch.Generato
 NEG = torch.randint(0, VOCAB, BATCH["input_ids"].shape, generator=torch.Generator().manual_seed(12))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The models are tiny: a second intra-op thread gains nothing and, on shared cores,
-    OpenMP spin-waiting makes every op orders of magnitude slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_frames() -> Iterator[None]:
-    yield
-    leaked = list(swap._STACK)
-    for f in reversed(leaked):
-        f.unapply()
-    assert not leaked, f"{len(leaked)} funcadapt frame(s) left applied"
-
-
 def _enable_peft(model: nn.Module, reentrant: bool = False) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 

@@ -3,7 +3,7 @@ model exactly as it was."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,23 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 BATCH = inputs()
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 Q_B = f"{Q}.lora_B.default.weight"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; a second thread only adds contention on shared cores
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_frames() -> Iterator[None]:
-    yield
-    leaked = list(swap._STACK)
-    for f in reversed(leaked):
-        f.unapply()
-    assert not leaked, f"{len(leaked)} funcadapt frame(s) left applied"
 
 
 def raises_cleanly(

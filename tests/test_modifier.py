@@ -32,26 +32,6 @@ def _labels(seed: int) -> torch.Tensor:
 POS, NEG = _labels(11), _labels(12)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The models are tiny: a second intra-op thread gains nothing and, on shared cores,
-    OpenMP spin-waiting makes every op orders of magnitude slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_frames() -> Iterator[None]:
-    """Every test must leave funcadapt's frame stack empty (a leaked frame would also
-    corrupt later tests, so it is removed here either way)."""
-    yield
-    leaked = list(swap._STACK)
-    _force_unapply()
-    assert not leaked, f"{len(leaked)} funcadapt frame(s) left applied"
-
-
 def _force_unapply() -> None:
     for f in reversed(list(swap._STACK)):
         f.unapply()

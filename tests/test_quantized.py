@@ -267,23 +267,6 @@ def assert_bnb_untouched(model: nn.Module, before: dict[str, dict[str, Any]]) ->
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; a second thread only adds contention on shared cores
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_frames() -> Iterator[None]:
-    yield
-    leaked = list(swap._STACK)
-    for f in reversed(leaked):
-        f.unapply()
-    assert not leaked, f"{len(leaked)} funcadapt frame(s) left applied"
-
-
 def logits(model: nn.Module, params: dict[str, Any] | None = None) -> torch.Tensor:
     if params is None:
         return output(model(input_ids=IDS))
