@@ -307,3 +307,36 @@ def test_vmap_dict_coeff_two_adapters(c_b):
     with torch.no_grad():
         b_at_one = _scaled_lora_reference(model, {"default": 1.0, "b": 1.0}, batch)
     assert not torch.allclose(b_at_one, refs[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("config", ["loha", "lokr"])
+def test_lycoris_dropout_under_vmap(config):
+    """LyCORIS module and rank dropout branch on random draws in PEFT; under funcadapt.vmap they
+    become per-coefficient random factors (train mode runs, "same" randomness gives equal rows)."""
+    from cases import randomize_adapters, tiny_llama
+    from peft import LoHaConfig, LoKrConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cls = LoHaConfig if config == "loha" else LoKrConfig
+    model = get_peft_model(
+        tiny_llama(), cls(r=4, alpha=8, target_modules=["q_proj", "v_proj"], module_dropout=0.5, rank_dropout=0.3)
+    )
+    randomize_adapters(model)
+    model.train()
+    before = snapshot(model)
+    tree = funcadapt.extract(model)
+    ids = inputs()["input_ids"]
+
+    def logits(c):
+        return funcadapt.call(model, funcadapt.transform(tree, c), input_ids=ids).logits
+
+    ones = torch.ones(2)
+    same = funcadapt.vmap(logits, randomness="same")(ones)
+    torch.testing.assert_close(same[0], same[1], rtol=0, atol=0)
+    different = funcadapt.vmap(logits)(ones)
+    assert different.shape == same.shape
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(funcadapt.vmap(logits)(ones)[0], model(input_ids=ids).logits)
+    model.train()
+    assert_unchanged(model, before)
