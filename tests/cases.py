@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from peft import (
     AdaLoraConfig,
+    DeloraConfig,
+    FourierFTConfig,
     HiraConfig,
     IA3Config,
     LoHaConfig,
@@ -133,6 +135,8 @@ CASES: list[Case] = [
         "lokr",
         lambda arch: LoKrConfig(r=4, alpha=8, target_modules=ATTN[arch], decompose_both=True, decompose_factor=4),
     ),
+    Case("fourierft", "fourierft", lambda arch: FourierFTConfig(n_frequency=50, target_modules=ATTN[arch])),
+    Case("delora", "delora", lambda arch: DeloraConfig(r=4, target_modules=ATTN[arch])),
     Case("hira", "hira", lambda arch: HiraConfig(r=4, target_modules=ATTN[arch])),
     Case("pvera", "pvera", lambda arch: PveraConfig(r=4, target_modules=ATTN[arch])),
     Case("randlora", "randlora", lambda arch: RandLoraConfig(r=4, target_modules=ATTN[arch])),

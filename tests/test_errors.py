@@ -102,7 +102,11 @@ def test_no_adapters():
     )
 
 
-def test_unsupported_adapter_type():
+def test_unsupported_adapter_type(monkeypatch):
+    """A PEFT layer class without a rule (here: LoHa with its rule taken out of the registry)."""
+    from funcadapt.rules import base
+
+    monkeypatch.setattr(base, "RULES", [r for r in base.RULES if r.name != "loha"])
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]))
     raises_cleanly(

@@ -12,6 +12,8 @@ from . import randlora  # noqa: F401
 from . import hira  # noqa: F401
 from . import pvera  # noqa: F401
 from . import lycoris  # noqa: F401
+from . import fourierft  # noqa: F401
+from . import delora  # noqa: F401
 from . import oft  # noqa: F401
 from . import road  # noqa: F401
 from . import auxiliary  # noqa: F401
