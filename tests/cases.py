@@ -84,9 +84,33 @@ def tiny_bert() -> nn.Module:
     )
 
 
-ARCHS: dict[str, Callable[[], nn.Module]] = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
-ATTN = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
-FFN = {"llama": ["down_proj"], "gpt2": ["c_proj"], "bert": ["output.dense"]}
+class TinyCNN(nn.Module):
+    """Conv2d layers (PEFT's conv code paths) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h))
+        return self.head(h.flatten(1))
+
+
+def tiny_cnn() -> nn.Module:
+    return TinyCNN()
+
+
+ARCHS: dict[str, Callable[[], nn.Module]] = {
+    "llama": tiny_llama,
+    "gpt2": tiny_gpt2,
+    "bert": tiny_bert,
+    "cnn": tiny_cnn,
+}
+ATTN = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"], "cnn": ["conv1", "conv2"]}
+FFN = {"llama": ["down_proj"], "gpt2": ["c_proj"], "bert": ["output.dense"], "cnn": ["conv2"]}
 
 
 @dataclass(frozen=True)
@@ -104,14 +128,14 @@ def _lora(**kw: Any) -> Callable[[str], Any]:
 
 
 CASES: list[Case] = [
-    Case("lora", "lora", _lora(), archs=("llama", "gpt2", "bert")),
+    Case("lora", "lora", _lora(), archs=("llama", "gpt2", "bert", "cnn")),
     Case("lora-rslora-bias", "lora", _lora(use_rslora=True, lora_bias=True)),
     Case(
         "lora-embedding",
         "lora",
         lambda arch: LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
     ),
-    Case("dora", "dora", _lora(use_dora=True), archs=("llama", "gpt2"), geometric=False),
+    Case("dora", "dora", _lora(use_dora=True), archs=("llama", "gpt2", "cnn"), geometric=False),
     Case("lora-variant-mica", "lora-variant", _lora(init_lora_weights="mica"), geometric=False),
     Case(
         "adalora",
@@ -125,11 +149,17 @@ CASES: list[Case] = [
         lambda arch: IA3Config(
             target_modules=ATTN[arch] + FFN[arch], feedforward_modules=FFN[arch], fan_in_fan_out=arch == "gpt2"
         ),
-        archs=("llama", "gpt2", "bert"),
+        archs=("llama", "gpt2", "bert", "cnn"),
     ),
     Case("vera", "vera", lambda arch: VeraConfig(r=4, target_modules=ATTN[arch]), archs=("llama", "bert")),
-    Case("loha", "loha", lambda arch: LoHaConfig(r=4, alpha=8, target_modules=ATTN[arch])),
-    Case("lokr", "lokr", lambda arch: LoKrConfig(r=4, alpha=8, target_modules=ATTN[arch])),
+    Case("loha", "loha", lambda arch: LoHaConfig(r=4, alpha=8, target_modules=ATTN[arch]), archs=("llama", "cnn")),
+    Case(
+        "loha-cp",
+        "loha",
+        lambda arch: LoHaConfig(r=4, alpha=8, target_modules=ATTN[arch], use_effective_conv2d=True),
+        archs=("cnn",),
+    ),
+    Case("lokr", "lokr", lambda arch: LoKrConfig(r=4, alpha=8, target_modules=ATTN[arch]), archs=("llama", "cnn")),
     Case(
         "lokr-full-w2",
         "lokr",
@@ -141,7 +171,10 @@ CASES: list[Case] = [
     Case("pvera", "pvera", lambda arch: PveraConfig(r=4, target_modules=ATTN[arch])),
     Case("randlora", "randlora", lambda arch: RandLoraConfig(r=4, target_modules=ATTN[arch])),
     Case(
-        "oft", "oft", lambda arch: OFTConfig(r=0, oft_block_size=8, target_modules=ATTN[arch]), archs=("llama", "bert")
+        "oft",
+        "oft",
+        lambda arch: OFTConfig(r=0, oft_block_size=36 if arch == "cnn" else 8, target_modules=ATTN[arch]),
+        archs=("llama", "bert", "cnn"),
     ),
     Case(
         "oft-exact-cayley",
@@ -217,10 +250,14 @@ def build(case_: Case, arch: str = "llama", dtype: torch.dtype = torch.float32, 
 
 def inputs(arch: str = "llama", batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
+    if arch == "cnn":
+        return {"x": torch.randn(batch, 4, 6, 6, generator=g)}
     return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g)}
 
 
 def output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 

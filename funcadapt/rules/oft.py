@@ -109,15 +109,29 @@ def _rot_module(layer: Any, adapter: str) -> Any:
     return layer.oft_embedding_R[adapter]
 
 
-def _linear(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    if spec.layer_type == "Conv2d":
+        return Effect(forward={"interp": c})  # see _refuse_conv: R = I is not the base layer there
     return Effect(forward={"oft_linear": c})
 
 
-def _geometric(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+def _refuse_conv(spec: Any) -> None:
+    if spec.layer_type == "Conv2d":
+        raise ValueError(
+            f"layer {spec.path!r} adapter {spec.adapter!r}: PEFT's OFT on Conv2d rotates unfolded input patches "
+            f"and folds them back by summing overlaps, so even Q = 0 (R = I) is not the base layer; the rotation "
+            f"path Cayley(c·Q) does not pass through the base model and geometric mode / invert are undefined. "
+            f"Use mode='linear' (exact output interpolation: c = 0 is the base layer)"
+        )
+
+
+def _geometric(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    _refuse_conv(spec)
     return Effect({role: scale(t, c) for role, t in p.items() if role in _ROLES})
 
 
-def _invert(spec, p: Mapping[str, Tensor]) -> Effect:
+def _invert(spec: Any, p: Mapping[str, Tensor]) -> Effect:
+    _refuse_conv(spec)
     if spec.static["use_cayley_neumann"]:
         return Effect(forward={"oft_inverse": 1.0})
     return _geometric(spec, p, -1.0)
@@ -155,11 +169,11 @@ OFT = register(
         layer_type=OFTLayer,
         doc=RuleDoc(
             adapter="OFT (incl. COFT, block sharing)",
-            layers="Linear, Conv1D, Conv2d, Embedding",
-            linear="x ↦ x + c·(x·R − x) at the rotation ⇒ y(c) = y0 + c·(y1 − y0)",
+            layers="Linear, Conv1D, Embedding, Conv2d",
+            linear="x ↦ x + c·(x·R − x) at the rotation ⇒ y(c) = y0 + c·(y1 − y0) (Conv2d: output interpolation)",
             linear_exact="exact fallback (interpolation at the rotation)",
-            geometric="R(c) = Cayley(c·Q)",
-            invert="exact: R⁻¹ (Cayley(−Q); exact matrix inverse under Cayley–Neumann)",
+            geometric="R(c) = Cayley(c·Q) (refused on Conv2d)",
+            invert="exact: R⁻¹ (Cayley(−Q); exact matrix inverse under Cayley–Neumann); refused on Conv2d",
         ),
         linear=_linear,
         geometric=_geometric,
