@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     contrastive = funcadapt.vmap(loss_at)  # +1 with positive targets and −1 with negative ones, one forward
     model.train()
     g = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(range(steps), desc="contrastive ±1 training", disable=None)
+    bar = tqdm(range(steps), desc="contrastive ±1 training", mininterval=5)
     for _ in bar:
         pick = torch.randperm(len(train), generator=g)[: args.batch].tolist()
         batch = make_batch([train[i] for i in pick], pad)

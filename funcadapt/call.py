@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import quantized
 from .rules import find_rule
-from .rules.base import Coeff, Patch, is_adapter_layer, is_number
+from .rules.base import Coeff, Patch, is_adapter_layer, is_number, same_coeff
 from .swap import Frame
 from .transform import FORWARD_PREFIX, parse_forward_key
 
@@ -50,6 +50,7 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
 
     modules = dict(model.named_modules(remove_duplicate=False))
     _check_keys(model, modules, tensors)
+    _tie_aliases(model, tensors)
 
     touched: dict[str, dict[str, dict[str, Coeff]]] = {}  # layer path -> adapter -> forward args
     for key in tensors:
@@ -79,16 +80,13 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
 def _input_grad_hooks(modules: Mapping[str, nn.Module]) -> list[Patch]:
     """transformers' and PEFT's ``enable_input_require_grads`` hook calls ``output.requires_grad_()``,
     which torch.func transforms refuse. It only serves reentrant checkpointing, which funcadapt
-    does not run under transforms, so inside a transform the hook is skipped."""
+    does not run under transforms, so inside a transform the hook is skipped. Only those hook
+    entries are replaced (in place), so hooks registered or removed meanwhile stay as they are."""
     found = []
     for module in modules.values():
-        hooks = module._forward_hooks
-        if any(getattr(h, "__name__", "").startswith("make_inputs_require_grad") for h in hooks.values()):
-            patched = type(hooks)(
-                (k, _outside_transforms(h) if getattr(h, "__name__", "").startswith("make_inputs_require_grad") else h)
-                for k, h in hooks.items()
-            )
-            found.append(Patch(module, "_forward_hooks", patched))
+        for key, hook in module._forward_hooks.items():
+            if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+                found.append(Patch(module._forward_hooks, key, _outside_transforms, item=True))
     return found
 
 
@@ -103,6 +101,19 @@ def _outside_transforms(hook: Callable[..., Any]) -> Callable[..., Any]:
 
 def _bind(fn: Callable[..., list[Patch]], *args: Any) -> Callable[[], list[Patch]]:
     return lambda: fn(*args)
+
+
+def _tie_aliases(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Like functional_call(tie_weights=True): a tensor given for one name of a tied (shared)
+    parameter is shown under all its names, unless those are given too."""
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(tensor), []).append(name)
+    for names in aliases.values():
+        given = [n for n in names if n in tensors]
+        if given and len(names) > 1:
+            for n in names:
+                tensors.setdefault(n, tensors[given[0]])
 
 
 def _check_keys(model: nn.Module, modules: Mapping[str, nn.Module], tensors: Mapping[str, Tensor]) -> None:
@@ -137,7 +148,7 @@ def _interpolation(path: str, layer: Any, coeffs: Mapping[str, Coeff]) -> Callab
     """The exact fallback: ``y = y0 + c·(y1 − y0)``, y0 with these adapters switched off."""
     values = list(coeffs.values())
     c = values[0]
-    if any(v is not c and not (is_number(v) and is_number(c) and v == c) for v in values[1:]):
+    if not all(same_coeff(v, c) for v in values[1:]):
         raise ValueError(
             f"layer {path!r} has several adapters without an exact parameter transform ({sorted(coeffs)}) "
             f"and they were given different coefficients; the output-interpolation fallback can only "
@@ -167,6 +178,8 @@ def _interpolation(path: str, layer: Any, coeffs: Mapping[str, Coeff]) -> Callab
     def _lerp(y0: Any, y1: Any) -> Any:
         if not isinstance(y0, Tensor) or not y0.is_floating_point():
             return y1
+        if y0.dtype in (torch.float16, torch.bfloat16):  # interpolate in float32, round once
+            return _lerp(y0.float(), y1.float()).to(y0.dtype)
         k = c.to(device=y0.device, dtype=y0.dtype) if isinstance(c, Tensor) else c
         return y0 + k * (y1 - y0)
 

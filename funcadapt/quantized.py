@@ -89,27 +89,30 @@ def fold_batch(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return FoldBatch.apply(x, fn, [])
 
 
-def _folding_forward(layer: nn.Module) -> Callable[..., Tensor]:
-    forward = type(layer).forward
+def _folding(layer: nn.Module) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Wrap the layer's current forward (PEFT's, or an accelerate hook's) with the fold."""
 
-    def folded(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if torch._C._functorch.maybe_current_level() is None:
-            return forward(layer, x, *args, **kwargs)
-        if any(p.requires_grad for p in layer.parameters(recurse=False)):
-            raise ValueError(
-                f"a trainable parameter inside quantized layer {type(layer).__name__} cannot be differentiated "
-                f"under torch.func transforms; freeze it (requires_grad_(False)) or call without vmap"
-            )
-        return fold_batch(lambda t: forward(layer, t, *args, **kwargs), x)
+    def wrap(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def folded(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if torch._C._functorch.maybe_current_level() is None:
+                return forward(x, *args, **kwargs)
+            if any(p.requires_grad for p in layer.parameters(recurse=False)):
+                raise ValueError(
+                    f"a trainable parameter inside quantized layer {type(layer).__name__} cannot be differentiated "
+                    f"under torch.func transforms; freeze it (requires_grad_(False)) or call without vmap"
+                )
+            return fold_batch(lambda t: forward(t, *args, **kwargs), x)
 
-    return folded
+        return folded
+
+    return wrap
 
 
 def patches(modules: dict[str, nn.Module]) -> list[Patch]:
     """Forward swaps for every bitsandbytes linear in the model (adapted or not)."""
     if not BNB_LINEARS:
         return []
-    return [Patch(m, "forward", _folding_forward(m)) for m in modules.values() if isinstance(m, BNB_LINEARS)]
+    return [Patch(m, "forward", _folding(m), wrap=True) for m in modules.values() if isinstance(m, BNB_LINEARS)]
 
 
 _UNSUPPORTED = {

@@ -70,6 +70,9 @@ class Frame:
                 store[name] = tensor
             for build in self._builders:
                 for patch in build():
+                    if patch.item:
+                        _set_item(patch.obj, patch.attr, patch.value(patch.obj[patch.attr]), undo)
+                        continue
                     value = patch.value(getattr(patch.obj, patch.attr, None)) if patch.wrap else patch.value
                     _set(patch.obj, patch.attr, value, undo)
             for module in self._checkpointing:
@@ -116,6 +119,18 @@ def _set(obj: Any, attr: str, value: Any, undo: list[Callable[[], None]]) -> Non
         undo.append(functools.partial(setattr, obj, attr, old))
 
 
+def _set_item(container: Any, key: Any, value: Any, undo: list[Callable[[], None]]) -> None:
+    """Replace one entry; on undo restore it only if it is still ours (it may have been removed)."""
+    old = container[key]
+    container[key] = value
+
+    def restore() -> None:
+        if container.get(key) is value:
+            container[key] = old
+
+    undo.append(restore)
+
+
 def _run(undo: list[Callable[[], None]]) -> None:
     for step in reversed(undo):
         step()
@@ -151,6 +166,8 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
 
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         global _warned_functorch
+        if not torch.is_grad_enabled():  # nothing will be recomputed
+            return checkpoint_func(function, *args, **kwargs)
         if torch._C._functorch.maybe_current_level() is not None:
             # torch.utils.checkpoint cannot recompute under vmap/grad transforms; running the
             # layer directly gives the same values and gradients, with the memory of no checkpointing.

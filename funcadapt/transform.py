@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rules.base import Coeff, Effect, Rule, is_number, rule_named
+from .rules.base import Coeff, Effect, Rule, is_number, rule_named, same_coeff
 from .tree import AdapterTree, LayerSpec
 
 OPS = ("scale", "invert", "disable", "shift", "replace")
@@ -65,7 +65,12 @@ def _per_adapter(tree: AdapterTree, coeff: Any) -> Callable[[str], Coeff | None]
         unknown = sorted(set(coeff) - set(tree.adapters))
         if unknown:
             raise ValueError(f"coefficients given for unknown adapter(s) {unknown}; the tree has {list(tree.adapters)}")
-        checked = {a: _check_coeff(c, f" for adapter {a!r}") for a, c in coeff.items()}
+        converted: dict[int, Coeff] = {}  # one object given for several adapters stays one object
+        checked = {}
+        for a, c in coeff.items():
+            if id(c) not in converted:
+                converted[id(c)] = _check_coeff(c, f" for adapter {a!r}")
+            checked[a] = converted[id(c)]
         return checked.get
     c = _check_coeff(coeff, "")
     return lambda adapter: c
@@ -170,10 +175,6 @@ def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str
     return out
 
 
-def _same(a: Coeff | None, b: Coeff | None) -> bool:
-    return a is b or (is_number(a) and is_number(b) and a == b)
-
-
 def _jointly_interpolated(
     tree: AdapterTree, per_adapter: Callable[[str], Coeff | None] | None, op: str, mode: str
 ) -> set[str]:
@@ -206,6 +207,6 @@ def _jointly_interpolated(
         if op != "scale" or mode != "linear" or all(r.additive for r in rules) or per_adapter is None:
             continue
         coeffs = [per_adapter(s.adapter) for s in specs]
-        if all(_same(c, coeffs[0]) for c in coeffs[1:]):
+        if all(same_coeff(c, coeffs[0]) for c in coeffs[1:]):
             joint.add(path)
     return joint

@@ -175,7 +175,10 @@ def _gradcheck_coeff(case, mode: str, c0: float) -> None:
     (dc,) = torch.autograd.grad(f(c), c)
     # a derivative that is ~0 would make the check vacuous
     assert dc.abs() > 1e-4, f"d(loss)/dc = {dc.item():.3g}: the coefficient has (almost) no effect"
-    assert torch.autograd.gradcheck(f, (c,))
+    # PEFT computes FourierFT's inverse FFT in float32 whatever the model dtype, so the finite
+    # differences need a step that float32 rounding (~1e-7) cannot swamp.
+    tolerance = {"eps": 1e-3, "atol": 1e-4} if case.rule == "fourierft" else {}
+    assert torch.autograd.gradcheck(f, (c,), **tolerance)
     assert_unchanged(model, before)
 
 

@@ -50,13 +50,58 @@ class Effect:
 
 @dataclass(frozen=True)
 class Patch:
-    """Set ``obj.<attr> = value`` while a call runs; restored exactly afterwards.
-    ``value`` may be a callable ``current -> new`` to wrap what is there now."""
+    """Set ``obj.<attr> = value`` (``obj[attr]`` with ``item=True``) while a call runs;
+    restored exactly afterwards. With ``wrap=True``, ``value`` is a callable
+    ``current -> new`` that wraps what is there now."""
 
     obj: Any
-    attr: str
+    attr: Any
     value: Any
     wrap: bool = False
+    item: bool = False
+
+
+def under_transforms() -> bool:
+    """Inside torch.func.vmap / grad / jvp / ...?"""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def transform_safe(replacement: Callable[..., Any]) -> Callable[[Any], Any]:
+    """A ``wrap`` value for a forward or method swapped in only so torch.func transforms can run
+    it: outside transforms PEFT's own code (whatever is installed now) runs unchanged."""
+
+    def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
+        def dispatch(*args: Any, **kwargs: Any) -> Any:
+            if under_transforms():
+                return replacement(current, *args, **kwargs)
+            return current(*args, **kwargs)
+
+        return dispatch
+
+    return wrap
+
+
+def replacing(fn: Callable[..., Any], layer: Any) -> Callable[..., Any]:
+    """Adapt ``fn(layer, *args)`` to :func:`transform_safe`'s ``replacement(current, *args)``."""
+
+    def replacement(current: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(layer, *args, **kwargs)
+
+    return replacement
+
+
+def same_coeff(a: object, b: object) -> bool:
+    """The same coefficient: one object, equal numbers, or equal plain (non-vmapped) tensors."""
+    if a is b:
+        return True
+    if is_number(a) and is_number(b):
+        return a == b
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        if wrapped(a) or wrapped(b) or a.shape != b.shape or a.device != b.device:
+            return False
+        return bool(torch.equal(a.to(b.dtype), b))
+    return False
 
 
 @dataclass(frozen=True)

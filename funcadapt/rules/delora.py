@@ -9,7 +9,6 @@ sum out of place.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from peft.tuners.delora.layer import DeloraLayer
 from torch import Tensor, nn
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, replacing, scale, transform_safe
 
 
 def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
@@ -46,7 +45,7 @@ def delora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
 
 
 def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "forward", functools.partial(delora_forward, layer))]
+    return [Patch(layer, "forward", transform_safe(replacing(delora_forward, layer)), wrap=True)]
 
 
 DELORA = register(

@@ -9,7 +9,6 @@ the same computation with an out-of-place ``index_put``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from peft.tuners.fourierft.layer import FourierFTLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, replacing, scale, transform_safe
 
 
 def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
@@ -36,7 +35,7 @@ def delta_weight(layer: Any, adapter: str) -> Tensor:
 
 
 def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "get_delta_weight", functools.partial(delta_weight, layer))]
+    return [Patch(layer, "get_delta_weight", transform_safe(replacing(delta_weight, layer)), wrap=True)]
 
 
 FOURIERFT = register(

@@ -13,7 +13,6 @@ use the same exact fallback.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ from peft.tuners.adalora.layer import AdaLoraLayer, SVDLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, replacing, scale, transform_safe
 
 _SVD4BIT: Any
 try:
@@ -84,7 +83,7 @@ def adalora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
 def _adalora_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
     if not isinstance(layer, _SVD_LINEAR):
         return []  # SVDConv2d keeps PEFT's forward: exact, but not vmap-safe (in-place add)
-    return [Patch(layer, "forward", functools.partial(adalora_forward, layer))]
+    return [Patch(layer, "forward", transform_safe(replacing(adalora_forward, layer)), wrap=True)]
 
 
 ADALORA = register(

@@ -16,7 +16,6 @@ plain ops; module dropout becomes a 0/1 factor drawn the same way.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +24,7 @@ from peft.tuners.loha.layer import LoHaLayer
 from peft.tuners.lokr.layer import LoKrLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, replacing, scale, transform_safe
 
 
 def _scale_first(*roles: str) -> Any:
@@ -76,13 +75,13 @@ def lycoris_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
 
 def _loha_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
     return [
-        Patch(layer, "get_delta_weight", functools.partial(loha_delta_weight, layer)),
-        Patch(layer, "forward", functools.partial(lycoris_forward, layer)),
+        Patch(layer, "get_delta_weight", transform_safe(replacing(loha_delta_weight, layer)), wrap=True),
+        Patch(layer, "forward", transform_safe(replacing(lycoris_forward, layer)), wrap=True),
     ]
 
 
 def _lokr_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "forward", functools.partial(lycoris_forward, layer))]
+    return [Patch(layer, "forward", transform_safe(replacing(lycoris_forward, layer)), wrap=True)]
 
 
 LOHA = register(

@@ -71,20 +71,27 @@ def _cayley(rot: Any, vec: Tensor) -> Tensor:
 
 
 def rotate(rot: Any, x: Tensor, ops: tuple = ()) -> Tensor:
-    """PEFT's ``OFTRotationModule.forward`` in pure ops. ``ops`` edit the block matrices R
-    in order: ``("lerp", c)``: R ↦ I + c·(R − I) (so x·R ↦ x + c·(x·R − x)); ``("inverse",)``:
-    R ↦ R⁻¹. Nested funcadapt contexts append their ops, so they compose."""
+    """PEFT's ``OFTRotationModule.forward`` in pure ops. ``ops``: ``("generator", c)`` scales the
+    (projected) generator, Q ↦ c·Q; then, in order, ``("lerp", c)``: R ↦ I + c·(R − I) (so
+    x·R ↦ x + c·(x·R − x)) and ``("inverse",)``: R ↦ R⁻¹. Nested funcadapt contexts append
+    their ops, so they compose."""
     out_dtype = x.dtype
     weight = rot.weight
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
     if rot.coft:
         weight = weight + (_project(rot, weight, rot.eps) - weight).detach()
+    for op in ops:  # COFT's geometric path scales the projected generator: Cayley(c·P(Q))
+        if op[0] == "generator":
+            weight = _as(op[1], weight) * weight
     r = _cayley(rot, weight)
     for op in ops:
-        if op[0] == "lerp":
-            eye = torch.eye(r.shape[-1], device=r.device, dtype=r.dtype)
-            r = eye + _as(op[1], r) * (r - eye)
+        if op[0] == "generator":
+            continue
+        if op[0] == "lerp":  # in float32 at least, rounded once
+            r32 = r.to(torch.promote_types(r.dtype, torch.float32))
+            eye = torch.eye(r.shape[-1], device=r.device, dtype=r32.dtype)
+            r = (eye + _as(op[1], r32) * (r32 - eye)).to(r.dtype)
         else:
             r = torch.linalg.inv(r.float()).to(r.dtype)
     shape = x.shape
@@ -127,6 +134,8 @@ def _refuse_conv(spec: Any) -> None:
 
 def _geometric(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     _refuse_conv(spec)
+    if spec.static["coft"]:  # the projection must come first: P(c·Q) saturates, c·P(Q) does not
+        return Effect(forward={"oft_generator": c})
     return Effect({role: scale(t, c) for role, t in p.items() if role in _ROLES})
 
 
@@ -145,6 +154,8 @@ def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]
     ops: tuple = ()
     if "oft_linear" in args:
         ops = (("lerp", args["oft_linear"]),)
+    elif "oft_generator" in args:
+        ops = (("generator", args["oft_generator"]),)
     elif "oft_inverse" in args:
         ops = (("inverse",),)
     return [

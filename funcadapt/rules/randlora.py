@@ -19,7 +19,7 @@ import torch
 from peft.tuners.randlora.layer import RandLoraLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, replacing, scale, transform_safe
 
 
 def _linear(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
@@ -47,7 +47,7 @@ def scaled_bases(layer: Any, adapter: str, device: torch.device | None = None) -
 
 
 def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "get_scaled_bases", lambda a, device=None: scaled_bases(layer, a, device))]
+    return [Patch(layer, "get_scaled_bases", transform_safe(replacing(scaled_bases, layer)), wrap=True)]
 
 
 RANDLORA = register(

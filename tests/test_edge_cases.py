@@ -1,0 +1,169 @@
+"""Edge cases found in review: each test would fail on the defect it names."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from cases import assert_unchanged, build, case, inputs, output, randomize_adapters, snapshot, tiny_llama
+from peft import IA3Config, LoHaConfig, LoKrConfig, get_peft_model
+
+import funcadapt
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_coft_geometric_scales_the_projected_generator():
+    """COFT projects Q first; geometric c must give Cayley(c·P(Q)), not Cayley(P(c·Q)) (which saturates)."""
+    model = build(case("oft-coft"))
+    tree = funcadapt.extract(model)
+    batch = inputs()
+    with torch.no_grad():
+        y1 = output(funcadapt.call(model, funcadapt.transform(tree, torch.tensor(1.0), mode="geometric"), **batch))
+        y2 = output(funcadapt.call(model, funcadapt.transform(tree, torch.tensor(2.0), mode="geometric"), **batch))
+        # reference: PEFT on a copy whose stored weight is 2·P(Q) with the projection switched off
+        ref_model = copy.deepcopy(model)
+        for layer in ref_model.modules():
+            if hasattr(layer, "oft_R"):
+                for rot in layer.oft_R.values():
+                    rot.weight.copy_(2 * rot._project_batch(rot.weight, eps=rot.eps))
+                    rot.coft = False
+        ref = output(ref_model(**batch))
+    assert not torch.allclose(y1, y2, atol=1e-4)
+    torch.testing.assert_close(y2, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_one_coefficient_object_for_several_adapters_is_one_coefficient():
+    """{a: t, b: t} with the same (int) tensor means one shared coefficient: stacked IA3 stays layer-linear."""
+    torch.manual_seed(0)
+    cfg = IA3Config(target_modules=["q_proj"], feedforward_modules=[])
+    model = get_peft_model(tiny_llama(), cfg)
+    model.add_adapter("other", IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    model.base_model.set_adapter(["default", "other"])
+    randomize_adapters(model)
+    model.eval()
+    tree = funcadapt.extract(model)
+    t = torch.tensor(2)
+    with torch.no_grad():
+        shared = output(funcadapt.call(model, funcadapt.transform(tree, 2.0), **inputs()))
+        same_object = output(funcadapt.call(model, funcadapt.transform(tree, {"default": t, "other": t}), **inputs()))
+        equal_values = output(
+            funcadapt.call(
+                model, funcadapt.transform(tree, {"default": torch.tensor(2.0), "other": torch.tensor(2.0)}), **inputs()
+            )
+        )
+    torch.testing.assert_close(same_object, shared, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(equal_values, shared, rtol=1e-6, atol=1e-7)
+
+
+def test_call_ties_shared_parameters_like_functional_call():
+    model = build(case("lora"), "gpt2")  # GPT-2 ties lm_head to wte
+    key = "base_model.model.transformer.wte.weight"
+    zeros = torch.zeros_like(dict(model.named_parameters())[key])
+    with torch.no_grad():
+        want = torch.func.functional_call(model, {key: zeros}, kwargs=inputs("gpt2")).logits
+        got = funcadapt.call(model, {key: zeros}, **inputs("gpt2")).logits
+    assert want.abs().max() == 0
+    torch.testing.assert_close(got, want)
+
+
+def test_instance_forward_hooks_on_quantized_layers_still_run():
+    """An instance-level forward (accelerate's hooks, e.g. offloading) on a bitsandbytes layer is wrapped,
+    not bypassed."""
+    pytest.importorskip("bitsandbytes")
+    import tempfile
+
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    with tempfile.TemporaryDirectory() as d:
+        LlamaForCausalLM(config).save_pretrained(d)
+        base = LlamaForCausalLM.from_pretrained(
+            d, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
+        )
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    add_hook_to_module(model.base_model.model.model.layers[0].mlp.down_proj, Counting())
+    tree = funcadapt.extract(model)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        model(input_ids=ids)
+        assert len(calls) == 1
+        funcadapt.call(model, funcadapt.transform(tree, -1.0), input_ids=ids)
+        assert len(calls) == 2
+        funcadapt.vmap(lambda c: funcadapt.call(model, funcadapt.transform(tree, c), input_ids=ids).logits)(
+            torch.tensor([1.0, -1.0])
+        )
+        assert len(calls) == 3  # one folded call for both coefficients
+
+
+def test_reentrant_checkpointing_is_fine_without_grad():
+    model = build(case("lora"))
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    tree = funcadapt.extract(model)
+    with torch.no_grad():
+        got = output(funcadapt.call(model, funcadapt.transform(tree, -1.0), **inputs()))
+    model.gradient_checkpointing_disable()
+    with torch.no_grad():
+        want = output(funcadapt.call(model, funcadapt.transform(tree, -1.0), **inputs()))
+    torch.testing.assert_close(got, want)
+
+
+def test_hooks_registered_inside_a_context_survive_it():
+    model = build(case("lora"))
+    model.enable_input_require_grads()
+    emb = model.get_input_embeddings()
+    seen = []
+    with funcadapt.AdapterModifier(model, "scale", -1.0):
+        handle = emb.register_forward_hook(lambda *a: seen.append(1))
+    model(**inputs())
+    assert seen == [1]
+    with funcadapt.AdapterModifier(model, "scale", -1.0):
+        handle.remove()
+    model(**inputs())
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("config", [LoHaConfig, LoKrConfig], ids=["loha", "lokr"])
+def test_lycoris_c1_is_bitwise_peft_in_training_with_dropouts(config):
+    torch.manual_seed(0)
+    model = get_peft_model(
+        tiny_llama(), config(r=4, alpha=8, target_modules=["q_proj"], module_dropout=0.5, rank_dropout=0.3)
+    )
+    randomize_adapters(model)
+    model.train()
+    before = snapshot(model)
+    tree = funcadapt.extract(model)
+    torch.manual_seed(7)
+    want = model(**inputs()).logits
+    torch.manual_seed(7)
+    got = funcadapt.call(model, funcadapt.transform(tree, 1.0), **inputs()).logits
+    assert torch.equal(got, want)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("case_id", ["dora", "oft"])
+def test_bf16_fallback_keeps_a_tensor_coefficient_in_float32(case_id):
+    model = build(case(case_id), dtype=torch.bfloat16)
+    tree = funcadapt.extract(model)
+    with torch.no_grad():
+        as_number = output(funcadapt.call(model, funcadapt.transform(tree, 0.3), **inputs()))
+        as_tensor = output(funcadapt.call(model, funcadapt.transform(tree, torch.tensor(0.3)), **inputs()))
+    torch.testing.assert_close(as_tensor, as_number, rtol=0, atol=0)
