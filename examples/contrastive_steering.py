@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit base model (GPU)")
     args = parser.parse_args(argv)
     steps = args.steps or (40 if args.quick else 60)
-    lr = args.lr or (3e-2 if args.quick else 2e-3)
+    lr = args.lr or (3e-2 if args.quick else 5e-4)
     torch.manual_seed(args.seed)
 
     import peft
