@@ -192,6 +192,16 @@ def as_compute(c: Coeff, like: Tensor) -> Coeff:
     return c
 
 
+def scaling(*roles: str) -> Callable[[Any, Mapping[str, Tensor], Coeff], Effect]:
+    """The transform of an additive family whose ΔW is linear in the tensors playing ``roles``:
+    each of them present is multiplied by c, so ΔW(c) = c·ΔW."""
+
+    def linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+        return Effect({role: scale(t, c) for role, t in p.items() if role in roles})
+
+    return linear
+
+
 def scale(p: Tensor, c: Coeff) -> Tensor:
     """``c · p`` in p's dtype (one rounding)."""
     if not isinstance(c, Tensor):

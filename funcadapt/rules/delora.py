@@ -16,11 +16,9 @@ import torch
 from peft.tuners.delora.layer import DeloraLayer
 from torch import Tensor, nn
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, replacing, scale, transform_safe
+from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
 
-
-def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect({"delora_lambda": scale(p["delora_lambda"], c)})
+_linear = scaling("delora_lambda")
 
 
 def delora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

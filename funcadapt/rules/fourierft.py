@@ -16,11 +16,9 @@ import torch
 from peft.tuners.fourierft.layer import FourierFTLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, replacing, scale, transform_safe
+from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
 
-
-def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect({"fourierft_spectrum": scale(p["fourierft_spectrum"], c)})
+_linear = scaling("fourierft_spectrum")
 
 
 def delta_weight(layer: Any, adapter: str) -> Tensor:

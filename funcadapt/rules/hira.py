@@ -6,19 +6,11 @@ A Hadamard product is linear in each factor, so B ↦ c·B gives ΔW(c) = c·ΔW
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from peft.tuners.hira.layer import HiraLayer
-from torch import Tensor
 
-from .base import Coeff, Effect, Rule, RuleDoc, register, scale
+from .base import Rule, RuleDoc, register, scaling
 
-_SCALED = ("hira_B", "hira_embedding_B")
-
-
-def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect({role: scale(t, c) for role, t in p.items() if role in _SCALED})
+_linear = scaling("hira_B", "hira_embedding_B")
 
 
 HIRA = register(

@@ -20,7 +20,7 @@ from peft.tuners.adalora.layer import AdaLoraLayer, SVDLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, replacing, scale, transform_safe
+from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
 
 _SVD4BIT: Any
 try:
@@ -48,15 +48,8 @@ def _lora_static(layer: Any, adapter: str) -> dict:
     }
 
 
-_LORA_SCALED = ("lora_B.weight", "lora_B.bias", "lora_embedding_B")
-
-
-def _lora_linear(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect({role: scale(t, c) for role, t in p.items() if role in _LORA_SCALED})
-
-
-def _adalora_linear(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect({"lora_E": scale(p["lora_E"], c)})
+_lora_linear = scaling("lora_B.weight", "lora_B.bias", "lora_embedding_B")
+_adalora_linear = scaling("lora_E")
 
 
 def adalora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

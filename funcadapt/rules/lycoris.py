@@ -24,15 +24,7 @@ from peft.tuners.loha.layer import LoHaLayer
 from peft.tuners.lokr.layer import LoKrLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, replacing, scale, transform_safe
-
-
-def _scale_first(*roles: str) -> Any:
-    def linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-        role = next(r for r in roles if r in p)
-        return Effect({role: scale(p[role], c)})
-
-    return linear
+from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
 
 
 def loha_delta_weight(layer: Any, adapter: str, *, apply_rank_dropout: bool = False) -> Tensor:
@@ -96,8 +88,8 @@ LOHA = register(
             geometric="= linear (additive)",
             invert="exact: ΔW ↦ −ΔW",
         ),
-        linear=_scale_first("hada_w1_a"),
-        geometric=_scale_first("hada_w1_a"),
+        linear=scaling("hada_w1_a"),
+        geometric=scaling("hada_w1_a"),
         patches=_loha_patches,
         additive=True,
         commutative=True,
@@ -117,8 +109,8 @@ LOKR = register(
             geometric="= linear (additive)",
             invert="exact: ΔW ↦ −ΔW",
         ),
-        linear=_scale_first("lokr_w1", "lokr_w1_a"),
-        geometric=_scale_first("lokr_w1", "lokr_w1_a"),
+        linear=scaling("lokr_w1", "lokr_w1_a"),
+        geometric=scaling("lokr_w1", "lokr_w1_a"),
         patches=_lokr_patches,
         additive=True,
         commutative=True,

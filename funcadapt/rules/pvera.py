@@ -7,17 +7,11 @@ sampled or not (additive: geometric = linear, inverse −Δy).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from peft.tuners.pvera.layer import PveraLayer
-from torch import Tensor
 
-from .base import Coeff, Effect, Rule, RuleDoc, register, scale
+from .base import Rule, RuleDoc, register, scaling
 
-
-def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect({"pvera_lambda_b": scale(p["pvera_lambda_b"], c)})
+_linear = scaling("pvera_lambda_b")
 
 
 PVERA = register(

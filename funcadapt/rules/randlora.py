@@ -19,11 +19,9 @@ import torch
 from peft.tuners.randlora.layer import RandLoraLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, replacing, scale, transform_safe
+from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
 
-
-def _linear(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect({"randlora_lambda": scale(p["randlora_lambda"], c)})
+_linear = scaling("randlora_lambda")
 
 
 def scaled_bases(layer: Any, adapter: str, device: torch.device | None = None) -> tuple[Tensor, Tensor]:

@@ -6,16 +6,11 @@ geometric equals linear and the inverse is ΔW ↦ −ΔW.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from peft.tuners.vera.layer import VeraLayer
-from torch import Tensor
 
-from .base import Coeff, Effect, Rule, RuleDoc, register, scale
+from .base import Rule, RuleDoc, register, scaling
 
-
-def _linear(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect({"vera_lambda_b": scale(p["vera_lambda_b"], c)})
+_linear = scaling("vera_lambda_b")
 
 
 VERA = register(
