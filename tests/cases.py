@@ -17,6 +17,7 @@ from peft import (
     DeloraConfig,
     FourierFTConfig,
     HiraConfig,
+    HRAConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -200,6 +201,13 @@ CASES: list[Case] = [
         "trainable-tokens",
         "trainable-tokens",
         lambda arch: TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 2, 3, 5, 8]),
+    ),
+    Case("hra", "hra", lambda arch: HRAConfig(r=4, target_modules=ATTN[arch]), archs=("llama", "cnn"), geometric=False),
+    Case(
+        "hra-gs",
+        "hra",
+        lambda arch: HRAConfig(r=4, target_modules=ATTN[arch], apply_GS=True),
+        geometric=False,
     ),
     Case("road_1", "road", lambda arch: RoadConfig(variant="road_1", group_size=8, target_modules=ATTN[arch])),
     Case(

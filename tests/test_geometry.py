@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from cases import assert_unchanged, build, case, randomize_adapters, snapshot
+from cases import assert_unchanged, build, case, randomize_adapters, snapshot, tiny_llama
 from peft import OFTConfig, get_peft_model
 from peft.tuners.road.layer import _apply_road, _prepare_cols
 from torch import nn
@@ -415,4 +415,29 @@ def test_variants_refuse_geometric_and_invert(case_id):
     with pytest.raises(ValueError, match="op='scale'"):
         funcadapt.transform(tree, op="invert")
     funcadapt.transform(tree, -1.0)  # the suggested alternative works
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("gs", [False, True], ids=["chain", "gram-schmidt"])
+def test_hra_invert_is_the_inverse_rotation(gs):
+    """HRA's layer is x ↦ x·(W·R)ᵀ; the inverted layer must be x ↦ x·(W·R⁻¹)ᵀ exactly."""
+    from peft import HRAConfig
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), HRAConfig(r=4, target_modules=["q_proj"], apply_GS=gs))
+    randomize_adapters(model)
+    model.eval()
+    before = snapshot(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    tree = funcadapt.extract(layer)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        r = layer.get_delta_weight("default")
+        w = layer.get_base_layer().weight
+        want = torch.nn.functional.linear(x, w @ torch.linalg.inv(r))
+        got = funcadapt.call(layer, funcadapt.transform(tree, op="invert"), x)
+        assert not torch.allclose(r, torch.eye(32), atol=1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reflection"):
+        funcadapt.transform(tree, 0.5, mode="geometric")
     assert_unchanged(model, before)

@@ -16,6 +16,7 @@ from . import fourierft  # noqa: F401
 from . import delora  # noqa: F401
 from . import oft  # noqa: F401
 from . import road  # noqa: F401
+from . import hra  # noqa: F401
 from . import auxiliary  # noqa: F401
 from .base import ADAPTER_LAYERS, RULES, Coeff, Effect, Patch, Rule, RuleDoc, find_rule, register, rule_named
 
