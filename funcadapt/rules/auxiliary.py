@@ -31,7 +31,7 @@ MODULES_TO_SAVE = register(
         layer_type=ModulesToSaveWrapper,
         doc=RuleDoc(
             adapter="modules_to_save (trained module copy)",
-            layers="any module",
+            layers="any module (tested: Linear head)",
             linear="y(c) = y0 + c·(y1 − y0), y0 the original module",
             linear_exact="exact fallback (output interpolation)",
             geometric="= linear (additive)",
@@ -48,7 +48,7 @@ TRAINABLE_TOKENS = register(
         layer_type=TrainableTokensLayer,
         doc=RuleDoc(
             adapter="trainable tokens",
-            layers="Embedding (and tied heads)",
+            layers="Embedding",
             linear="trained rows W[i](c) = W[i] + c·(δ[i] − W[i]) (output interpolation)",
             linear_exact="exact fallback (output interpolation)",
             geometric="= linear (additive)",

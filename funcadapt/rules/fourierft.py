@@ -42,7 +42,7 @@ FOURIERFT = register(
         layer_type=FourierFTLayer,
         doc=RuleDoc(
             adapter="FourierFT",
-            layers="Linear, Conv1D",
+            layers="Linear",
             linear="ΔW(c) = c·ΔW: spectrum ↦ c·spectrum in ΔW = s·Re IFFT2(S)",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",

@@ -19,7 +19,7 @@ HIRA = register(
         layer_type=HiraLayer,
         doc=RuleDoc(
             adapter="HiRA",
-            layers="Linear, Conv1D, Embedding",
+            layers="Linear",
             linear="ΔW(c) = c·ΔW: B ↦ c·B in ΔW = W₀ ⊙ (BA)",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",

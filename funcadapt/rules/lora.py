@@ -85,7 +85,7 @@ ADALORA = register(
         layer_type=AdaLoraLayer,
         doc=RuleDoc(
             adapter="AdaLoRA",
-            layers="Linear, Conv1D",
+            layers="Linear",
             linear="ΔW(c) = c·ΔW: E ↦ c·E in ΔW = s·B(A⊙E)/r",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",
@@ -107,7 +107,7 @@ DORA = register(
         match=_is_dora,
         doc=RuleDoc(
             adapter="DoRA (LoRA with use_dora)",
-            layers="Linear, Conv1D, Embedding, Conv1d/2d/3d",
+            layers="Linear, Conv1D, Conv2d",
             linear="y(c) = y0 + c·(y1 − y0) at the layer",
             linear_exact="exact fallback (output interpolation)",
             geometric="refused: no group structure",
@@ -126,7 +126,7 @@ LORA_VARIANT = register(
         match=lambda layer, a: not _is_vanilla(layer, a),
         doc=RuleDoc(
             adapter="other LoRA variants (aLoRA, Arrow, ...)",
-            layers="as PEFT",
+            layers="Linear (MiCA)",
             linear="y(c) = y0 + c·(y1 − y0) at the layer",
             linear_exact="exact fallback (output interpolation)",
             geometric="refused",
@@ -145,7 +145,7 @@ LORA = register(
         match=_is_vanilla,
         doc=RuleDoc(
             adapter="LoRA, rsLoRA",
-            layers="Linear, Conv1D, Embedding, Conv1d/2d/3d",
+            layers="Linear, Conv1D, Embedding, Conv2d",
             linear="ΔW(c) = c·ΔW: B ↦ c·B (and lora_bias) in ΔW = s·BA",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",

@@ -82,7 +82,7 @@ LOHA = register(
         layer_type=LoHaLayer,
         doc=RuleDoc(
             adapter="LoHa",
-            layers="Linear, Conv1d/2d",
+            layers="Linear, Conv2d",
             linear="ΔW(c) = c·ΔW: W1a ↦ c·W1a in ΔW = s·(W1a W1b) ⊙ (W2a W2b)",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",
@@ -103,7 +103,7 @@ LOKR = register(
         layer_type=LoKrLayer,
         doc=RuleDoc(
             adapter="LoKr",
-            layers="Linear, Conv1d/2d",
+            layers="Linear, Conv2d",
             linear="ΔW(c) = c·ΔW: W1 ↦ c·W1 in ΔW = s·W1 ⊗ W2",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",

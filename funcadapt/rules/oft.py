@@ -180,7 +180,7 @@ OFT = register(
         layer_type=OFTLayer,
         doc=RuleDoc(
             adapter="OFT (incl. COFT, block sharing)",
-            layers="Linear, Conv1D, Embedding, Conv2d",
+            layers="Linear, Conv2d",
             linear="x ↦ x + c·(x·R − x) at the rotation ⇒ y(c) = y0 + c·(y1 − y0) (Conv2d: output interpolation)",
             linear_exact="exact fallback (interpolation at the rotation)",
             geometric="R(c) = Cayley(c·Q) (refused on Conv2d)",

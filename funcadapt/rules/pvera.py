@@ -20,7 +20,7 @@ PVERA = register(
         layer_type=PveraLayer,
         doc=RuleDoc(
             adapter="PVeRA",
-            layers="Linear, Conv1D",
+            layers="Linear",
             linear="Δy(c) = c·Δy: λ_b ↦ c·λ_b",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",

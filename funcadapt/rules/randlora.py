@@ -54,7 +54,7 @@ RANDLORA = register(
         layer_type=RandLoraLayer,
         doc=RuleDoc(
             adapter="RandLoRA",
-            layers="Linear, Conv1D",
+            layers="Linear",
             linear="ΔW(c) = c·ΔW: Λ ↦ c·Λ",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",

@@ -19,7 +19,7 @@ VERA = register(
         layer_type=VeraLayer,
         doc=RuleDoc(
             adapter="VeRA",
-            layers="Linear, Conv1D",
+            layers="Linear",
             linear="ΔW(c) = c·ΔW: λ_b ↦ c·λ_b",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",
