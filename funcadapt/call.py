@@ -10,6 +10,7 @@ checkpointing recomputes with the same swapped tensors (see :mod:`funcadapt.swap
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -68,7 +69,7 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
         for adapter, args in per_adapter.items():
             rule = find_rule(layer, adapter)
             if rule is not None and rule.patches is not None:
-                builders.append(_bind(rule.patches, layer, adapter, args))
+                builders.append(functools.partial(rule.patches, layer, adapter, args))
         interp = {a: args["interp"] for a, args in per_adapter.items() if "interp" in args}
         if interp:
             builders.append(_interpolation(path, layer, interp))
@@ -97,10 +98,6 @@ def _outside_transforms(hook: Callable[..., Any]) -> Callable[..., Any]:
         return hook(*args)
 
     return skipped_in_transforms
-
-
-def _bind(fn: Callable[..., list[Patch]], *args: Any) -> Callable[[], list[Patch]]:
-    return lambda: fn(*args)
 
 
 def _tie_aliases(model: nn.Module, tensors: dict[str, Tensor]) -> None:

@@ -147,8 +147,13 @@ def backend_of(module: nn.Module) -> str | None:
     return None
 
 
+def base_of(layer: Any) -> nn.Module:
+    """The (innermost) base layer an adapter layer wraps; the layer itself otherwise."""
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+
 def check_supported(path: str, layer: Any) -> None:
-    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    base = base_of(layer)
     for module in (layer, base):
         backend = backend_of(module)
         if backend is not None:

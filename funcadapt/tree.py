@@ -17,7 +17,7 @@ from typing import Any
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .quantized import check_supported
+from .quantized import base_of, check_supported
 from .quantized import kind as quantized_kind
 from .rules import find_rule
 from .rules.base import RULES, is_adapter_layer
@@ -97,10 +97,6 @@ def adapter_entries(layer: Any, adapter: str) -> dict[str, tuple[str, Tensor]]:
             for sub, tensor in item.named_parameters():
                 out[_join(attr, sub)] = (_join(attr, adapter, sub), tensor)
     return out
-
-
-def _base_of(layer: Any) -> nn.Module:
-    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
 
 
 def _layer_adapters(layer: Any) -> set[str]:
@@ -195,7 +191,7 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
                     rule=rule.name,
                     layer_type=type(layer).__name__,
                     keys=keys,
-                    static={**rule.static(layer, adapter), "quantized": quantized_kind(_base_of(layer))},
+                    static={**rule.static(layer, adapter), "quantized": quantized_kind(base_of(layer))},
                 )
             )
 
