@@ -1,14 +1,17 @@
 """Tiny models and one adapter configuration per rule (and per notable variant).
 
-Every rule in ``funcadapt.RULES`` must have at least one case here
-(``test_registry_coverage`` checks it), so a new rule cannot land untested.
+Every rule in ``funcadapt.RULES`` must have at least one case here or in a
+``tests/cases_<family>.py`` file (``test_registry_coverage`` checks it), so a new rule
+cannot land untested.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -223,6 +226,12 @@ CASES: list[Case] = [
         geometric=False,
     ),
 ]
+
+# More cases live in tests/cases_<family>.py files, each defining CASES (a list of Case);
+# they are appended here so every test that iterates CASES covers them.
+for _file in sorted(Path(__file__).parent.glob("cases_*.py")):
+    CASES.extend(importlib.import_module(_file.stem).CASES)
+assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
 
 CASE_IDS = [c.id for c in CASES]
 CASE_ARCH = [(c, a) for c in CASES for a in c.archs]

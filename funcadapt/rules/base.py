@@ -150,8 +150,8 @@ def is_adapter_layer(module: object) -> bool:
 
 
 def register(rule: Rule) -> Rule:
-    """Add a rule. Rules registered earlier win, so register subclasses (AdaLoRA)
-    before their bases (LoRA) and variants before the plain form."""
+    """Add a rule. For layers of one class, rules registered earlier win, so register
+    variants (DoRA) before the plain form (LoRA)."""
     if any(r.name == rule.name for r in RULES):
         raise ValueError(f"a rule named {rule.name!r} is already registered")
     RULES.append(rule)
@@ -166,10 +166,15 @@ def rule_named(name: str) -> Rule:
 
 
 def find_rule(layer: Any, adapter: str) -> Rule | None:
+    """The matching rule whose layer class is nearest in ``type(layer)``'s MRO (a rule for
+    AdaLoRA's layer beats one for its base, LoRA's); ties go to the rule registered first."""
+    mro = type(layer).__mro__
+    best: Rule | None = None
+    best_depth = len(mro)
     for r in RULES:
-        if isinstance(layer, r.layer_type) and r.match(layer, adapter):
-            return r
-    return None
+        if r.layer_type in mro and mro.index(r.layer_type) < best_depth and r.match(layer, adapter):
+            best, best_depth = r, mro.index(r.layer_type)
+    return best
 
 
 # ----------------------------------------------------------------------------
