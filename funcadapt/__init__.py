@@ -10,7 +10,9 @@ with funcadapt.AdapterModifier(model, "scale", -1.0):   # the same, as a context
 
 from .call import call, vmap
 from .modifier import AdapterModifier
+from .rows import PerRow, per_row, tile, untile
 from .rules.base import RULES, Rule
+from .sweep import Sweep, sweep
 from .transform import MODES, OPS, transform
 from .tree import AdapterTree, LayerSpec, extract
 
@@ -23,9 +25,15 @@ __all__ = [
     "AdapterModifier",
     "AdapterTree",
     "LayerSpec",
+    "PerRow",
     "Rule",
+    "Sweep",
     "call",
     "extract",
+    "per_row",
+    "sweep",
+    "tile",
     "transform",
+    "untile",
     "vmap",
 ]

@@ -71,8 +71,15 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
             if rule is not None and rule.patches is not None:
                 builders.append(functools.partial(rule.patches, layer, adapter, args))
         interp = {a: args["interp"] for a, args in per_adapter.items() if "interp" in args}
-        if interp:
-            builders.append(_interpolation(path, layer, interp))
+        rows = {a: args["rows"] for a, args in per_adapter.items() if "rows" in args}
+        if interp and rows:
+            raise ValueError(
+                f"layer {path!r}: adapters {sorted(rows)} have per-row coefficients and {sorted(interp)} one "
+                f"coefficient for the whole batch; both are interpolated at the layer output, so give them the "
+                f"same kind of coefficient (or modify them in separate calls)"
+            )
+        if interp or rows:
+            builders.append(_interpolation(path, layer, interp or rows, per_row=bool(rows)))
     builders.append(lambda: quantized.patches(modules))
     builders.append(lambda: _input_grad_hooks(modules))
     return Frame(model, tensors, builders, modules)
@@ -141,17 +148,27 @@ def _adapter_of(modules: Mapping[str, nn.Module], key: str) -> tuple[str, str] |
     return None
 
 
-def _interpolation(path: str, layer: Any, coeffs: Mapping[str, Coeff]) -> Callable[[], list[Patch]]:
-    """The exact fallback: ``y = y0 + c·(y1 − y0)``, y0 with these adapters switched off."""
+def _interpolation(
+    path: str, layer: Any, coeffs: Mapping[str, Coeff], per_row: bool = False
+) -> Callable[[], list[Patch]]:
+    """The exact fallback: ``y = y0 + c·(y1 − y0)``, y0 with these adapters switched off.
+
+    ``per_row``: ``c`` is a 1-D tensor with one coefficient per row (first axis) of the
+    layer's output. When every adapter on the layer is interpolated and all of them are
+    additive (``y1 = base_layer(x) + Δ(x)``), ``y0`` is the base layer's output captured
+    while ``y1`` runs, so the base layer runs once instead of twice.
+    """
     values = list(coeffs.values())
     c = values[0]
     if not all(same_coeff(v, c) for v in values[1:]):
+        kind = "per-row coefficients" if per_row else "coefficients"
         raise ValueError(
-            f"layer {path!r} has several adapters without an exact parameter transform ({sorted(coeffs)}) "
-            f"and they were given different coefficients; the output-interpolation fallback can only "
-            f"scale them together. Give them one coefficient, or modify them in separate calls"
+            f"layer {path!r} has several adapters interpolated at its output ({sorted(coeffs)}) and they were "
+            f"given different {kind}; the output interpolation can only scale them together. Give them one "
+            f"coefficient, or modify them in separate calls"
         )
     adapters = set(coeffs)
+    reuse_base = per_row and _reusable_base(layer, adapters)
 
     def without(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         saved = layer._active_adapter
@@ -162,12 +179,34 @@ def _interpolation(path: str, layer: Any, coeffs: Mapping[str, Coeff]) -> Callab
         finally:
             layer._active_adapter = saved
 
+    def with_base(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        """(y1, the base layer's output if it ran exactly once, on this very input)."""
+        seen: list[tuple[tuple, Any, int]] = []
+        handle = layer.base_layer.register_forward_hook(lambda m, a, out: seen.append((a, out, _version(out))))
+        try:
+            y1 = forward(*args, **kwargs)
+        finally:
+            handle.remove()
+        if len(seen) != 1 or not args:
+            return y1, None
+        inputs, out, version = seen[0]
+        # PEFT layers that add their update in place (``result += …``) modify the base output
+        if inputs and inputs[0] is args[0] and version >= 0 and _version(out) == version:
+            return y1, out
+        return y1, None
+
     def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
         def interpolated(*args: Any, **kwargs: Any) -> Any:
-            if is_number(c) and c == 0.0:
+            if not per_row and is_number(c) and c == 0.0:
                 return without(forward, args, kwargs)
-            y1 = forward(*args, **kwargs)
-            y0 = without(forward, args, kwargs)
+            y0: Any = None
+            if reuse_base:
+                y1, y0 = with_base(forward, args, kwargs)
+                y0 = y0.to(y1.dtype) if y0 is not None and isinstance(y1, Tensor) else None
+            else:
+                y1 = forward(*args, **kwargs)
+            if y0 is None:
+                y0 = without(forward, args, kwargs)
             return pytree.tree_map(_lerp, y0, y1)
 
         return interpolated
@@ -178,9 +217,41 @@ def _interpolation(path: str, layer: Any, coeffs: Mapping[str, Coeff]) -> Callab
         if y0.dtype in (torch.float16, torch.bfloat16):  # interpolate in float32, round once
             return _lerp(y0.float(), y1.float()).to(y0.dtype)
         k = c.to(device=y0.device, dtype=y0.dtype) if isinstance(c, Tensor) else c
+        if per_row:
+            assert isinstance(k, Tensor)
+            if y0.dim() == 0 or y0.shape[0] != k.shape[0]:
+                raise ValueError(
+                    f"layer {path!r}: its output has {y0.shape[0] if y0.dim() else 'no'} rows but "
+                    f"{k.shape[0]} per-row coefficients were given; give exactly one coefficient per row of "
+                    f"the batch the model runs on (tile the batch with funcadapt.tile; generate() with "
+                    f"num_beams or num_return_sequences = k runs on k copies of each row: use "
+                    f"per_row(coeffs.repeat_interleave(k)))"
+                )
+            k = k.reshape(-1, *([1] * (y0.dim() - 1)))
         return y0 + k * (y1 - y0)
 
     return lambda: [Patch(layer, "forward", wrap, wrap=True)]
+
+
+def _version(t: Any) -> int:
+    """Autograd's in-place version counter of ``t``; −1 when it has none (inference tensors)."""
+    try:
+        return int(t._version) if isinstance(t, Tensor) else -1
+    except RuntimeError:
+        return -1
+
+
+def _reusable_base(layer: Any, adapters: set[str]) -> bool:
+    """y0 is exactly ``base_layer(x)`` when all active adapters are interpolated and additive."""
+    if not isinstance(getattr(layer, "base_layer", None), nn.Module):
+        return False
+    for adapter in layer.active_adapters:
+        if adapter not in adapters:
+            return False
+        rule = find_rule(layer, adapter)
+        if rule is None or not rule.additive:
+            return False
+    return True
 
 
 def vmap(

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .rows import PerRow
 from .rules.base import Coeff, Effect, Rule, is_number, rule_named, same_coeff
 from .tree import AdapterTree, LayerSpec
 
@@ -44,14 +45,17 @@ def parse_forward_key(key: str) -> tuple[str, str, str]:
     return name, adapter, path
 
 
-def _check_coeff(c: Any, where: str) -> Coeff:
+def _check_coeff(c: Any, where: str) -> Coeff | PerRow:
+    if isinstance(c, PerRow):
+        return c
     if is_number(c):
         return float(c)
     if isinstance(c, Tensor):
         if c.dim() != 0:
             raise ValueError(
                 f"coefficient{where} must be a number or a 0-d tensor, got shape {tuple(c.shape)}; to evaluate "
-                f"several coefficients at once, torch.func.vmap over them (see funcadapt.vmap)"
+                f"several coefficients at once, torch.func.vmap over them (see funcadapt.vmap), or give one "
+                f"coefficient per batch row with funcadapt.per_row(...)"
             )
         if not c.is_floating_point():
             c = c.to(torch.get_default_dtype())
@@ -59,13 +63,13 @@ def _check_coeff(c: Any, where: str) -> Coeff:
     raise TypeError(f"coefficient{where} must be a number or a 0-d tensor, got {type(c).__name__}")
 
 
-def _per_adapter(tree: AdapterTree, coeff: Any) -> Callable[[str], Coeff | None]:
+def _per_adapter(tree: AdapterTree, coeff: Any) -> Callable[[str], Coeff | PerRow | None]:
     """adapter name -> its coefficient (None: leave that adapter unchanged)."""
     if isinstance(coeff, Mapping):
         unknown = sorted(set(coeff) - set(tree.adapters))
         if unknown:
             raise ValueError(f"coefficients given for unknown adapter(s) {unknown}; the tree has {list(tree.adapters)}")
-        converted: dict[int, Coeff] = {}  # one object given for several adapters stays one object
+        converted: dict[int, Coeff | PerRow] = {}  # one object given for several adapters stays one object
         checked = {}
         for a, c in coeff.items():
             if id(c) not in converted:
@@ -124,6 +128,8 @@ def _raw_updates(tree: AdapterTree, value: Any, op: str) -> dict[str, Tensor]:
         d = per_adapter(spec.adapter)
         if d is None:
             continue
+        if isinstance(d, PerRow):
+            raise ValueError("op='shift' changes raw parameters, which all rows share; per_row is for op='scale'")
         for key in spec.keys.values():
             old = tree.params[key]
             out[key] = old + (d.to(device=old.device, dtype=old.dtype) if isinstance(d, Tensor) else d)
@@ -133,8 +139,9 @@ def _raw_updates(tree: AdapterTree, value: Any, op: str) -> dict[str, Tensor]:
 def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str = "linear") -> dict[str, Any]:
     """Pure: the tree's parameters with ``op`` applied at coefficient ``coeff``.
 
-    ``coeff``: a number, a 0-d tensor (may require grad, may be vmapped), or a dict
-    ``{adapter_name: coeff}`` (adapters left out are unchanged). For ``shift`` the amount
+    ``coeff``: a number, a 0-d tensor (may require grad, may be vmapped), one coefficient
+    per batch row (:func:`funcadapt.per_row`, linear mode), or a dict ``{adapter_name: coeff}``
+    (adapters left out are unchanged). For ``shift`` the amount
     added (number, ``{adapter: number}`` or ``{key: tensor}``); for ``replace`` a dict
     ``{key: tensor}``; unused by ``invert`` and ``disable``.
     """
@@ -163,7 +170,18 @@ def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str
             c = per_adapter(spec.adapter)
             if c is None or (is_number(c) and c == 1.0):
                 continue  # identity, bit for bit
-            effect = Effect(forward={"interp": c}) if spec.path in shared else _scaled(rule, spec, p, c, mode)
+            if isinstance(c, PerRow):
+                if mode != "linear":
+                    raise ValueError(
+                        "per-row coefficients (funcadapt.per_row) are defined for mode='linear' only: the "
+                        "per-layer interpolation y0 + c·(y1 − y0) is what can differ row by row. For geometric "
+                        "mode, run each coefficient separately or torch.func.vmap over them"
+                    )
+                effect = Effect(forward={"rows": c.values})
+            elif spec.path in shared:
+                effect = Effect(forward={"interp": c})
+            else:
+                effect = _scaled(rule, spec, p, c, mode)
         elif op == "disable":
             effect = _scaled(rule, spec, p, 0.0, "linear")
         else:
@@ -176,7 +194,7 @@ def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str
 
 
 def _jointly_interpolated(
-    tree: AdapterTree, per_adapter: Callable[[str], Coeff | None] | None, op: str, mode: str
+    tree: AdapterTree, per_adapter: Callable[[str], Coeff | PerRow | None] | None, op: str, mode: str
 ) -> set[str]:
     """Layers whose adapters must be interpolated together.
 

@@ -267,10 +267,10 @@ def assert_bnb_untouched(model: nn.Module, before: dict[str, dict[str, Any]]) ->
 # helpers
 
 
-def logits(model: nn.Module, params: dict[str, Any] | None = None) -> torch.Tensor:
+def logits(model: nn.Module, params: dict[str, Any] | None = None, ids: torch.Tensor = IDS) -> torch.Tensor:
     if params is None:
-        return output(model(input_ids=IDS))
-    return output(funcadapt.call(model, params, input_ids=IDS))
+        return output(model(input_ids=ids))
+    return output(funcadapt.call(model, params, input_ids=ids))
 
 
 def trainable(tree: funcadapt.AdapterTree) -> dict[str, torch.Tensor]:
@@ -405,6 +405,42 @@ def test_endpoints_and_linear_mode(llama_dir, quant, adapter):
                     want = logits(model)
                 torch.testing.assert_close(got, want, **sharp)
     assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize(("quant", "adapter"), COMBOS)
+def test_per_row_coefficients(llama_dir, quant, adapter):
+    """One coefficient per row of a tiled batch on the quantized model equals the independent
+    per-layer reference y0 + c_row·(y1 − y0) on the same batch, the model unchanged. (Same
+    batch, because LLM.int8 picks its fp16 outlier columns over the whole batch, so on an
+    8-bit model a row's numerics depend on the other rows, with or without funcadapt.)"""
+    model = build(llama_dir, quant, adapter)
+    tree = funcadapt.extract(model)
+    before = snapshot(model)
+    coeffs = torch.tensor([-1.0, 0.0, 2.0])
+    tiled = funcadapt.tile(IDS, len(coeffs))
+    with torch.no_grad():
+        got = logits(model, funcadapt.transform(tree, funcadapt.per_row(coeffs, repeat=IDS.shape[0])), ids=tiled)
+        with reference_interpolation(model, coeffs.repeat_interleave(IDS.shape[0]).view(-1, 1, 1)):
+            ref = logits(model, ids=tiled)
+        assert not torch.allclose(ref[: IDS.shape[0]], ref[-IDS.shape[0] :], atol=1e-3)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert_model_unchanged(model, before)
+
+
+def test_generate_per_row_on_4bit(llama_dir):
+    """generate() at three coefficients from one batch on an nf4 model: the greedy tokens
+    equal three separate generations."""
+    model = build(llama_dir, "nf4", "lora")
+    config = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    coeffs = [-2.0, 0.0, 2.0]
+    separate = []
+    for c in coeffs:
+        with AdapterModifier(model, "scale", c):
+            separate.append(model.generate(input_ids=IDS, **config))
+    with AdapterModifier(model, "scale", funcadapt.per_row(coeffs, repeat=IDS.shape[0])):
+        together = model.generate(input_ids=funcadapt.tile(IDS, 3), **config)
+    assert torch.equal(together, torch.cat(separate))
+    assert not torch.equal(separate[0], separate[2])
 
 
 # ----------------------------------------------------------------------------

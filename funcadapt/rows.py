@@ -1,0 +1,121 @@
+"""Coefficient batches: one coefficient per row of the batch, no vmap needed.
+
+``model.generate()`` cannot be vmapped (data-dependent stopping, a mutable KV cache),
+yet a steering researcher wants text at several coefficients side by side from one
+batch. :func:`per_row` marks a coefficient vector as *one coefficient per batch row*;
+given to :func:`funcadapt.transform` or :class:`funcadapt.AdapterModifier` with
+``op="scale"`` and ``mode="linear"``, every adapted layer computes, row by row,
+
+    y[i] = y0[i] + c[i]·(y1[i] − y0[i])
+
+which is exactly what running row ``i`` alone at coefficient ``c[i]`` gives in linear
+mode (that mode is defined by this per-layer interpolation, and each row's result
+depends only on that row). The batch is tiled with :func:`tile`, so rows
+``k·B … (k+1)·B − 1`` carry coefficient ``coeffs[k]``::
+
+    coeffs = funcadapt.per_row(torch.tensor([-1.0, 0.0, 1.0]), repeat=len(prompts))
+    with funcadapt.AdapterModifier(model, "scale", coeffs):
+        out = model.generate(**funcadapt.tile(batch, 3))
+
+Cost: for additive families (LoRA, ...) the base layer's output is computed once and
+reused as ``y0``; for the others each adapted layer runs with and without the adapter.
+
+The row axis is the first axis of every adapted layer's output, which is the batch
+axis for transformers models (also during generation with a KV cache). Models that
+reshape the batch away before an adapted layer (MoE experts routing tokens, attention
+modules with ``batch_first=False``) are caught when the first axis does not have
+exactly one entry per coefficient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class PerRow:
+    """One coefficient per batch row (a 1-D floating tensor). Build it with :func:`per_row`."""
+
+    values: Tensor
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    def __repr__(self) -> str:
+        return f"PerRow({self.values.tolist() if len(self) <= 8 else f'{len(self)} rows'})"
+
+
+def per_row(coeffs: Tensor | Sequence[float], repeat: int = 1) -> PerRow:
+    """Coefficients for a batch tiled with :func:`tile`: each of ``coeffs`` repeated ``repeat``
+    times in a row, ``[c0]*repeat + [c1]*repeat + …``. With ``repeat=1``, one per row as given.
+
+    ``coeffs`` may require grad (the gradient reaches it through every row that uses it).
+    """
+    values = coeffs if isinstance(coeffs, Tensor) else torch.tensor(list(coeffs))
+    if values.dim() != 1:
+        raise ValueError(f"per_row takes a 1-D sequence of coefficients, got shape {tuple(values.shape)}")
+    if not values.is_floating_point():
+        values = values.to(torch.get_default_dtype())
+    if not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be a positive int (rows per coefficient), got {repeat!r}")
+    if repeat > 1:
+        values = values.repeat_interleave(repeat)
+    return PerRow(values)
+
+
+def tile(batch: Any, times: int) -> Any:
+    """``batch`` repeated ``times`` times along the first axis: rows ``k·B … (k+1)·B − 1``
+    are copy ``k``. Works on a tensor, a dict / ``BatchEncoding`` (returned as a dict), and
+    lists or tuples of those; other values (flags, ``None``) pass through."""
+    if not isinstance(times, int) or times < 1:
+        raise ValueError(f"times must be a positive int, got {times!r}")
+    if isinstance(batch, Tensor):
+        if batch.dim() == 0:
+            return batch
+        return batch.repeat(times, *([1] * (batch.dim() - 1)))
+    if isinstance(batch, Mapping):
+        return {k: tile(v, times) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(tile(v, times) for v in batch)
+    return batch
+
+
+def untile(out: Any, times: int) -> list[Any]:
+    """Split a model output over a tiled batch back into ``times`` parts (the inverse of
+    :func:`tile` on the first axis). Tensors are split along their first axis; mappings
+    and ``ModelOutput``s keep only their tensor entries (a KV cache object is dropped)."""
+    if isinstance(out, Tensor):
+        if out.dim() == 0 or out.shape[0] % times:
+            raise ValueError(
+                f"cannot split an output of shape {tuple(out.shape)} into {times} coefficient groups along "
+                f"its first axis; the metric should see per-row outputs (e.g. logits, not a batch-mean loss)"
+            )
+        return list(out.chunk(times, dim=0))
+    if isinstance(out, Mapping):
+        parts = {k: untile(v, times) for k, v in out.items() if _has_tensor(v)}
+        make = type(out) if _rebuildable(out) else dict
+        return [make(**{k: v[i] for k, v in parts.items()}) for i in range(times)]
+    if isinstance(out, (list, tuple)):
+        columns = [untile(v, times) for v in out if _has_tensor(v)]
+        container = list if isinstance(out, list) else tuple
+        return [container(col[i] for col in columns) for i in range(times)]
+    raise TypeError(f"cannot split a {type(out).__name__} into coefficient groups")
+
+
+def _has_tensor(v: Any) -> bool:
+    if isinstance(v, Tensor):
+        return True
+    if isinstance(v, Mapping):
+        return any(_has_tensor(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_has_tensor(x) for x in v)
+    return False
+
+
+def _rebuildable(out: Mapping) -> bool:
+    return type(out) is not dict and hasattr(type(out), "__dataclass_fields__")
