@@ -19,8 +19,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from . import quantized
-from .rules import find_rule
-from .rules.base import Coeff, Patch, is_adapter_layer, is_number, same_coeff
+from .rules.base import Coeff, Patch, Rule, is_adapter_layer, is_number, same_coeff
+from .structure import structure
 from .swap import Frame
 from .transform import FORWARD_PREFIX, parse_forward_key
 
@@ -49,13 +49,14 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
         else:
             raise TypeError(f"params[{key!r}] is a {type(value).__name__}, not a tensor")
 
-    modules = dict(model.named_modules(remove_duplicate=False))
+    known = structure(model)
+    modules = {"": model, **known.modules}
     _check_keys(model, modules, tensors)
-    _tie_aliases(model, tensors)
+    _tie_aliases(known.aliases, tensors)
 
     touched: dict[str, dict[str, dict[str, Coeff]]] = {}  # layer path -> adapter -> forward args
     for key in tensors:
-        found = _adapter_of(modules, key)
+        found = known.adapter_of.get(key) or _adapter_of(modules, key)
         if found is not None:
             touched.setdefault(found[0], {}).setdefault(found[1], {})
     for (path, adapter), args in forward_args.items():
@@ -67,7 +68,7 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
     for path, per_adapter in touched.items():
         layer = modules[path]
         for adapter, args in per_adapter.items():
-            rule = find_rule(layer, adapter)
+            rule = known.rule(path, adapter)
             if rule is not None and rule.patches is not None:
                 builders.append(functools.partial(rule.patches, layer, adapter, args))
         interp = {a: args["interp"] for a, args in per_adapter.items() if "interp" in args}
@@ -79,10 +80,11 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
                 f"same kind of coefficient (or modify them in separate calls)"
             )
         if interp or rows:
-            builders.append(_interpolation(path, layer, interp or rows, per_row=bool(rows)))
-    builders.append(lambda: quantized.patches(modules))
+            reuse_base = bool(rows) and _reusable_base(layer, set(rows), functools.partial(known.rule, path))
+            builders.append(_interpolation(path, layer, interp or rows, per_row=bool(rows), reuse_base=reuse_base))
+    builders.append(lambda: quantized.patches(known.bnb_linears))
     builders.append(lambda: _input_grad_hooks(modules))
-    return Frame(model, tensors, builders, modules)
+    return Frame(model, tensors, builders, modules, known.checkpointing)
 
 
 def _input_grad_hooks(modules: Mapping[str, nn.Module]) -> list[Patch]:
@@ -92,6 +94,8 @@ def _input_grad_hooks(modules: Mapping[str, nn.Module]) -> list[Patch]:
     entries are replaced (in place), so hooks registered or removed meanwhile stay as they are."""
     found = []
     for module in modules.values():
+        if not module._forward_hooks:
+            continue
         for key, hook in module._forward_hooks.items():
             if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
                 found.append(Patch(module._forward_hooks, key, _outside_transforms, item=True))
@@ -107,17 +111,12 @@ def _outside_transforms(hook: Callable[..., Any]) -> Callable[..., Any]:
     return skipped_in_transforms
 
 
-def _tie_aliases(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+def _tie_aliases(aliases: Mapping[str, tuple[str, ...]], tensors: dict[str, Tensor]) -> None:
     """Like functional_call(tie_weights=True): a tensor given for one name of a tied (shared)
     parameter is shown under all its names, unless those are given too."""
-    aliases: dict[int, list[str]] = {}
-    for name, tensor in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(tensor), []).append(name)
-    for names in aliases.values():
-        given = [n for n in names if n in tensors]
-        if given and len(names) > 1:
-            for n in names:
-                tensors.setdefault(n, tensors[given[0]])
+    for name in [n for n in tensors if n in aliases]:
+        for alias in aliases[name]:
+            tensors.setdefault(alias, tensors[name])
 
 
 def _check_keys(model: nn.Module, modules: Mapping[str, nn.Module], tensors: Mapping[str, Tensor]) -> None:
@@ -149,7 +148,7 @@ def _adapter_of(modules: Mapping[str, nn.Module], key: str) -> tuple[str, str] |
 
 
 def _interpolation(
-    path: str, layer: Any, coeffs: Mapping[str, Coeff], per_row: bool = False
+    path: str, layer: Any, coeffs: Mapping[str, Coeff], per_row: bool = False, reuse_base: bool = False
 ) -> Callable[[], list[Patch]]:
     """The exact fallback: ``y = y0 + c·(y1 − y0)``, y0 with these adapters switched off.
 
@@ -168,7 +167,6 @@ def _interpolation(
             f"coefficient, or modify them in separate calls"
         )
     adapters = set(coeffs)
-    reuse_base = per_row and _reusable_base(layer, adapters)
 
     def without(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         saved = layer._active_adapter
@@ -241,14 +239,14 @@ def _version(t: Any) -> int:
         return -1
 
 
-def _reusable_base(layer: Any, adapters: set[str]) -> bool:
+def _reusable_base(layer: Any, adapters: set[str], rule_of: Callable[[str], Rule | None]) -> bool:
     """y0 is exactly ``base_layer(x)`` when all active adapters are interpolated and additive."""
     if not isinstance(getattr(layer, "base_layer", None), nn.Module):
         return False
     for adapter in layer.active_adapters:
         if adapter not in adapters:
             return False
-        rule = find_rule(layer, adapter)
+        rule = rule_of(adapter)
         if rule is None or not rule.additive:
             return False
     return True

@@ -16,7 +16,7 @@ Other quantization backends (GPTQ, AWQ, HQQ, torchao, ...) are refused by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -108,11 +108,9 @@ def _folding(layer: nn.Module) -> Callable[[Callable[..., Tensor]], Callable[...
     return wrap
 
 
-def patches(modules: dict[str, nn.Module]) -> list[Patch]:
-    """Forward swaps for every bitsandbytes linear in the model (adapted or not)."""
-    if not BNB_LINEARS:
-        return []
-    return [Patch(m, "forward", _folding(m), wrap=True) for m in modules.values() if isinstance(m, BNB_LINEARS)]
+def patches(linears: Iterable[nn.Module]) -> list[Patch]:
+    """Forward swaps for the given bitsandbytes linears (all of a model's, adapted or not)."""
+    return [Patch(m, "forward", _folding(m), wrap=True) for m in linears]
 
 
 _UNSUPPORTED = {

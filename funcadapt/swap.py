@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -42,15 +42,17 @@ class Frame:
         tensors: Mapping[str, Tensor],
         builders: list[Callable[[], list[Patch]]],
         modules: Mapping[str, nn.Module] | None = None,
+        checkpointing: Iterable[nn.Module] | None = None,
     ) -> None:
         self.root = root
         if modules is None:
             modules = dict(root.named_modules(remove_duplicate=False))
         self._slots = [(_owner(modules, key), key.rpartition(".")[2], t) for key, t in tensors.items()]
         self._builders = builders
+        candidates = modules.values() if checkpointing is None else checkpointing
         self._checkpointing: list[Any] = [
             m
-            for m in modules.values()
+            for m in candidates
             if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func")
         ]
         self._undo: list[Callable[[], None]] | None = None

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .rows import PerRow
-from .rules.base import Coeff, Effect, Rule, is_number, rule_named, same_coeff
+from .rules.base import Coeff, Effect, Rule, Scaling, is_number, rule_named, same_coeff
 from .tree import AdapterTree, LayerSpec
 
 OPS = ("scale", "invert", "disable", "shift", "replace")
@@ -163,34 +163,58 @@ def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str
         raise ValueError(f"op={op!r} takes no coefficient (got {coeff!r}); use op='scale' for a coefficient")
 
     shared = _jointly_interpolated(tree, per_adapter if op == "scale" else None, op, mode)
+    batched: dict[float, list[str]] = {}  # number c -> keys of tensors to multiply by c
     for spec in tree.layers:
         rule = rule_named(spec.rule)
-        p = {role: tree.params[key] for role, key in spec.keys.items()}
         if op == "scale":
             c = per_adapter(spec.adapter)
             if c is None or (is_number(c) and c == 1.0):
                 continue  # identity, bit for bit
-            if isinstance(c, PerRow):
-                if mode != "linear":
-                    raise ValueError(
-                        "per-row coefficients (funcadapt.per_row) are defined for mode='linear' only: the "
-                        "per-layer interpolation y0 + c·(y1 − y0) is what can differ row by row. For geometric "
-                        "mode, run each coefficient separately or torch.func.vmap over them"
-                    )
-                effect = Effect(forward={"rows": c.values})
-            elif spec.path in shared:
-                effect = Effect(forward={"interp": c})
-            else:
-                effect = _scaled(rule, spec, p, c, mode)
-        elif op == "disable":
-            effect = _scaled(rule, spec, p, 0.0, "linear")
+            plain = _plain_scaling(rule, spec, mode) if isinstance(c, float) and spec.path not in shared else None
+            if plain is not None:
+                assert isinstance(c, float)
+                batched.setdefault(c, []).extend(key for role, key in spec.keys.items() if role in plain.roles)
+                continue
+            effect = _scale_effect(rule, spec, tree, c, mode, spec.path in shared)
         else:
-            effect = _inverted(rule, spec, p)
+            p = {role: tree.params[key] for role, key in spec.keys.items()}
+            effect = _scaled(rule, spec, p, 0.0, "linear") if op == "disable" else _inverted(rule, spec, p)
         for role, tensor in effect.params.items():
             out[spec.keys[role]] = tensor
         for name, value in effect.forward.items():
             out[forward_key(name, spec.adapter, spec.path)] = value
+    for number, keys in batched.items():  # one foreach op instead of a multiply per layer; same values
+        out.update(zip(keys, torch._foreach_mul([tree.params[k] for k in keys], number), strict=True))
     return out
+
+
+def _scale_effect(rule: Rule, spec: LayerSpec, tree: AdapterTree, c: Coeff | PerRow, mode: str, joint: bool) -> Effect:
+    if isinstance(c, PerRow):
+        if mode != "linear":
+            raise ValueError(
+                "per-row coefficients (funcadapt.per_row) are defined for mode='linear' only: the "
+                "per-layer interpolation y0 + c·(y1 − y0) is what can differ row by row. For geometric "
+                "mode, run each coefficient separately or torch.func.vmap over them"
+            )
+        if rule.rows_coupled:
+            raise ValueError(
+                f"layer {spec.path!r} adapter {spec.adapter!r} ({rule.doc.adapter}): per-row coefficients are "
+                f"refused because {rule.rows_coupled}, so no row can equal running its coefficient alone. Run "
+                f"each coefficient as its own call, or torch.func.vmap over the coefficients (funcadapt.vmap), "
+                f"which keeps the batches apart"
+            )
+        return Effect(forward={"rows": c.values})
+    if joint:
+        return Effect(forward={"interp": c})
+    return _scaled(rule, spec, {role: tree.params[key] for role, key in spec.keys.items()}, c, mode)
+
+
+def _plain_scaling(rule: Rule, spec: LayerSpec, mode: str) -> Scaling | None:
+    """The rule's transform here, when it is a :class:`Scaling` (ΔW linear in some tensors)."""
+    if spec.static.get("quantized") == "int8" and rule.acts_on_input(spec):
+        return None
+    fn = rule.linear if mode == "linear" else rule.geometric
+    return fn if isinstance(fn, Scaling) else None
 
 
 def _jointly_interpolated(

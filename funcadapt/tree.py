@@ -17,10 +17,8 @@ from typing import Any
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .quantized import base_of, check_supported
-from .quantized import kind as quantized_kind
-from .rules import find_rule
-from .rules.base import RULES, is_adapter_layer
+from .rules.base import RULES
+from .structure import structure
 
 
 @dataclass(frozen=True)
@@ -79,35 +77,6 @@ pytree.register_pytree_node(
 )
 
 
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
-def adapter_entries(layer: Any, adapter: str) -> dict[str, tuple[str, Tensor]]:
-    """role -> (key below the layer, tensor) for every tensor PEFT registers for ``adapter``."""
-    out: dict[str, tuple[str, Tensor]] = {}
-    for attr in layer.adapter_layer_names:
-        container = getattr(layer, attr, None)
-        if container is None or not hasattr(container, "keys") or adapter not in container:
-            continue
-        item = container[adapter]
-        if isinstance(item, Tensor):
-            out[attr] = (_join(attr, adapter), item)
-        elif isinstance(item, nn.Module):
-            for sub, tensor in item.named_parameters():
-                out[_join(attr, sub)] = (_join(attr, adapter, sub), tensor)
-    return out
-
-
-def _layer_adapters(layer: Any) -> set[str]:
-    names: set[str] = set()
-    for attr in layer.adapter_layer_names:
-        container = getattr(layer, attr, None)
-        if container is not None and hasattr(container, "keys"):
-            names.update(container.keys())
-    return names
-
-
 def _check_prompt_learning(model: nn.Module, adapter_names: Iterable[str] | None) -> None:
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, Mapping):
@@ -142,21 +111,16 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
 
     params: dict[str, Tensor] = {}
     layers: list[LayerSpec] = []
-    seen: set[str] = set()
-    for path, module in model.named_modules():
-        layer: Any = module
-        if not is_adapter_layer(layer):
-            continue
-        check_supported(path, layer)
-        present = _layer_adapters(layer)
-        seen |= present
+    found = structure(model)
+    for info in found.layers:
+        path, layer = info.path, info.layer
         if layer.disable_adapters:
             continue  # inside ``with model.disable_adapter()``: no adapter has an effect here
         active = list(layer.active_adapters)
         if wanted is None:
-            chosen = [a for a in active if a in present]
+            chosen = [a for a in active if a in info.entries]
         else:
-            chosen = [a for a in wanted if a in present]
+            chosen = [a for a in wanted if a in info.entries]
             inactive = [a for a in chosen if a not in active]
             if inactive:
                 raise ValueError(
@@ -170,7 +134,9 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
                     f"layer {path!r} has adapter {adapter!r} merged into its base weights; its effect can no "
                     f"longer be scaled separately. Call model.unmerge_adapter() first"
                 )
-            rule = find_rule(layer, adapter)
+            rule = info.rules[adapter]
+            if rule is not None and rule.unsupported:
+                raise ValueError(f"layer {path!r} adapter {adapter!r} ({rule.doc.adapter}): {rule.unsupported}")
             if rule is None:
                 supported = ", ".join(sorted({r.layer_type.__name__ for r in RULES}))
                 raise ValueError(
@@ -178,10 +144,8 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
                     f"{adapter!r}), which funcadapt has no rule for yet. Supported layer families: {supported}. "
                     f"Exclude it with adapter_names=[...] or open an issue"
                 )
-            entries = adapter_entries(layer, adapter)
             keys = {}
-            for role, (sub, tensor) in entries.items():
-                key = _join(path, sub)
+            for role, (key, tensor) in info.entries[adapter].items():
                 keys[role] = key
                 params[key] = tensor
             layers.append(
@@ -191,16 +155,18 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
                     rule=rule.name,
                     layer_type=type(layer).__name__,
                     keys=keys,
-                    static={**rule.static(layer, adapter), "quantized": quantized_kind(base_of(layer))},
+                    static={**rule.static(layer, adapter), "quantized": info.quantized},
                 )
             )
 
     if wanted is not None:
-        unknown = [a for a in wanted if a not in seen]
+        unknown = [a for a in wanted if a not in found.present]
         if unknown:
-            raise ValueError(f"no adapter layer has adapter(s) {unknown}; the model has {sorted(seen) or 'none'}")
+            raise ValueError(
+                f"no adapter layer has adapter(s) {unknown}; the model has {sorted(found.present) or 'none'}"
+            )
     if not layers:
-        if not seen:
+        if not found.present:
             raise ValueError(
                 f"found no PEFT adapter layer in {type(model).__name__}; wrap it with peft.get_peft_model() "
                 f"or inject_adapter_in_model() first"

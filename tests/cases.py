@@ -125,6 +125,9 @@ class Case:
     archs: tuple[str, ...] = ("llama",)
     geometric: bool = True
     notes: dict = field(default_factory=dict)
+    make: Callable[[nn.Module, Any], nn.Module] | None = None
+    """Builds the adapted model from (base model, config) instead of ``get_peft_model``: for
+    adapters that need more than a config (Poly's task ids)."""
 
 
 def _lora(**kw: Any) -> Callable[[str], Any]:
@@ -254,7 +257,7 @@ def build(case_: Case, arch: str = "llama", dtype: torch.dtype = torch.float32, 
     torch.manual_seed(seed)
     base = ARCHS[arch]()
     config = case_.config(arch)
-    model = get_peft_model(base, config)
+    model = (case_.make or get_peft_model)(base, config)
     randomize_adapters(model, seed=seed + 1)
     if dtype != torch.float32:
         model = model.to(dtype)

@@ -3,13 +3,14 @@ model exactly as it was."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from cases import VOCAB, assert_unchanged, build, case, inputs, output, snapshot, tiny_llama
-from peft import LoHaConfig, LoraConfig, PromptTuningConfig, get_peft_model
+from peft import LoHaConfig, LoraConfig, PromptTuningConfig, ShadowConfig, get_peft_model
 from torch import nn
 
 import funcadapt
@@ -386,5 +387,26 @@ def test_modifier_instance_is_not_reentrant():
     assert not swap.active_frames()
     assert_unchanged(model, before)
     with m:  # usable again once exited
+        pass
+    assert_unchanged(model, before)
+
+
+# Rules that recognise a layer type only to refuse it: how to build a model with one.
+REFUSED_BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "shadow": lambda: get_peft_model(tiny_llama(), ShadowConfig(r=4, shadow_dropout=0.0)),
+}
+
+
+@pytest.mark.parametrize("rule", [r for r in funcadapt.RULES if r.unsupported], ids=lambda r: r.name)
+def test_refusing_rules(rule):
+    """Every refusing rule refuses with its own explanation (not the generic 'no rule'), from
+    extract and AdapterModifier alike, and the model is unchanged. A refusing rule without a
+    builder here fails, so none ships untested."""
+    torch.manual_seed(0)
+    model = REFUSED_BUILDERS[rule.name]()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(rule.unsupported[:60])):
+        funcadapt.extract(model)
+    with pytest.raises(ValueError, match=re.escape(rule.unsupported[:60])), AdapterModifier(model, "scale", 2.0):
         pass
     assert_unchanged(model, before)

@@ -8,6 +8,8 @@ step as one forward on the doubled batch.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from cases import CASES, VOCAB, assert_unchanged, build, case, inputs, output, snapshot
@@ -16,6 +18,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 import funcadapt
 from funcadapt import AdapterModifier
+from funcadapt.rules.base import rule_named
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -29,12 +32,18 @@ def separately(model, tree, coeffs, batch):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_rows_equal_separate_runs(case):
-    """Every rule: row group k of the tiled batch equals a separate call at COEFFS[k]."""
+    """Every rule: row group k of the tiled batch equals a separate call at COEFFS[k]; rules
+    whose rows are coupled (Lily's batch-averaging router) refuse with their reason."""
     arch = case.archs[0]
     model = build(case, arch)
     batch = inputs(arch, batch=2)
     tree = funcadapt.extract(model)
     before = snapshot(model)
+    coupled = rule_named(case.rule).rows_coupled
+    if coupled:
+        with pytest.raises(ValueError, match=re.escape(coupled)):
+            funcadapt.transform(tree, funcadapt.per_row(torch.tensor(COEFFS), repeat=2))
+        return
     expected = separately(model, tree, COEFFS, batch)
     params = funcadapt.transform(tree, funcadapt.per_row(torch.tensor(COEFFS), repeat=2))
     with torch.no_grad():

@@ -132,6 +132,12 @@ class Rule:
     """Effects of several adapters of additive rules on one layer add up (ΔW_a + ΔW_b)."""
     commutative: bool = False
     """Effects on one layer commute with each other, so inverting each inverts the composition."""
+    rows_coupled: str = ""
+    """Why one row's output depends on the other rows of the batch (Lily's router averages over
+    it); non-empty means per-row coefficients (funcadapt.per_row) are refused with this reason."""
+    unsupported: str = ""
+    """Non-empty: this layer type is recognised but has no honest per-layer coefficient; extract
+    refuses it with this explanation (and what to do instead)."""
     acts_on_input: Callable[[Any], bool] = lambda spec: False
     """The adapter changes the base layer's *input* (feed-forward IA3, OFT). Its exact linear
     transform relies on the base layer being linear in its input; an int8 base quantises its
@@ -139,6 +145,7 @@ class Rule:
 
 
 RULES: list[Rule] = []
+_BY_NAME: dict[str, Rule] = {}
 
 ADAPTER_LAYERS: tuple[type, ...] = (BaseTunerLayer, ModulesToSaveWrapper)
 """What counts as an adapter layer: PEFT's tuner layers and its modules_to_save wrapper.
@@ -155,14 +162,12 @@ def register(rule: Rule) -> Rule:
     if any(r.name == rule.name for r in RULES):
         raise ValueError(f"a rule named {rule.name!r} is already registered")
     RULES.append(rule)
+    _BY_NAME[rule.name] = rule
     return rule
 
 
 def rule_named(name: str) -> Rule:
-    for r in RULES:
-        if r.name == name:
-            return r
-    raise KeyError(name)
+    return _BY_NAME[name]
 
 
 def find_rule(layer: Any, adapter: str) -> Rule | None:
@@ -197,14 +202,21 @@ def as_compute(c: Coeff, like: Tensor) -> Coeff:
     return c
 
 
-def scaling(*roles: str) -> Callable[[Any, Mapping[str, Tensor], Coeff], Effect]:
+@dataclass(frozen=True)
+class Scaling:
     """The transform of an additive family whose ΔW is linear in the tensors playing ``roles``:
-    each of them present is multiplied by c, so ΔW(c) = c·ΔW."""
+    each of them present is multiplied by c, so ΔW(c) = c·ΔW. (A class, not a closure, so that
+    :func:`funcadapt.transform` can batch all of a model's scalings into one foreach op.)"""
 
-    def linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-        return Effect({role: scale(t, c) for role, t in p.items() if role in roles})
+    roles: tuple[str, ...]
 
-    return linear
+    def __call__(self, spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+        return Effect({role: scale(t, c) for role, t in p.items() if role in self.roles})
+
+
+def scaling(*roles: str) -> Scaling:
+    """:class:`Scaling` of ``roles``: ΔW(c) = c·ΔW."""
+    return Scaling(roles)
 
 
 def scale(p: Tensor, c: Coeff) -> Tensor:

@@ -1,0 +1,186 @@
+"""PSOFT: an r×r map R' acts between the frozen principal-subspace factors of the weight,
+
+    Δy = s·B·(R' − I)·A·x,   R' = diag(v_b)·R·diag(v_a),
+
+with A (r×in), B (out×r) fixed buffers from the base weight's SVD (s·B·A is its rank-r
+principal part), R = Cayley(Q) for the skew Q built from the trained vector (exact solve or
+PEFT's Cayley–Neumann series, optionally with Q rescaled to norm ≤ eps), or a free r×r
+matrix with ``psoft_orth=False``; v_b, v_a optional trained magnitude vectors.
+
+linear:    R' ↦ I + c·(R' − I) at the r×r map, so Δy(c) = c·Δy exactly: y(c) = y0 + c·(y1 − y0)
+           without a second pass through the base layer. No parameter form (I + c(R − I) is not
+           a Cayley transform).
+geometric: Q ↦ c·Q (after PEFT's eps rescaling, which would otherwise saturate c·Q), v ↦ v^c:
+           R'(c) = diag(v_b^c)·Cayley(c·Q)·diag(v_a^c). Needs v > 0. Refused with
+           ``psoft_orth=False`` (a general matrix has no real power).
+invert:    exact: R' ↦ R'⁻¹ (the matrix inverse of the R' PEFT uses; with magnitudes or the
+           Cayley–Neumann series that is not the same as geometric c = −1). The principal part
+           s·B·R'·A becomes s·B·R'⁻¹·A, the rotation of the subspace undone.
+
+PEFT builds the Cayley–Neumann series in place and rescales Q behind a Python ``if`` on its
+norm, both of which ``torch.func.vmap`` refuses. While a call runs the r×r module's
+``forward`` is swapped for :func:`psoft_map` (the same math, out of place, the rescaling as
+``torch.where``): always when a coefficient acts on it, otherwise only under transforms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from peft.tuners.psoft.layer import PsoftLayer
+from torch import Tensor
+
+from .base import Coeff, Effect, Patch, Rule, RuleDoc, power, register, require_positive, transform_safe
+
+
+def _as(c: Coeff, like: Tensor) -> Coeff:
+    return c.to(device=like.device, dtype=like.dtype) if isinstance(c, Tensor) else c
+
+
+def psoft_matrix(rot: Any, ops: tuple = ()) -> Tensor:
+    """PEFT's ``OrthLayer.get_matrix`` out of place. ``ops``: ``("generator", c)`` scales Q
+    (after the eps rescaling), then in order ``("lerp", c)``: R' ↦ I + c·(R' − I) and
+    ``("inverse",)``: R' ↦ R'⁻¹."""
+    cast_to_fp32 = False
+    orig_dtype = None
+    if not rot.orth:
+        r = rot.weight
+    else:
+        w = rot.weight
+        q = torch.zeros((rot.size, rot.size), device=w.device, dtype=w.dtype).index_put((rot.rows, rot.cols), w)
+        q = q - q.transpose(0, 1)
+        orig_dtype = q.dtype
+        eye = torch.eye(rot.size, device=q.device, dtype=q.dtype)
+        if rot.use_cayley_neumann:
+            if rot.cayley_neumann_eps is not None:
+                eps = rot.cayley_neumann_eps
+                norm = torch.linalg.norm(q, ord="fro")
+                q = torch.where(torch.isfinite(norm) & (norm > eps), q * (eps / (norm + 1e-12)), q)
+            for op in ops:
+                if op[0] == "generator":
+                    q = _as(op[1], q) * q
+            t = int(rot.num_cayley_neumann_terms)
+            r = eye.clone()
+            if t > 1:
+                r = r + 2.0 * q
+                if t > 2:
+                    q2 = q @ q
+                    r = r + 2.0 * q2
+                    qp = q2
+                    for _ in range(3, t - 1):
+                        qp = qp @ q
+                        r = r + 2.0 * qp
+                    qp = qp @ q
+                    r = r + qp
+        else:
+            for op in ops:
+                if op[0] == "generator":
+                    q = _as(op[1], q) * q
+            cast_to_fp32 = orig_dtype in (torch.float16, torch.bfloat16)
+            if cast_to_fp32:
+                q = q.float()
+            r = torch.linalg.solve(eye - q, eye + q, left=False)
+    if rot.vector_b is not None:
+        r = rot.vector_b[:, None] * r
+    if rot.vector_a is not None:
+        r = r * rot.vector_a[None, :]
+    for op in ops:
+        if op[0] == "generator":
+            continue
+        wide = r.to(torch.promote_types(r.dtype, torch.float32))
+        if op[0] == "lerp":
+            eye32 = torch.eye(rot.size, device=r.device, dtype=wide.dtype)
+            r = (eye32 + _as(op[1], wide) * (wide - eye32)).to(r.dtype)
+        else:
+            r = torch.linalg.inv(wide).to(r.dtype)
+    if cast_to_fp32:
+        r = r.to(orig_dtype)
+    return r
+
+
+def psoft_map(rot: Any, x: Tensor, ops: tuple = ()) -> Tensor:
+    """PEFT's ``OrthLayer.forward`` (x ↦ x·R'ᵀ) on :func:`psoft_matrix`."""
+    r = psoft_matrix(rot, ops)
+    half_on_cpu = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+    dtype = torch.float32 if half_on_cpu else x.dtype
+    return (x.to(dtype) @ r.to(dtype).t()).to(x.dtype)
+
+
+def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    return Effect(forward={"psoft_lerp": c})
+
+
+def _geometric(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    if not spec.static["orth"]:
+        raise ValueError(
+            f"layer {spec.path!r} adapter {spec.adapter!r} (PSOFT with psoft_orth=False): R is a general r×r "
+            f"matrix, whose real power R^c is not defined in general, so mode='geometric' is undefined. Use "
+            f"mode='linear', or op='invert' for the exact inverse R⁻¹"
+        )
+    params = {}
+    for role in ("psoft_R.vector_b", "psoft_R.vector_a"):
+        if role in p:
+            require_positive(p[role], f"the PSOFT magnitude vector {role.rsplit('.', 1)[1]}", spec.path, spec.adapter)
+            params[role] = power(p[role], c)
+    return Effect(params, forward={"psoft_generator": c})
+
+
+def _invert(spec: Any, p: Mapping[str, Tensor]) -> Effect:
+    return Effect(forward={"psoft_inverse": 1.0})
+
+
+_OPS = "_funcadapt_psoft_ops"
+
+
+def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+    rot = layer.psoft_R[adapter]
+    ops: tuple = ()
+    if "psoft_generator" in args:
+        ops = (("generator", args["psoft_generator"]),)
+    elif "psoft_lerp" in args:
+        ops = (("lerp", args["psoft_lerp"]),)
+    elif "psoft_inverse" in args:
+        ops = (("inverse",),)
+    if not ops:
+        if getattr(rot, _OPS, ()):  # an outer context's ops are in force: keep running them
+            return []
+        return [Patch(rot, "forward", transform_safe(lambda current, x: psoft_map(rot, x)), wrap=True)]
+    return [
+        Patch(rot, _OPS, lambda current: (current or ()) + ops, wrap=True),
+        Patch(rot, "forward", lambda x: psoft_map(rot, x, getattr(rot, _OPS, ()))),
+    ]
+
+
+def _static(layer: Any, adapter: str) -> dict:
+    rot = layer.psoft_R[adapter]
+    return {
+        "r": layer.r[adapter],
+        "scaling": layer.scaling[adapter],
+        "orth": bool(rot.orth),
+        "use_cayley_neumann": bool(rot.use_cayley_neumann),
+        "cayley_neumann_eps": rot.cayley_neumann_eps,
+    }
+
+
+PSOFT = register(
+    Rule(
+        name="psoft",
+        layer_type=PsoftLayer,
+        doc=RuleDoc(
+            adapter="PSOFT (incl. Cayley–Neumann, non-orthogonal R)",
+            layers="Linear",
+            linear="R' ↦ I + c·(R' − I) in Δy = s·B(R' − I)A·x ⇒ Δy(c) = c·Δy",
+            linear_exact="exact (interpolation at the r×r map)",
+            geometric="R'(c) = diag(v_b^c)·Cayley(c·Q)·diag(v_a^c) (v > 0); refused with psoft_orth=False",
+            invert="exact: R' ↦ R'⁻¹ (matrix inverse)",
+        ),
+        linear=_linear,
+        geometric=_geometric,
+        invert=_invert,
+        patches=_patches,
+        static=_static,
+        additive=True,
+    )
+)

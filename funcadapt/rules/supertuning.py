@@ -1,0 +1,36 @@
+"""Super-Tuning / Supra: ΔW = scatter(v) (+ (α/r)·B·A with ``r`` set), v trained values at
+fixed positions of the weight (chosen by magnitude), optionally plus a LoRA term.
+
+ΔW is linear in (v, B) jointly, so v ↦ c·v and B ↦ c·B give ΔW(c) = c·ΔW exactly; at
+c = 0 the composed weight is W₀ + 0, bit for bit the base layer. Additive: geometric
+equals linear, the inverse is ΔW ↦ −ΔW. PEFT's forward is out of place (``scatter_add``
+into a copy), so it runs unchanged under torch.func transforms.
+"""
+
+from __future__ import annotations
+
+from peft.tuners.supertuning.layer import SupertuningLayer
+
+from .base import Rule, RuleDoc, register, scaling
+
+_linear = scaling("supertuning_values", "supertuning_lora_B.weight")
+
+
+SUPERTUNING = register(
+    Rule(
+        name="supertuning",
+        layer_type=SupertuningLayer,
+        doc=RuleDoc(
+            adapter="Super-Tuning (and Supra, with r)",
+            layers="Linear",
+            linear="ΔW(c) = c·ΔW: values ↦ c·values, B ↦ c·B in ΔW = scatter(v) + (α/r)·BA",
+            linear_exact="exact (parameter space)",
+            geometric="= linear (additive)",
+            invert="exact: ΔW ↦ −ΔW",
+        ),
+        linear=_linear,
+        geometric=_linear,
+        additive=True,
+        commutative=True,
+    )
+)

@@ -1,0 +1,73 @@
+"""VB-LoRA: ΔW = B·A, every length-b piece of A and B a softmax-weighted mix of the top-k
+vectors of a vector bank shared by *all* layers of the adapter:
+A[piece] = Σᵢ softmax(top-k logits)ᵢ · bank[idxᵢ], likewise B.
+
+No trained tensor enters ΔW linearly: the logits go through top-k and softmax, and the
+bank enters both A and B (ΔW is quadratic in it; scaling it by √c would only reach
+c ≥ 0, and would act on every layer at once). The per-layer factor B can still be scaled
+exactly where PEFT builds it: while a call runs, the layer's ``_get_lora_matrices``
+returns (A, c·B) for this adapter, so ΔW(c) = c·ΔW at every layer, for any c, with
+nothing shared touched. Additive: geometric = linear, inverse ΔW ↦ −ΔW.
+
+PEFT's forward adds out of place, so it runs under torch.func transforms as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from peft.tuners.vblora.layer import VBLoRALayer
+from torch import Tensor
+
+from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+
+_ARG = "vblora_scale"
+
+
+def _scaled(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    return Effect(forward={_ARG: c})
+
+
+def scaled_lora_matrices(arg: str) -> Callable[[Any, str, Mapping[str, Coeff]], list[Patch]]:
+    """Patches that make ``layer._get_lora_matrices(adapter, ...)`` return (A, c·B) for this
+    adapter, with c the forward-time argument ``arg``. Nested calls wrap what is installed,
+    so their coefficients multiply."""
+
+    def patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+        if arg not in args:
+            return []
+        c = args[arg]
+
+        def wrap(current: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
+            def lora_matrices(adapter_name: str, *rest: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+                a, b = current(adapter_name, *rest, **kwargs)
+                return (a, scale(b, c)) if adapter_name == adapter else (a, b)
+
+            return lora_matrices
+
+        return [Patch(layer, "_get_lora_matrices", wrap, wrap=True)]
+
+    return patches
+
+
+VBLORA = register(
+    Rule(
+        name="vblora",
+        layer_type=VBLoRALayer,
+        doc=RuleDoc(
+            adapter="VB-LoRA (shared vector bank)",
+            layers="Linear, Conv1D",
+            linear="ΔW(c) = c·ΔW: B ↦ c·B where PEFT builds B from the bank (the shared bank is not touched)",
+            linear_exact="exact (forward-time B ↦ c·B)",
+            geometric="= linear (additive)",
+            invert="exact: ΔW ↦ −ΔW",
+        ),
+        linear=_scaled,
+        geometric=_scaled,
+        patches=scaled_lora_matrices(_ARG),
+        additive=True,
+        commutative=True,
+        static=lambda layer, a: {"r": layer.r[a], "topk": layer.topk[a]},
+    )
+)

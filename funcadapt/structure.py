@@ -1,0 +1,210 @@
+"""A model's static structure, computed once and reused while the model does not change.
+
+``extract`` and ``call`` both need the module tree: which modules are adapter layers,
+which tensors belong to which adapter, tied parameter names, the bitsandbytes layers.
+Walking a 135M-parameter model's ~2,500 modules with ``named_modules`` and
+``named_parameters`` costs tens of milliseconds per call, so :func:`structure` caches
+the result per model and revalidates it on every use with a *fingerprint*: the identity
+of every module and every parameter, in tree order (one cheap pass, no path strings).
+Adding, deleting or replacing an adapter, a layer or a Parameter changes the fingerprint
+and rebuilds the structure; state that can change without that (active adapters,
+``disable_adapter()``, merging, PEFT's float ``scaling``, hooks, checkpointing flags)
+is never cached and is read live by the callers.
+
+The cache holds the model's submodules (not the root) and adapter tensors, so object ids
+in a fingerprint cannot be reused while it is cached; it is keyed weakly on the root, so
+it goes away with the model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from .quantized import BNB_LINEARS, base_of, check_supported
+from .quantized import kind as quantized_kind
+from .rules import base
+from .rules.base import Rule, is_adapter_layer
+
+
+@dataclass
+class AdapterLayer:
+    """One adapter layer: its tensors per adapter (role -> (key, tensor)) and quantization kind."""
+
+    path: str
+    layer: Any
+    entries: dict[str, dict[str, tuple[str, Tensor]]]
+    rules: dict[str, Rule | None]
+    quantized: str | None
+
+
+@dataclass
+class Structure:
+    fingerprint: tuple[int, ...]
+    modules: dict[str, nn.Module]
+    """``named_modules(remove_duplicate=False)`` without the root (path ``""``)."""
+    layers: list[AdapterLayer]
+    """Adapter layers in ``named_modules()`` order, each module once."""
+    aliases: dict[str, tuple[str, ...]]
+    """Every name of a parameter that has several (tied weights)."""
+    adapter_of: dict[str, tuple[str, str]]
+    """Adapter tensor key -> (layer path, adapter)."""
+    bnb_linears: list[nn.Module]
+    checkpointing: list[nn.Module]
+    """Modules that can run gradient checkpointing (whether they do is read live)."""
+    present: set[str] = field(default_factory=set)
+    """Every adapter name any layer has."""
+    registry: tuple[int, int] = (0, 0)
+    """Which rule registry the cached rules came from (tests swap it)."""
+
+    by_path: dict[str, AdapterLayer] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_path = {info.path: info for info in self.layers}
+
+    def rule(self, path: str, adapter: str) -> Rule | None:
+        """The cached rule for (layer path, adapter); looked up live for layers not cached."""
+        info = self.by_path.get(path)
+        if info is not None and adapter in info.rules:
+            return info.rules[adapter]
+        layer = self.modules.get(path)
+        return base.find_rule(layer, adapter) if layer is not None else None
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, Structure] = weakref.WeakKeyDictionary()
+
+
+def structure(model: nn.Module) -> Structure:
+    """The cached structure of ``model``, rebuilt when its fingerprint changed."""
+    print_ = fingerprint(model)
+    cached = _CACHE.get(model)
+    if cached is not None and cached.fingerprint == print_ and cached.registry == _registry():
+        return cached
+    built = _build(model, print_)
+    _CACHE[model] = built
+    return built
+
+
+def _registry() -> tuple[int, int]:
+    return id(base.RULES), len(base.RULES)
+
+
+def modules_of(model: nn.Module) -> dict[str, nn.Module]:
+    """``dict(model.named_modules(remove_duplicate=False))``, from the cache."""
+    return {"": model, **structure(model).modules}
+
+
+def fingerprint(model: nn.Module) -> tuple[int, ...]:
+    """ids of every module and parameter in tree order, with each module's child count."""
+    ids: list[int] = []
+    append, extend = ids.append, ids.extend
+    stack: list[Any] = [model]
+    pop, push = stack.pop, stack.extend
+    while stack:
+        module = pop()
+        if module is None:
+            continue
+        append(id(module))
+        params = module._parameters
+        if params:
+            extend(map(id, params.values()))
+        children = module._modules
+        if children:
+            append(len(children))
+            push(children.values())
+    return tuple(ids)
+
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Pre-order (path, module), duplicates included, like ``named_modules(remove_duplicate=False)``."""
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        yield path, module
+        children = [(f"{path}.{n}" if path else n, c) for n, c in module._modules.items() if c is not None]
+        stack.extend(reversed(children))
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def adapter_entries(layer: Any, adapter: str) -> dict[str, tuple[str, Tensor]]:
+    """role -> (key below the layer, tensor) for every tensor PEFT registers for ``adapter``."""
+    out: dict[str, tuple[str, Tensor]] = {}
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr, None)
+        if container is None or not hasattr(container, "keys") or adapter not in container:
+            continue
+        item = container[adapter]
+        if isinstance(item, Tensor):
+            out[attr] = (_join(attr, adapter), item)
+        elif isinstance(item, nn.Module):
+            for sub, tensor in item.named_parameters():
+                out[_join(attr, sub)] = (_join(attr, adapter, sub), tensor)
+    return out
+
+
+def layer_adapters(layer: Any) -> set[str]:
+    names: set[str] = set()
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr, None)
+        if container is not None and hasattr(container, "keys"):
+            names.update(container.keys())
+    return names
+
+
+def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
+    modules: dict[str, nn.Module] = {}
+    layers: list[AdapterLayer] = []
+    seen_layers: set[int] = set()
+    names: dict[int, list[str]] = {}
+    bnb: dict[int, nn.Module] = {}
+    checkpointing: dict[int, nn.Module] = {}
+    present: set[str] = set()
+    found: list[tuple[str, Any]] = []
+    for path, module in _walk(model):
+        if path:
+            modules[path] = module
+        for name, p in module._parameters.items():
+            if p is not None:
+                names.setdefault(id(p), []).append(_join(path, name))
+        if BNB_LINEARS and isinstance(module, BNB_LINEARS):
+            bnb.setdefault(id(module), module)
+        if "gradient_checkpointing" in module.__dict__ or hasattr(type(module), "gradient_checkpointing"):
+            checkpointing.setdefault(id(module), module)
+        if is_adapter_layer(module) and id(module) not in seen_layers:
+            seen_layers.add(id(module))
+            found.append((path, module))
+    for path, layer in found:
+        check_supported(path, layer)
+        adapters = layer_adapters(layer)
+        present |= adapters
+        # a tensor several layers share (TinyLoRA's per-group vector) is one entry, under the name
+        # named_parameters() gives it (its first path), however many layers reach it
+        entries = {
+            a: {
+                role: (names.get(id(t), [_join(path, sub)])[0], t)
+                for role, (sub, t) in adapter_entries(layer, a).items()
+            }
+            for a in adapters
+        }
+        rules = {a: base.find_rule(layer, a) for a in adapters}
+        layers.append(AdapterLayer(path, layer, entries, rules, quantized_kind(base_of(layer))))
+    adapter_of = {key: (info.path, a) for info in layers for a, e in info.entries.items() for key, _ in e.values()}
+    aliases = {n: tuple(group) for group in names.values() if len(group) > 1 for n in group}
+    return Structure(
+        print_,
+        modules,
+        layers,
+        aliases,
+        adapter_of,
+        list(bnb.values()),
+        list(checkpointing.values()),
+        present,
+        _registry(),
+    )
