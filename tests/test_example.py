@@ -22,8 +22,14 @@ def load_example():
 
 @pytest.mark.filterwarnings("ignore")
 def test_quick_example_trains_a_steering_adapter(tmp_path):
-    result = load_example().main(["--quick", "--out", str(tmp_path)])
+    example = load_example()
+    result = example.main(["--quick", "--out", str(tmp_path)])
     metric = result["metric"]
     assert result["exact_zero"], "c = 0 must be the base model exactly"
     assert metric[1.0] > metric[0.0] + 0.1 > metric[-1.0] + 0.2, metric
     assert Path(result["plot"]).is_file()
+    assert result["generation_matches_separate_runs"], "one-batch generation must equal one generate() per c"
+    # the ±1 step as a coefficient batch (one plain forward) trains the same adapter as vmap
+    rows = example.main(["--quick", "--method", "rows", "--out", str(tmp_path)])
+    for c, v in metric.items():
+        assert rows["metric"][c] == pytest.approx(v, abs=1e-3)
