@@ -19,8 +19,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from . import quantized
-from .rules.base import Coeff, Patch, Rule, is_adapter_layer, is_number, same_coeff
-from .structure import structure
+from .rules.base import Coeff, Patch, Rule, access_of, is_adapter_layer, is_number, same_coeff
+from .structure import active_adapters, adapters_disabled, layer_adapters, structure
 from .swap import Frame
 from .transform import FORWARD_PREFIX, parse_forward_key
 
@@ -51,18 +51,24 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
 
     known = structure(model)
     modules = {"": model, **known.modules}
-    _check_keys(model, modules, tensors)
+    replaced = _check_keys(model, modules, tensors)
     _tie_aliases(known.aliases, tensors)
 
     touched: dict[str, dict[str, dict[str, Coeff]]] = {}  # layer path -> adapter -> forward args
+    modified: set[tuple[str, str]] = set()  # (layer path, adapter) whose effect this call changes
     for key in tensors:
         found = known.adapter_of.get(key) or _adapter_of(modules, key)
         if found is not None:
             touched.setdefault(found[0], {}).setdefault(found[1], {})
+            if key in replaced:
+                modified.add(found)
     for (path, adapter), args in forward_args.items():
         if path not in modules or not is_adapter_layer(modules[path]):
             raise ValueError(f"forward entry for layer {path!r}, which is not an adapter layer of this model")
         touched.setdefault(path, {}).setdefault(adapter, {}).update(args)
+        modified.add((path, adapter))
+    for path, adapter in modified:
+        _check_live(path, modules[path], adapter)
 
     builders: list[Callable[[], list[Patch]]] = []
     for path, per_adapter in touched.items():
@@ -119,7 +125,26 @@ def _tie_aliases(aliases: Mapping[str, tuple[str, ...]], tensors: dict[str, Tens
             tensors.setdefault(alias, tensors[name])
 
 
-def _check_keys(model: nn.Module, modules: Mapping[str, nn.Module], tensors: Mapping[str, Tensor]) -> None:
+def _check_live(path: str, layer: Any, adapter: str) -> None:
+    """An adapter whose effect a call changes must still be in effect: params computed before
+    ``merge_adapter()``, ``set_adapter()`` or ``disable_adapter()`` would otherwise do nothing."""
+    if adapter in getattr(layer, "merged_adapters", ()):
+        raise ValueError(
+            f"layer {path!r} has adapter {adapter!r} merged into its base weights, so these params cannot change "
+            f"its effect (were they computed before model.merge_adapter()?). Call model.unmerge_adapter() first"
+        )
+    held = layer_adapters(layer) if access_of(layer) is None else [adapter]
+    if adapters_disabled(layer) or adapter not in active_adapters(layer, held):
+        raise ValueError(
+            f"layer {path!r}: adapter {adapter!r} is not in effect (not active, or inside disable_adapter()), so "
+            f"PEFT's forward ignores it and these params would change nothing (were they computed before "
+            f"set_adapter() or disable_adapter()?). Activate it, or extract and transform again"
+        )
+
+
+def _check_keys(model: nn.Module, modules: Mapping[str, nn.Module], tensors: Mapping[str, Tensor]) -> set[str]:
+    """Validate keys and shapes; return the keys whose tensor is not the model's own."""
+    replaced = set()
     for key, value in tensors.items():
         prefix, _, name = key.rpartition(".")
         owner = modules.get(prefix)
@@ -133,6 +158,9 @@ def _check_keys(model: nn.Module, modules: Mapping[str, nn.Module], tensors: Map
             raise ValueError(f"params has key {key!r}, which is not a parameter or buffer of the model{hint}")
         if value.shape != current.shape:
             raise ValueError(f"params[{key!r}] has shape {tuple(value.shape)}, the model's has {tuple(current.shape)}")
+        if value is not current:
+            replaced.add(key)
+    return replaced
 
 
 def _adapter_of(modules: Mapping[str, nn.Module], key: str) -> tuple[str, str] | None:
@@ -141,7 +169,7 @@ def _adapter_of(modules: Mapping[str, nn.Module], key: str) -> tuple[str, str] |
     for i in range(len(parts) - 2, -1, -1):
         layer: Any = modules.get(".".join(parts[:i]))
         if is_adapter_layer(layer):
-            if parts[i] in layer.adapter_layer_names and i + 1 < len(parts):
+            if parts[i] in getattr(layer, "adapter_layer_names", ()) and i + 1 < len(parts):
                 return ".".join(parts[:i]), parts[i + 1]
             return None
     return None
@@ -155,7 +183,9 @@ def _interpolation(
     ``per_row``: ``c`` is a 1-D tensor with one coefficient per row (first axis) of the
     layer's output. When every adapter on the layer is interpolated and all of them are
     additive (``y1 = base_layer(x) + Δ(x)``), ``y0`` is the base layer's output captured
-    while ``y1`` runs, so the base layer runs once instead of twice.
+    while ``y1`` runs, so the base layer runs once instead of twice. Layers read through a
+    :class:`~funcadapt.rules.base.LayerAccess` (adaption prompt) always take y0 that way, from
+    their access's ``base`` submodule: running them twice would update a KV cache twice.
     """
     values = list(coeffs.values())
     c = values[0]
@@ -167,8 +197,11 @@ def _interpolation(
             f"coefficient, or modify them in separate calls"
         )
     adapters = set(coeffs)
+    access = access_of(layer)
 
     def without(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if access is not None:
+            return captured(forward, args, kwargs)[1]
         saved = layer._active_adapter
         remaining = [a for a in layer.active_adapters if a not in adapters]
         layer._active_adapter = remaining
@@ -193,12 +226,34 @@ def _interpolation(
             return y1, out
         return y1, None
 
+    def captured(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        """(y1, y0) from one run of a layer read through a LayerAccess: y0 is its base's output."""
+        assert access is not None
+        seen: list[Any] = []
+        handle = access.base(layer).register_forward_hook(lambda m, a, out: seen.append(out))
+        try:
+            y1 = forward(*args, **kwargs)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise RuntimeError(f"layer {path!r}: its base ran {len(seen)} times in one forward, expected once")
+        return y1, seen[0]
+
     def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
         def interpolated(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("adapter_names") is not None:
+                raise ValueError(
+                    f"layer {path!r}: PEFT's mixed-adapter batch (adapter_names=...) routes rows to adapters itself, "
+                    f"and this layer's coefficient works by switching its adapters off for y0, which that routing "
+                    f"ignores. Give each row its coefficient with funcadapt.per_row instead (0 for rows that "
+                    f"should not use the adapter)"
+                )
             if not per_row and is_number(c) and c == 0.0:
                 return without(forward, args, kwargs)
             y0: Any = None
-            if reuse_base:
+            if access is not None:
+                y1, y0 = captured(forward, args, kwargs)
+            elif reuse_base:
                 y1, y0 = with_base(forward, args, kwargs)
                 y0 = y0.to(y1.dtype) if y0 is not None and isinstance(y1, Tensor) else None
             else:

@@ -22,9 +22,10 @@ reused as ``y0``; for the others each adapted layer runs with and without the ad
 
 The row axis is the first axis of every adapted layer's output, which is the batch
 axis for transformers models (also during generation with a KV cache). Models that
-reshape the batch away before an adapted layer (MoE experts routing tokens, attention
-modules with ``batch_first=False``) are caught when the first axis does not have
-exactly one entry per coefficient.
+reshape the batch away before an adapted layer (MoE experts routing tokens) are caught
+when the first axis does not have exactly one entry per coefficient; rules whose rows
+are coupled (Lily's batch-averaging router, LoRA on ``nn.MultiheadAttention``) refuse
+per-row coefficients with their reason.
 """
 
 from __future__ import annotations
@@ -71,24 +72,44 @@ def per_row(coeffs: Tensor | Sequence[float], repeat: int = 1) -> PerRow:
 def tile(batch: Any, times: int) -> Any:
     """``batch`` repeated ``times`` times along the first axis: rows ``k·B … (k+1)·B − 1``
     are copy ``k``. Works on a tensor, a dict / ``BatchEncoding`` (returned as a dict), and
-    lists or tuples of those; other values (flags, ``None``) pass through."""
+    lists or tuples of those. The batch size B is the largest first axis among the tensors;
+    tensors whose first axis is not B (a broadcast ``position_ids`` of shape (1, T), a
+    scalar) and other values (flags, ``None``) pass through unchanged."""
     if not isinstance(times, int) or times < 1:
         raise ValueError(f"times must be a positive int, got {times!r}")
+    rows = batch_size(batch)
+    return _tile(batch, times, rows)
+
+
+def _tile(batch: Any, times: int, rows: int | None) -> Any:
     if isinstance(batch, Tensor):
-        if batch.dim() == 0:
+        if batch.dim() == 0 or batch.shape[0] != rows:
             return batch
         return batch.repeat(times, *([1] * (batch.dim() - 1)))
     if isinstance(batch, Mapping):
-        return {k: tile(v, times) for k, v in batch.items()}
+        return {k: _tile(v, times, rows) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(tile(v, times) for v in batch)
+        return type(batch)(_tile(v, times, rows) for v in batch)
     return batch
+
+
+def batch_size(batch: Any) -> int | None:
+    """The largest first axis among the tensors in ``batch`` (None when there is none)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        sizes = [s for s in (batch_size(v) for v in batch) if s is not None]
+        return max(sizes) if sizes else None
+    return None
 
 
 def untile(out: Any, times: int) -> list[Any]:
     """Split a model output over a tiled batch back into ``times`` parts (the inverse of
     :func:`tile` on the first axis). Tensors are split along their first axis; mappings
-    and ``ModelOutput``s keep only their tensor entries (a KV cache object is dropped)."""
+    and ``ModelOutput``s keep only the entries that split (a KV cache object and a
+    batch-mean ``loss`` are dropped: compute per-coefficient losses from the logits)."""
     if isinstance(out, Tensor):
         if out.dim() == 0 or out.shape[0] % times:
             raise ValueError(
@@ -97,7 +118,8 @@ def untile(out: Any, times: int) -> list[Any]:
             )
         return list(out.chunk(times, dim=0))
     if isinstance(out, Mapping):
-        parts = {k: untile(v, times) for k, v in out.items() if _has_tensor(v)}
+        # entries that cannot be split per coefficient (a batch-mean loss) are left out
+        parts = {k: untile(v, times) for k, v in out.items() if _splittable(v, times)}
         make = type(out) if _rebuildable(out) else dict
         return [make(**{k: v[i] for k, v in parts.items()}) for i in range(times)]
     if isinstance(out, (list, tuple)):
@@ -105,6 +127,12 @@ def untile(out: Any, times: int) -> list[Any]:
         container = list if isinstance(out, list) else tuple
         return [container(col[i] for col in columns) for i in range(times)]
     raise TypeError(f"cannot split a {type(out).__name__} into coefficient groups")
+
+
+def _splittable(v: Any, times: int) -> bool:
+    if isinstance(v, Tensor):
+        return v.dim() > 0 and v.shape[0] % times == 0
+    return _has_tensor(v)
 
 
 def _has_tensor(v: Any) -> bool:

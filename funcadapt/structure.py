@@ -19,7 +19,7 @@ it goes away with the model.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,25 @@ from torch import Tensor, nn
 from .quantized import BNB_LINEARS, base_of, check_supported
 from .quantized import kind as quantized_kind
 from .rules import base
-from .rules.base import Rule, is_adapter_layer
+from .rules.base import Rule, access_of, is_adapter_layer
+
+
+class _Strong:
+    """A plain reference with weakref.ref's call interface."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Any:
+        return self.obj
+
+
+def _hold(module: nn.Module, root: nn.Module) -> Callable[[], Any]:
+    """A reference that keeps ``module`` alive unless it is the root: the cache is keyed weakly on
+    the root, and a strong reference to it from the cached value would keep the model alive forever."""
+    return weakref.ref(module) if module is root else _Strong(module)
 
 
 @dataclass
@@ -36,10 +54,14 @@ class AdapterLayer:
     """One adapter layer: its tensors per adapter (role -> (key, tensor)) and quantization kind."""
 
     path: str
-    layer: Any
+    ref: Callable[[], Any]
     entries: dict[str, dict[str, tuple[str, Tensor]]]
     rules: dict[str, Rule | None]
     quantized: str | None
+
+    @property
+    def layer(self) -> Any:
+        return self.ref()
 
 
 @dataclass
@@ -53,8 +75,8 @@ class Structure:
     """Every name of a parameter that has several (tied weights)."""
     adapter_of: dict[str, tuple[str, str]]
     """Adapter tensor key -> (layer path, adapter)."""
-    bnb_linears: list[nn.Module]
-    checkpointing: list[nn.Module]
+    bnb_refs: list[Callable[[], Any]]
+    checkpointing_refs: list[Callable[[], Any]]
     """Modules that can run gradient checkpointing (whether they do is read live)."""
     present: set[str] = field(default_factory=set)
     """Every adapter name any layer has."""
@@ -65,6 +87,14 @@ class Structure:
 
     def __post_init__(self) -> None:
         self.by_path = {info.path: info for info in self.layers}
+
+    @property
+    def bnb_linears(self) -> list[nn.Module]:
+        return [m for m in (ref() for ref in self.bnb_refs) if m is not None]
+
+    @property
+    def checkpointing(self) -> list[nn.Module]:
+        return [m for m in (ref() for ref in self.checkpointing_refs) if m is not None]
 
     def rule(self, path: str, adapter: str) -> Rule | None:
         """The cached rule for (layer path, adapter); looked up live for layers not cached."""
@@ -135,6 +165,9 @@ def _join(*parts: str) -> str:
 
 def adapter_entries(layer: Any, adapter: str) -> dict[str, tuple[str, Tensor]]:
     """role -> (key below the layer, tensor) for every tensor PEFT registers for ``adapter``."""
+    access = access_of(layer)
+    if access is not None:
+        return access.entries(layer, adapter)
     out: dict[str, tuple[str, Tensor]] = {}
     for attr in layer.adapter_layer_names:
         container = getattr(layer, attr, None)
@@ -149,13 +182,37 @@ def adapter_entries(layer: Any, adapter: str) -> dict[str, tuple[str, Tensor]]:
     return out
 
 
-def layer_adapters(layer: Any) -> set[str]:
+def layer_adapters(layer: Any, ancestors: Sequence[nn.Module] = ()) -> set[str]:
+    """The adapters ``layer`` holds; ``ancestors`` (root to parent) for layers read through a
+    :class:`~funcadapt.rules.base.LayerAccess`, whose adapter names may live on an ancestor."""
+    access = access_of(layer)
+    if access is not None:
+        return set(access.adapters(layer, ancestors))
     names: set[str] = set()
     for attr in layer.adapter_layer_names:
         container = getattr(layer, attr, None)
         if container is not None and hasattr(container, "keys"):
             names.update(container.keys())
     return names
+
+
+def active_adapters(layer: Any, held: Iterable[str]) -> list[str]:
+    """The active adapters of an adapter layer holding ``held`` (read live)."""
+    access = access_of(layer)
+    if access is not None:
+        return access.active(layer, sorted(held))
+    return list(layer.active_adapters)
+
+
+def adapters_disabled(layer: Any) -> bool:
+    """Inside ``disable_adapter()`` (read live)."""
+    access = access_of(layer)
+    return access.disabled(layer) if access is not None else bool(layer.disable_adapters)
+
+
+def _ancestors(model: nn.Module, modules: dict[str, nn.Module], path: str) -> list[nn.Module]:
+    parts = path.split(".")
+    return [model] + [modules[".".join(parts[:i])] for i in range(1, len(parts))]
 
 
 def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
@@ -182,7 +239,7 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
             found.append((path, module))
     for path, layer in found:
         check_supported(path, layer)
-        adapters = layer_adapters(layer)
+        adapters = layer_adapters(layer, _ancestors(model, modules, path) if access_of(layer) else ())
         present |= adapters
         # a tensor several layers share (TinyLoRA's per-group vector) is one entry, under the name
         # named_parameters() gives it (its first path), however many layers reach it
@@ -194,7 +251,7 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
             for a in adapters
         }
         rules = {a: base.find_rule(layer, a) for a in adapters}
-        layers.append(AdapterLayer(path, layer, entries, rules, quantized_kind(base_of(layer))))
+        layers.append(AdapterLayer(path, _hold(layer, model), entries, rules, quantized_kind(base_of(layer))))
     adapter_of = {key: (info.path, a) for info in layers for a, e in info.entries.items() for key, _ in e.values()}
     aliases = {n: tuple(group) for group in names.values() if len(group) > 1 for n in group}
     return Structure(
@@ -203,8 +260,8 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
         layers,
         aliases,
         adapter_of,
-        list(bnb.values()),
-        list(checkpointing.values()),
+        [_hold(m, model) for m in bnb.values()],
+        [_hold(m, model) for m in checkpointing.values()],
         present,
         _registry(),
     )

@@ -7,10 +7,10 @@
 Methods: ``"vmap"`` (one ``funcadapt.vmap`` forward per chunk of coefficients),
 ``"rows"`` (one forward on the batch tiled once per coefficient, with one coefficient
 per row: :func:`funcadapt.per_row`; linear mode only), ``"loop"`` (one forward per
-coefficient). ``"auto"`` tries vmap and, if the model or the metric cannot run under
-vmap (a data-dependent op, ``.item()``, ...), falls back to rows (linear mode) or the
-loop (geometric mode) with a warning that names the reason. All three give the same
-values up to float rounding; the tests check it.
+coefficient). ``"auto"`` tries vmap; if the model or the metric cannot run under vmap
+(a data-dependent op, ``.item()``, ...) it tries rows (linear mode, when no adapter
+couples the rows of a batch) and then the loop, warning with each reason. All three
+give the same values up to float rounding; the tests check it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .call import call, vmap
-from .rows import per_row, tile, untile
+from .rows import batch_size, per_row, tile, untile
+from .rules.base import rule_named
 from .transform import transform
 from .tree import AdapterTree, extract
 
@@ -110,7 +111,9 @@ def sweep(
     if not isinstance(batch, dict):
         raise TypeError("batch must be a dict of model keyword arguments, e.g. a tokenizer's output")
     cs = coeffs if isinstance(coeffs, Tensor) else torch.tensor(list(coeffs))
-    cs = cs.detach().to(torch.get_default_dtype()).flatten()
+    cs = cs.detach().flatten()
+    if not cs.is_floating_point():
+        cs = cs.to(torch.get_default_dtype())
     if len(cs) == 0:
         raise ValueError("coeffs is empty")
     tree = extract(model, adapter_names)
@@ -125,22 +128,39 @@ def sweep(
     with torch.no_grad(), tqdm(total=len(cs), disable=not show, desc=f"sweep ({name or _name(metric)})") as bar:
         for chunk in chunks:
             if used == "auto":
-                try:
-                    out = _run("vmap", model, tree, metric, chunk, batch, mode)
-                    used = "vmap"
-                except Exception as e:  # any failure under vmap means: use the fallback
-                    used = "rows" if mode == "linear" else "loop"
-                    warnings.warn(
-                        f"funcadapt.sweep: vmap failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        f"using method={used!r} instead",
-                        stacklevel=2,
-                    )
-                    out = _run(used, model, tree, metric, chunk, batch, mode)
+                used, out = _auto(model, tree, metric, chunk, batch, mode)
             else:
                 out = _run(used, model, tree, metric, chunk, batch, mode)
             values.append(out.detach())
             bar.update(len(chunk))
     return Sweep(cs.cpu(), torch.cat(values).cpu(), used, name or _name(metric))
+
+
+_FALLBACK_ERRORS = (RuntimeError, NotImplementedError, ValueError)
+"""What vmap (or a coefficient batch) raises when the model or metric cannot run that way; other
+errors (a metric returning a non-tensor, a typo) are the caller's and propagate at once."""
+
+
+def _auto(
+    model: nn.Module, tree: AdapterTree, metric: Callable[[Any], Tensor], chunk: Tensor, batch: dict, mode: str
+) -> tuple[str, Tensor]:
+    """vmap; else coefficient batches (linear mode, rows independent); else a loop."""
+    rows_ok = mode == "linear" and not any(rule_named(s.rule).rows_coupled for s in tree.layers)
+    candidates = ["vmap", "rows", "loop"] if rows_ok else ["vmap", "loop"]
+    for method in candidates[:-1]:
+        # after vmap failed for a reason of its own, rows can still fail on what the metric reads
+        # (a batch-mean loss is not split per coefficient): any error there moves on to the loop
+        expected = _FALLBACK_ERRORS if method == "vmap" else (Exception,)
+        try:
+            return method, _run(method, model, tree, metric, chunk, batch, mode)
+        except expected as e:
+            following = candidates[candidates.index(method) + 1]
+            warnings.warn(
+                f"funcadapt.sweep: method={method!r} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"trying method={following!r}",
+                stacklevel=3,
+            )
+    return candidates[-1], _run(candidates[-1], model, tree, metric, chunk, batch, mode)
 
 
 def _name(metric: Callable[..., Any]) -> str:
@@ -169,12 +189,20 @@ def _run(
 
 def _as_tensor(v: Any) -> Tensor:
     if not isinstance(v, Tensor):
-        raise TypeError(f"the metric must return a tensor (a scalar or one value per example), got {type(v).__name__}")
+        hint = (
+            " (with method='rows' the metric sees each coefficient's part of the output; a batch-mean out.loss "
+            "is not split per coefficient: compute the metric from per-row outputs such as logits)"
+            if v is None
+            else ""
+        )
+        raise TypeError(
+            f"the metric must return a tensor (a scalar or one value per example), got {type(v).__name__}{hint}"
+        )
     return v
 
 
 def _batch_rows(batch: dict[str, Any]) -> int:
-    for v in batch.values():
-        if isinstance(v, Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    raise ValueError("method='rows' needs at least one batched tensor in batch (e.g. input_ids)")
+    rows = batch_size(batch)
+    if rows is None:
+        raise ValueError("method='rows' needs at least one batched tensor in batch (e.g. input_ids)")
+    return rows

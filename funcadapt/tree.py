@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .rules.base import RULES
-from .structure import structure
+from .structure import active_adapters, adapters_disabled, structure
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,9 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
     found = structure(model)
     for info in found.layers:
         path, layer = info.path, info.layer
-        if layer.disable_adapters:
+        if adapters_disabled(layer):
             continue  # inside ``with model.disable_adapter()``: no adapter has an effect here
-        active = list(layer.active_adapters)
+        active = active_adapters(layer, info.entries)
         if wanted is None:
             chosen = [a for a in active if a in info.entries]
         else:
@@ -159,13 +159,26 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
                 )
             )
 
+    configs = getattr(model, "peft_config", None)
+    configured = sorted(configs) if isinstance(configs, Mapping) else []
     if wanted is not None:
         unknown = [a for a in wanted if a not in found.present]
+        swapped_out = [a for a in unknown if a in configured]
+        if swapped_out:  # adaption prompt keeps an inactive adapter's layers outside the model
+            raise ValueError(
+                f"adapter {swapped_out[0]!r} is loaded but its layers are not in the model (it is not active, or "
+                f"adapters are disabled); activate it first (model.set_adapter({swapped_out[0]!r}))"
+            )
         if unknown:
             raise ValueError(
                 f"no adapter layer has adapter(s) {unknown}; the model has {sorted(found.present) or 'none'}"
             )
     if not layers:
+        if not found.present and configured:
+            raise ValueError(
+                f"the model has PEFT adapter(s) {configured} but none of their layers is in it now (inside "
+                f"`with model.disable_adapter()`? adaption prompt swaps its layers out while disabled)"
+            )
         if not found.present:
             raise ValueError(
                 f"found no PEFT adapter layer in {type(model).__name__}; wrap it with peft.get_peft_model() "

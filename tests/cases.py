@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from peft import (
     AdaLoraConfig,
     DeloraConfig,
@@ -33,7 +34,10 @@ from peft import (
     VeraConfig,
     get_peft_model,
 )
+from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention
+from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.xlora.layer import XLoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -262,6 +266,9 @@ def build(case_: Case, arch: str = "llama", dtype: torch.dtype = torch.float32, 
     if dtype != torch.float32:
         model = model.to(dtype)
     model.eval()
+    if any(isinstance(m, LoraMultiheadAttention) for m in model.modules()):
+        with torch.no_grad():  # PEFT's first forward re-registers (and in bf16 rounds) MHA's base weights
+            model(**inputs(arch))
     if getattr(config, "coft", False):
         with torch.no_grad():  # PEFT's COFT projects its stored weights in place on the first forward
             model(**inputs(arch))
@@ -289,19 +296,29 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, Any]]:
 def reference_interpolation(model: nn.Module, coeff: float) -> Iterator[None]:
     """Independent reference for mode='linear': at every adapter layer, replace the output by
     y0 + c·(y1 − y0), with y0 computed by PEFT with the layer's adapters disabled.
-    Uses only forward hooks and PEFT's own ``_disable_adapters`` switch, nothing from funcadapt."""
+    Uses only forward hooks and PEFT's own disable switches, nothing from funcadapt."""
     handles = []
     for _, layer in adapter_layers(model):
 
         def hook(module: Any, args: tuple, kwargs: dict, y1: torch.Tensor) -> torch.Tensor:
-            module._disable_adapters = True
+            switches = [(obj, flag, getattr(obj, flag)) for obj, flag in _disable_switches(module)]
+            for obj, flag, _ in switches:
+                setattr(obj, flag, True)
             try:
                 y0 = module.forward(*args, **kwargs)
             finally:
-                module._disable_adapters = False
-            return y0 + coeff * (y1 - y0)
+                for obj, flag, was in switches:
+                    setattr(obj, flag, was)
+            # attention layers return tuples: interpolate the floating tensors, keep the rest of y1
+            return pytree.tree_map(
+                lambda a, b: a + coeff * (b - a) if isinstance(a, torch.Tensor) and a.is_floating_point() else b,
+                y0,
+                y1,
+            )
 
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    for wrapper in [m for m in model.modules() if isinstance(m, _BaseAdaptedAttention)]:
+        handles += _adaption_prompt_reference(wrapper, coeff)
     try:
         yield
     finally:
@@ -309,11 +326,50 @@ def reference_interpolation(model: nn.Module, coeff: float) -> Iterator[None]:
             h.remove()
 
 
+def _disable_switches(layer: Any) -> list[tuple[Any, str]]:
+    """(object, flag) pairs that switch ``layer``'s adapters off: PEFT's ``_disable_adapters``, and
+    for an X-LoRA layer (PEFT replaced its ``forward`` with an ``XLoraLayer``'s, which ignores that
+    flag) its ``XLoraModel``'s ``disabled``."""
+    switches: list[tuple[Any, str]] = [(layer, "_disable_adapters")]
+    xlora = getattr(layer.__dict__.get("forward"), "__self__", None)
+    if isinstance(xlora, XLoraLayer):
+        switches.append((xlora.model, "disabled"))
+    return switches
+
+
+def _adaption_prompt_reference(wrapper: nn.Module, coeff: float) -> list[Any]:
+    """Adaption prompt wraps a whole attention module (``wrapper.model``, what ``disable_adapter()``
+    swaps back in); y0 is that module's output, captured while the wrapper runs (running it a
+    second time would append to a KV cache twice)."""
+    seen: list[Any] = []
+
+    def grab(module: Any, args: tuple, y0: Any) -> None:
+        seen.append(y0)
+
+    def lerp(module: Any, args: tuple, y1: Any) -> Any:
+        y0 = seen.pop()
+        return (y0[0] + coeff * (y1[0] - y0[0]), *y1[1:])
+
+    return [wrapper.model.register_forward_hook(grab), wrapper.register_forward_hook(lerp)]
+
+
+def _reregistered(model: nn.Module) -> set[str]:
+    """Parameters PEFT itself replaces by new objects on every forward and ``named_modules()``
+    call (LoRA on nn.MultiheadAttention re-registers its base weights): their identity cannot
+    be compared, their values still are."""
+    names = set()
+    for n, m in model.named_modules():
+        if isinstance(m, LoraMultiheadAttention):
+            names |= {f"{n}.base_layer.in_proj_weight", f"{n}.base_layer.out_proj.base_layer.weight"}
+    return names
+
+
 def snapshot(model: nn.Module) -> dict[str, Any]:
     """Everything 'nothing about the model changed' promises: values, objects, flags."""
+    skip = _reregistered(model)
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "ids": {k: id(v) for k, v in model.named_parameters(remove_duplicate=False)},
+        "ids": {k: id(v) for k, v in model.named_parameters(remove_duplicate=False) if k not in skip},
         "buffer_ids": {k: id(v) for k, v in model.named_buffers(remove_duplicate=False)},
         "grad": {k: v.requires_grad for k, v in model.named_parameters(remove_duplicate=False)},
         "training": {k: m.training for k, m in model.named_modules(remove_duplicate=False)},

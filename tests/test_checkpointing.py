@@ -13,6 +13,7 @@ import pytest
 import torch
 from cases import CASES, VOCAB, assert_unchanged, build, case, inputs, snapshot
 from torch import nn
+from torch.utils.checkpoint import CheckpointError
 
 import funcadapt
 from funcadapt import AdapterModifier, swap
@@ -137,8 +138,19 @@ def test_plain_functional_call_is_wrong_under_checkpointing():
     assert_grads_close(right, ref)
 
 
+def _checkpointable(case: Any) -> Any:
+    """A case whose note ``peft_checkpointing_bug`` says why PEFT's own model cannot be trained with
+    gradient checkpointing runs as a strict xfail: the recompute must still fail (a test in the
+    case's own test file pins the bug on PEFT alone), and a PEFT fix turns it into a failure."""
+    reason = case.notes.get("peft_checkpointing_bug")
+    if not reason:
+        return case
+    mark = pytest.mark.xfail(raises=CheckpointError, strict=True, reason=reason)
+    return pytest.param(case, marks=mark)
+
+
 @pytest.mark.parametrize("path", [loss_call, loss_modifier], ids=["call", "modifier"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [_checkpointable(c) for c in CASES], ids=lambda c: c.id)
 def test_checkpointed_gradients_exact(case, path):
     model = build(case)
     model.train()
@@ -226,7 +238,7 @@ def test_vmap_with_checkpointing_enabled(monkeypatch):
     _vmap_check(model, monkeypatch)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [_checkpointable(c) for c in CASES], ids=lambda c: c.id)
 def test_vmap_with_checkpointing_no_input_grad_hook(case, monkeypatch):
     """The same with the input-embedding hook removed (not needed for non-reentrant checkpointing):
     funcadapt runs the layers uncheckpointed under vmap, with a warning, and matches the loop."""

@@ -61,13 +61,16 @@ def assert_grads_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor
         torch.testing.assert_close(got[k], ref[k], msg=lambda m, k=k: f"gradient of {k}: {m}", **tol)
 
 
-def reference(model: nn.Module, tree: funcadapt.AdapterTree) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The math of the contrastive loop, written functionally."""
+def reference(
+    model: nn.Module, tree: funcadapt.AdapterTree, extra: dict[str, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The math of the contrastive loop, written functionally (gradients of the tree's trainable
+    tensors and of ``extra``)."""
     torch.manual_seed(100)
     lp = funcadapt.call(model, funcadapt.transform(tree, 1.0), **BATCH, labels=POS).loss
     torch.manual_seed(101)
     ln = funcadapt.call(model, funcadapt.transform(tree, -1.0), **BATCH, labels=NEG).loss
-    return lp.detach(), ln.detach(), grads_of(lp + ln, trainable(tree))
+    return lp.detach(), ln.detach(), grads_of(lp + ln, {**trainable(tree), **(extra or {})})
 
 
 def contrastive_step(model: nn.Module, optimizer: torch.optim.Optimizer, modifier: Callable[..., Any]) -> tuple:
@@ -110,7 +113,14 @@ def test_contrastive_loop_exact_gradients(case):
     model.train()  # every dropout is 0; stochastic adapters are seeded identically in both computations
     tree = funcadapt.extract(model)
     params = trainable(tree)
-    lp_ref, ln_ref, ref = reference(model, tree)
+    # trainable Parameters that no coefficient acts on are not in the tree (X-LoRA's gating
+    # classifier, see the case's note "trainable_outside_tree"); they train through the model's own
+    # Parameter objects, with the same gradients as in the functional reference
+    in_tree = {id(p) for p in params.values()}
+    outside = {k: p for k, p in model.named_parameters() if p.requires_grad and id(p) not in in_tree}
+    assert bool(outside) == bool(case.notes.get("trainable_outside_tree")), sorted(outside)[:3]
+    params = {**params, **outside}
+    lp_ref, ln_ref, ref = reference(model, tree, extra=outside)
 
     optimizer = _optimizer(model)  # built before the loop, as in the seed
     before = snapshot(model)

@@ -1,28 +1,32 @@
-"""Prompt-learning methods: each one is refused with a message that says why and what to use
-instead, before anything touches the model, and the model is unchanged and still runs.
+"""Prompt learning and adaption prompt.
 
 Prompt tuning, prefix tuning, P-tuning, multitask prompt tuning, CPT and cartridges act
 through virtual tokens (input embeddings or a key/value cache), not through a layer's
 weights, so there is no per-layer effect y1 − y0 for a coefficient to scale (PEFT reports
-``is_prompt_learning`` for all of them).
+``is_prompt_learning`` for all of them). Each is refused with a message that says why and
+what to use instead, before anything touches the model, and the model is unchanged and
+still runs.
 
 Adaption prompt (LLaMA-Adapter) is the exception in PEFT's taxonomy: ``is_prompt_learning``
-is False, and its ``AdaptedAttention`` wrappers are not ``BaseTunerLayer`` s, so funcadapt
-finds no adapter layer and says so with a generic message. Its attention output is
-``attn(x) + o_proj(gate · softmax(q·kᵀ_prompt) · v_prompt)``, linear in the gate when
-``o_proj`` has no bias, so ``gate ↦ c·gate`` would be an exact coefficient; that needs
-extraction support for a non-tuner module (a core change, proposed in the special-tuners
-report). The specific message that change brings is pinned as a strict xfail below.
+is False and its ``AdaptedAttention`` wrappers carry the effect inside the attention blocks,
+``attn(x) + o_proj(gate · softmax(q·kᵀ_prompt) · v_prompt)``. funcadapt supports it
+(funcadapt/rules/adaption_prompt.py): gate ↦ c·gate where that is exact (bias-free o_proj,
+GPT-2), the block's output interpolation where o_proj has a bias. The generic tests run its
+cases (tests/cases_prompt.py); the tests here check what they cannot: the exact parameter
+meaning against PEFT models with a scaled gate, PEFT's biased-o_proj bug, adapter switching,
+generation with a KV cache, and the messages.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from cases import assert_unchanged, inputs, snapshot, tiny_llama
+from cases import VOCAB, assert_unchanged, build, case, inputs, output, snapshot, tiny_llama
+from cases_prompt import biased_o_proj
 from peft import (
     AdaptionPromptConfig,
     CartridgeConfig,
@@ -98,8 +102,8 @@ def test_prompt_learning_refused_model_unchanged(name, adapter_names):
         assert torch.equal(model(**batch).logits, before_out), "the model must still run exactly as before"
 
 
-def _adaption_prompt() -> torch.nn.Module:
-    model = _build(AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2))
+def _adaption_prompt(config: Any = None) -> torch.nn.Module:
+    model = _build(config or AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2))
     with torch.no_grad():  # the gate starts at zero: make the adapter act
         for name, p in model.named_parameters():
             if "adaption_gate" in name:
@@ -107,36 +111,166 @@ def _adaption_prompt() -> torch.nn.Module:
     return model
 
 
-def test_adaption_prompt_refused_model_unchanged():
-    """Not a prompt-learning method in PEFT's sense (it has weights in the layers), but not a tuner
-    layer either: refused today, and nothing is touched."""
-    model = _adaption_prompt()
-    config = model.peft_config["default"]
-    assert not config.is_prompt_learning and config.is_adaption_prompt
+def _gates(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if n.endswith("adaption_gate")]
+
+
+def _scaled_gate_reference(model: torch.nn.Module, c: float, batch: dict) -> torch.Tensor:
+    """PEFT alone: a copy of the model whose gates are multiplied by c."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for gate in _gates(ref):
+            gate.mul_(c)
+        return output(ref(**batch))
+
+
+def _run(model: torch.nn.Module, params: Any, **batch: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return output(funcadapt.call(model, params, **batch))
+
+
+@pytest.mark.parametrize("case_arch", [("adaption-prompt", "llama"), ("adaption-prompt", "gpt2")], ids=str)
+def test_adaption_prompt_is_gate_scaling(case_arch):
+    """Bias-free o_proj (Llama) and no output projection (GPT-2): every mode and op is exactly a PEFT
+    model whose gates are multiplied by c (c = −1 for invert), and extraction finds both tensors."""
+    case_id, arch = case_arch
+    model = build(case(case_id), arch)
+    batch = inputs(arch)
+    tree = funcadapt.extract(model)
+    assert tree.adapters == ("default",) and len(tree.layers) == 2
+    assert {role for s in tree.layers for role in s.keys} == {"adaption_prompt", "adaption_gate"}
+    named = dict(model.named_parameters())
+    assert all(tree.params[k] is named[k] for k in tree.params), "the tree holds the model's own Parameters"
+    assert not any(s.static["o_proj_bias"] for s in tree.layers)
+    before = snapshot(model)
+    for c in (-1.0, 0.5, 2.0):
+        want = _scaled_gate_reference(model, c, batch)
+        params = funcadapt.transform(tree, torch.tensor(c))
+        assert not any(k.startswith("@funcadapt") for k in params), "gate scaling is exact: no fallback"
+        torch.testing.assert_close(_run(model, params, **batch), want, rtol=1e-5, atol=1e-6)
+        geometric = funcadapt.transform(tree, c, mode="geometric")
+        torch.testing.assert_close(_run(model, geometric, **batch), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        _run(model, funcadapt.transform(tree, None, "invert"), **batch),
+        _scaled_gate_reference(model, -1.0, batch),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert_unchanged(model, before)
+
+
+def test_adaption_prompt_biased_o_proj_peft_gate_zero_is_not_base():
+    """PEFT bug (peft 0.21.2), plain PEFT: with a biased o_proj, AdaptedAttention adds
+    o_proj(gate · …), whose bias survives gate 0, so the zero-initialised adapter is not the base
+    model (the bias is added twice). funcadapt's c = 0 is the base model all the same (the
+    block's output is interpolated against the wrapped attention), and c = 1 is PEFT."""
+    model = _adaption_prompt_biased()
     batch = inputs()
     with torch.no_grad():
-        y1 = model(**batch).logits
+        y1 = output(model(**batch))
         with model.disable_adapter():
-            y0 = model(**batch).logits
-    assert not torch.allclose(y0, y1, atol=1e-4), "the adaption prompt must act for this test to mean anything"
+            y0 = output(model(**batch))
+    gate_zero = _scaled_gate_reference(model, 0.0, batch)
+    assert not torch.allclose(gate_zero, y0, atol=1e-3), "PEFT's gate 0 equals the base model: bug fixed?"
+    tree = funcadapt.extract(model)
+    assert all(s.static["o_proj_bias"] for s in tree.layers)
+    params = funcadapt.transform(tree, 0.5)
+    assert any(k.startswith("@funcadapt.interp.") for k in params), "a biased o_proj takes the output interpolation"
     before = snapshot(model)
-    for attempt in _attempts(model, None):
-        with pytest.raises(ValueError):
-            attempt()
-        assert not swap.active_frames()
-        assert_unchanged(model, before)
+    assert torch.equal(_run(model, funcadapt.transform(tree, 1.0), **batch), y1)
+    assert torch.equal(_run(model, funcadapt.transform(tree, 0.0), **batch), y0)
+    assert torch.equal(_run(model, funcadapt.transform(tree, None, "disable"), **batch), y0)
+    # the interpolation is not gate scaling there: c = 0.5 differs from PEFT with half the gate
+    half = _run(model, params, **batch)
+    assert not torch.allclose(half, _scaled_gate_reference(model, 0.5, batch), atol=1e-3)
+    # invert and geometric are the output interpolation at −1 and c
     with torch.no_grad():
-        assert torch.equal(model(**batch).logits, y1)
+        assert torch.equal(
+            _run(model, funcadapt.transform(tree, None, "invert"), **batch),
+            _run(model, funcadapt.transform(tree, -1.0), **batch),
+        )
+        assert torch.equal(_run(model, funcadapt.transform(tree, 0.5, mode="geometric"), **batch), half)
+    assert_unchanged(model, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the proposed core change in funcadapt/tree.py (_check_prompt_learning naming adaption prompt)",
-)
-def test_adaption_prompt_message_says_why():
+def _adaption_prompt_biased() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = get_peft_model(
+        biased_o_proj(tiny_llama()), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2)
+    )
+    with torch.no_grad():
+        for gate in _gates(model):
+            gate.fill_(0.5)
+    model.eval()
+    return model
+
+
+def test_adaption_prompt_switching_adapters():
+    """PEFT keeps only the active adapter's wrappers in the model: extraction follows set_adapter, an
+    inactive adapter is named as such, and disable_adapter() leaves nothing to extract."""
     model = _adaption_prompt()
-    with pytest.raises(ValueError, match=r"ADAPTION_PROMPT.*AdaptedAttention.*gate"):
+    model.add_adapter("other", AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=1))
+    batch = inputs()
+    assert funcadapt.extract(model).adapters == ("default",)
+    with pytest.raises(ValueError, match=r"'other' is loaded but its layers are not in the model.*set_adapter"):
+        funcadapt.extract(model, "other")
+    with (
+        model.disable_adapter(),
+        pytest.raises(ValueError, match=r"none of their layers is in it now.*disable_adapter"),
+    ):
         funcadapt.extract(model)
+    model.set_adapter("other")
+    with torch.no_grad():
+        for gate in _gates(model):
+            gate.fill_(-0.7)
+    tree = funcadapt.extract(model)
+    assert tree.adapters == ("other",) and len(tree.layers) == 1
+    torch.testing.assert_close(
+        _run(model, funcadapt.transform(tree, 2.0), **batch), _scaled_gate_reference(model, 2.0, batch)
+    )
+    with torch.no_grad():
+        with model.disable_adapter():
+            y0 = output(model(**batch))
+        assert torch.equal(_run(model, funcadapt.transform(tree, 0.0), **batch), y0)
+    model.set_adapter("default")
+    assert funcadapt.extract(model).adapters == ("default",)
+
+
+def test_adaption_prompt_outside_its_model_is_refused():
+    """The adapter's name lives on the AdaptionPromptModel; the bare transformers model inside has none."""
+    model = _adaption_prompt()
+    inner = model.base_model.model
+    with pytest.raises(ValueError, match=r"outside the AdaptionPromptModel.*PeftModel"):
+        funcadapt.extract(inner)
+    assert funcadapt.extract(model.base_model).adapters == ("default",)
+
+
+@pytest.mark.parametrize("case_id", ["adaption-prompt", "adaption-prompt-o-bias"])
+def test_adaption_prompt_generate_rows_equal_separate(case_id):
+    """Greedy generation with a KV cache at three coefficients in one tiled batch equals three
+    separate generations: the wrapped attention (which appends to the cache) runs once per step
+    even where the block's output is interpolated."""
+    model = build(case(case_id))
+    model.generation_config.pad_token_id = 0
+    prompt = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    coeffs = [-1.0, 0.0, 1.5]
+    kwargs = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():  # PEFT's first generate() leaves base_model.prepare_inputs_for_generation set
+        model.generate(input_ids=prompt, **kwargs)
+    before = snapshot(model)
+    with torch.no_grad():
+        with AdapterModifier(model, "scale", funcadapt.per_row(torch.tensor(coeffs), repeat=2)):
+            tiled = model.generate(input_ids=funcadapt.tile(prompt, 3), **kwargs)
+        separate = []
+        for c in coeffs:
+            with AdapterModifier(model, "scale", c):
+                separate.append(model.generate(input_ids=prompt, **kwargs))
+        with model.disable_adapter():
+            base = model.generate(input_ids=prompt, **kwargs)
+    assert torch.equal(tiled, torch.cat(separate))
+    assert torch.equal(separate[1], base)
+    assert not torch.equal(separate[0], separate[2]), "the coefficients must change the generated text"
+    assert_unchanged(model, before)
 
 
 def test_adaption_prompt_is_linear_in_gate():

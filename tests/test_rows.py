@@ -308,3 +308,19 @@ def test_tile_and_untile():
         assert p.past_key_values is None  # the cache object is not split
     with pytest.raises(ValueError, match="first axis"):
         funcadapt.untile(torch.ones(5), 3)
+
+
+def test_equal_valued_coefficients_that_need_their_own_gradients_are_not_merged():
+    """Two adapters jointly interpolated on one layer, given two per-row leaves with equal values:
+    treating them as one coefficient would drop one leaf's gradient, so it is refused."""
+    model = build(case("dora"))
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    model.base_model.set_adapter(["default", "other"])
+    tree = funcadapt.extract(model)
+    a, b = torch.tensor([1.0, -1.0], requires_grad=True), torch.tensor([1.0, -1.0], requires_grad=True)
+    params = funcadapt.transform(tree, {"default": funcadapt.per_row(a), "other": funcadapt.per_row(b)})
+    with pytest.raises(ValueError, match="different per-row coefficients"):
+        funcadapt.call(model, params, **inputs(batch=2))
+    shared = funcadapt.per_row(a)  # one object for both: fine, and a gets the gradient
+    output(funcadapt.call(model, funcadapt.transform(tree, shared), **inputs(batch=2))).sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0

@@ -78,7 +78,17 @@ def test_fast_path_equals_fallback(case, c):
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.archs and "llama" in c.archs], ids=lambda c: c.id)
+def _bf16_param(case):
+    """A case whose note ``peft_bf16_bug`` says why PEFT's own forward raises after ``model.to(bfloat16)``
+    runs as a strict xfail: it must still raise (a test in the case's own test file pins the bug), and
+    a PEFT fix turns it into a failure that asks for the note to go."""
+    reason = case.notes.get("peft_bf16_bug")
+    if not reason:
+        return case
+    return pytest.param(case, marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason=reason))
+
+
+@pytest.mark.parametrize("case", [_bf16_param(c) for c in CASES if c.archs and "llama" in c.archs], ids=lambda c: c.id)
 def test_bf16(case):
     model = build(case, dtype=torch.bfloat16)
     tree = funcadapt.extract(model)

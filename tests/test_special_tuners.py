@@ -5,6 +5,7 @@ own disable switch), beyond what the generic case tests can see."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from cases import (
     tiny_llama,
 )
 from cases_special import LN_TARGETS, poly_config
+from cases_xlora import make_xlora, xlora_config
 from peft import LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 from peft.tuners.ln_tuning.layer import LNTuningLayer
 from peft.tuners.poly.layer import PolyLayer
@@ -391,32 +393,22 @@ def test_arrow_fallback_exact(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# X-LoRA: c scales every LoRA expert jointly (B_i ↦ c·B_i); the classifier's gating is unchanged
+# X-LoRA (funcadapt/rules/xlora.py): c scales every LoRA expert jointly (B_i ↦ c·B_i); with the
+# default scaling_pass_value=0 the classifier's gating is PEFT's at every c. The generic case is
+# tests/cases_xlora.py; these check what the generic tests cannot see.
 
 
-def _xlora(tmp_path: Any) -> nn.Module:
-    from peft import XLoraConfig
-
-    paths = _save_experts(tmp_path)
+def _xlora(seed: int = 3, **config: Any) -> nn.Module:
+    """An X-LoRA model on two saved random experts (tests/cases_xlora.py), config overrides."""
     torch.manual_seed(0)
-    base = tiny_llama()
-    base.config.use_cache = False  # X-LoRA refuses a cache
-    # PEFT surprise: the expert names must be "0", "1", ...: X-LoRA loads the experts under those names
-    # but activates the dict's keys, so any other names silently disable every expert
-    config = XLoraConfig(
-        task_type="CAUSAL_LM",
-        hidden_size=32,
-        xlora_depth=1,
-        adapters={str(i): p for i, p in enumerate(paths)},
-        use_trainable_adapters=True,
-    )
-    model = get_peft_model(base, config)
-    randomize_adapters(model, seed=3)
+    model = make_xlora(tiny_llama(), dataclasses.replace(xlora_config("llama"), **config))
+    randomize_adapters(model, seed=seed)
     model.eval()
     return model
 
 
 def _xlora_reference(model: nn.Module, scales: dict[str, float], batch: dict) -> torch.Tensor:
+    """PEFT alone: a deep copy with every expert's lora_B multiplied by its coefficient."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for _, layer in adapter_layers(ref):
@@ -425,13 +417,21 @@ def _xlora_reference(model: nn.Module, scales: dict[str, float], batch: dict) ->
         return output(ref(**batch))
 
 
-def test_xlora_scales_experts_jointly(tmp_path):
-    model = _xlora(tmp_path)
+def _latest(model: nn.Module) -> torch.Tensor:
+    return model.get_latest_scalings()
+
+
+def test_xlora_scales_experts_jointly():
+    model = _xlora()
     batch = inputs()
     tree = funcadapt.extract(model)
-    assert tree.adapters == ("0", "1") and {s.rule for s in tree.layers} == {"lora"}
+    assert tree.adapters == ("0", "1") and {s.rule for s in tree.layers} == {"xlora"}
+    # the gating classifier is trainable but not in the tree: no coefficient acts on it
+    classifier = {k for k, p in model.named_parameters() if p.requires_grad and "internal_xlora_classifier" in k}
+    assert classifier and not classifier & set(tree.params)
     with torch.no_grad():
         y1 = output(model(**batch))
+        gating = _latest(model).clone()
         with model.disable_adapter():
             y0 = output(model(**batch))
     assert not torch.allclose(y0, y1, atol=1e-4)
@@ -441,27 +441,159 @@ def test_xlora_scales_experts_jointly(tmp_path):
     for c in COEFFS:
         got = _run(model, funcadapt.transform(tree, torch.tensor(c)), **batch)
         torch.testing.assert_close(got, _xlora_reference(model, {"0": c, "1": c}, batch), rtol=1e-5, atol=1e-5)
+        # scaling_pass_value=0: the scaling pass is the base model, so the gating is PEFT's at every c
+        torch.testing.assert_close(_latest(model), gating, rtol=1e-6, atol=1e-7)
     got = _run(model, funcadapt.transform(tree, {"0": 2.0, "1": -1.0}), **batch)
     torch.testing.assert_close(got, _xlora_reference(model, {"0": 2.0, "1": -1.0}, batch), rtol=1e-5, atol=1e-5)
-    # exact gradients w.r.t. c (plain autograd)
-    c = torch.tensor(0.5, requires_grad=True)
-    (dc,) = torch.autograd.grad(output(funcadapt.call(model, funcadapt.transform(tree, c), **batch)).sum(), c)
-    assert dc.abs() > 0
     assert_unchanged(model, before)
 
 
-def test_xlora_vmap_unsupported_by_peft_forward(tmp_path):
-    """Known limit, pinned: X-LoRA's scaling pass toggles the experts' requires_grad
-    (LoraModel.disable_adapter_layers), which torch.func transforms refuse; vmap over c fails
-    loudly (no silent wrong result). Loop over coefficients instead."""
-    model = _xlora(tmp_path)
+def test_xlora_nonzero_scaling_pass_value():
+    """With scaling_pass_value ≠ 0 the scaling pass runs the scaled experts, so the gating follows c:
+    the result is still exactly the per-layer interpolation of every layer call (both passes)."""
+    model = _xlora(scaling_pass_value=0.5)
+    batch = inputs()
+    tree = funcadapt.extract(model)
+    with torch.no_grad():
+        model(**batch)
+        gating = _latest(model).clone()
+    for c in COEFFS:
+        with torch.no_grad(), reference_interpolation(model, c):
+            ref = output(model(**batch))
+        torch.testing.assert_close(_run(model, funcadapt.transform(tree, c), **batch), ref, rtol=1e-4, atol=1e-5)
+        got = _run(model, funcadapt.transform(tree, torch.tensor(c)), **batch)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(_latest(model), gating, atol=1e-6), "the gating was expected to follow c here"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"top_k_lora": 1, "enable_softmax": False, "enable_softmax_topk": True}, {"layerwise_scalings": True}],
+    ids=["dense", "topk-softmax", "layerwise"],
+)
+def test_xlora_under_torch_func(config):
+    """vmap over c equals the loop, torch.func.grad equals autograd, and the scalings X-LoRA stores
+    on the model (get_latest_scalings) are not left as dead transform tensors."""
+    model = _xlora(**config)
     tree = funcadapt.extract(model)
     batch = inputs()
+    with torch.no_grad():
+        model(**batch)
+    latest = _latest(model)
     before = snapshot(model)
 
     def f(c: torch.Tensor) -> torch.Tensor:
-        return output(funcadapt.call(model, funcadapt.transform(tree, c), **batch))
+        return output(funcadapt.call(model, funcadapt.transform(tree, c), **batch)).square().mean()
+
+    cs = torch.tensor(COEFFS)
+    with torch.no_grad():
+        batched = funcadapt.vmap(f)(cs)
+        loop = torch.stack([f(c) for c in cs])
+    torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-6)
+    assert _latest(model) is not latest  # the loop (outside transforms) stored PEFT's scalings ...
+    latest = _latest(model)
+    funcadapt.vmap(f)(cs)
+    assert _latest(model) is latest  # ... a transformed call restores the value from before
+    c = torch.tensor(0.5, requires_grad=True)
+    (want,) = torch.autograd.grad(f(c), c)
+    got = torch.func.grad(f)(torch.tensor(0.5))
+    assert want.abs() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert_unchanged(model, before)
+
+
+def test_xlora_peft_forward_fails_under_transforms():
+    """Why the rule swaps code in under transforms, pinned on PEFT alone: X-LoRA's scaling pass toggles
+    the experts' requires_grad (LoraModel.disable_adapter_layers), which torch.func refuses."""
+    model = _xlora()
+    batch = inputs()
+    keys = [k for k, _ in model.named_parameters() if ".lora_B." in k]
+    weights = dict(model.named_parameters())
+
+    def f(c: torch.Tensor) -> torch.Tensor:
+        scaled = {k: c * weights[k] for k in keys}
+        return output(torch.func.functional_call(model, scaled, kwargs=batch)).sum()
 
     with torch.no_grad(), pytest.raises(RuntimeError, match="requires_grad_"):
-        funcadapt.vmap(f)(torch.tensor(COEFFS))
-    assert_unchanged(model, before)
+        torch.func.vmap(f)(torch.tensor(COEFFS))
+
+
+def test_xlora_classifier_gradients():
+    """The classifier trains through the model's own Parameters: its gradients under funcadapt equal
+    PEFT's at c = 1 and the independent reference's at c = −1, looped or vmapped."""
+    model = _xlora()
+    model.train()  # all dropouts are 0
+    tree = funcadapt.extract(model)
+    batch = inputs()
+    classifier = {k: p for k, p in model.named_parameters() if "internal_xlora_classifier" in k}
+    assert classifier and all(p.requires_grad for p in classifier.values())
+    labels = batch["input_ids"]
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(loss, list(classifier.values())))
+
+    def loss_at(c: Any) -> torch.Tensor:
+        return funcadapt.call(model, funcadapt.transform(tree, c), **batch, labels=labels).loss
+
+    plain = grads(model(**batch, labels=labels).loss)
+    assert any(g.abs().max() > 0 for g in plain)
+    for g, w in zip(grads(loss_at(1.0)), plain, strict=True):
+        torch.testing.assert_close(g, w)
+    with reference_interpolation(model, -1.0):
+        want = grads(model(**batch, labels=labels).loss)
+    for g, w in zip(grads(loss_at(torch.tensor(-1.0))), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    cs = torch.tensor(COEFFS)
+    batched = grads(funcadapt.vmap(loss_at)(cs).sum())
+    looped = grads(torch.stack([loss_at(c) for c in cs]).sum())
+    for g, w in zip(batched, looped, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_xlora_peft_bf16_cast_fails():
+    """PEFT bug (0.21), why the case carries "peft_bf16_bug": the classifier records the model's dtype
+    when X-LoRA is created and makes the scaling pass's dummy scalings in it, so after
+    ``model.to(bfloat16)`` float32 scalings meet bf16 experts and PEFT's own forward raises."""
+    model = _xlora().to(torch.bfloat16)
+    assert model.internal_xlora_classifier.dtype == torch.float32  # stale
+    with torch.no_grad(), pytest.raises(RuntimeError, match="same dtype"):
+        model(**inputs())
+
+
+def test_xlora_bf16_built_in_bf16():
+    """bf16 the way PEFT supports it: the base model is bf16 before X-LoRA is created (PEFT keeps the
+    experts in float32). Endpoints exact, linear mode close to the independent reference."""
+    torch.manual_seed(0)
+    model = make_xlora(tiny_llama().to(torch.bfloat16), xlora_config("llama"))
+    randomize_adapters(model, seed=3)
+    model.eval()
+    tree = funcadapt.extract(model)
+    batch = inputs()
+    with torch.no_grad():
+        y1 = output(model(**batch))
+        with model.disable_adapter():
+            y0 = output(model(**batch))
+        assert y1.dtype == torch.bfloat16 and not torch.equal(y0, y1)
+        assert torch.equal(_run(model, funcadapt.transform(tree, 1.0), **batch), y1)
+        assert torch.equal(_run(model, funcadapt.transform(tree, None, "disable"), **batch), y0)
+        with reference_interpolation(model, -1.0):
+            ref = output(model(**batch))
+    got = _run(model, funcadapt.transform(tree, torch.tensor(-1.0)), **batch)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0.05, atol=0.05)
+
+
+def test_xlora_peft_checkpointing_fails():
+    """PEFT bug (0.21), why the case carries "peft_checkpointing_bug": X-LoRA hands the scalings to its
+    layers through forward pre-hooks that exist only while the forward runs; the checkpointed
+    recompute runs the experts without them, so torch's non-reentrant checkpoint sees other saved
+    tensors and raises. PEFT alone, no funcadapt involved."""
+    from torch.utils.checkpoint import CheckpointError
+
+    model = _xlora()
+    model.train()
+    batch = inputs()
+    model(**batch, labels=batch["input_ids"]).loss.backward()  # trains without checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    with pytest.raises(CheckpointError, match="different number of tensors"):
+        loss.backward()

@@ -64,7 +64,7 @@ def test_auto_falls_back_when_vmap_cannot_run(mode, fallback):
     def item_metric(out):
         return torch.tensor(output(out).mean().item())
 
-    with pytest.warns(UserWarning, match=f"vmap failed.*method='{fallback}'"):
+    with pytest.warns(UserWarning, match=f"method='vmap' failed.*trying method='{fallback}'"):
         result = funcadapt.sweep(model, item_metric, COEFFS, batch, mode=mode)
     assert result.method == fallback
     torch.testing.assert_close(result.values, expected(model, mean_logit, COEFFS, batch, mode))
@@ -110,7 +110,47 @@ def test_bad_arguments():
         funcadapt.sweep(model, mean_logit, [], inputs())
     with pytest.raises(TypeError, match="must return a tensor"):
         funcadapt.sweep(model, lambda out: 1.0, COEFFS, inputs(), method="loop")
-    with pytest.raises(ValueError, match="first axis"):  # a batch-mean cannot be split per coefficient
+    with pytest.raises(TypeError, match=r"batch-mean out\.loss"):  # a batch-mean cannot be split per coefficient
         funcadapt.sweep(
             model, lambda out: out.loss, COEFFS, {**inputs(), "labels": inputs()["input_ids"]}, method="rows"
         )
+
+
+def test_auto_skips_rows_where_rows_are_coupled():
+    """Lily couples the rows of a batch: when vmap cannot run, auto goes straight to the loop."""
+    model = build(case("lily"))
+    batch = inputs(batch=2)
+
+    def item_metric(out):
+        return torch.tensor(output(out).mean().item())
+
+    with pytest.warns(UserWarning, match="method='loop'"):
+        result = funcadapt.sweep(model, item_metric, COEFFS, batch)
+    assert result.method == "loop"
+    torch.testing.assert_close(result.values, expected(model, mean_logit, COEFFS, batch))
+
+
+def test_auto_falls_back_to_the_loop_for_a_batch_mean_loss():
+    """A metric reading out.loss (a batch mean, not per row) cannot use rows; auto ends at the loop."""
+    model = build(case("ia3"))
+    batch = {**inputs(batch=2), "labels": inputs(batch=2, seed=3)["input_ids"]}
+
+    def loss_item(out):
+        return torch.tensor(out.loss.item())
+
+    with pytest.warns(UserWarning):
+        result = funcadapt.sweep(model, loss_item, COEFFS, batch)
+    assert result.method == "loop"
+    torch.testing.assert_close(result.values, expected(model, lambda out: out.loss, COEFFS, batch))
+
+
+def test_float64_coefficients_and_broadcast_inputs():
+    model = build(case("lora")).double()
+    ids = inputs(batch=3)["input_ids"]
+    batch = {"input_ids": ids, "position_ids": torch.arange(ids.shape[1])[None]}  # (1, T): broadcast
+    coeffs = torch.tensor([0.1, -0.3], dtype=torch.float64)
+    result = funcadapt.sweep(model, mean_logit, coeffs, batch, method="rows")
+    assert result.coeffs.dtype == torch.float64 and result.coeffs[0].item() == 0.1
+    torch.testing.assert_close(result.values, expected(model, mean_logit, coeffs, batch))
+    tiled = funcadapt.tile(batch, 2)
+    assert tiled["input_ids"].shape == (6, ids.shape[1]) and tiled["position_ids"].shape == (1, ids.shape[1])

@@ -23,7 +23,7 @@ The support table in ``docs/support.md`` is generated from :data:`RULES`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Number
 from typing import Any
@@ -91,7 +91,8 @@ def replacing(fn: Callable[..., Any], layer: Any) -> Callable[..., Any]:
 
 
 def same_coeff(a: object, b: object) -> bool:
-    """The same coefficient: one object, equal numbers, or equal plain (non-vmapped) tensors."""
+    """The same coefficient: one object, equal numbers, or equal plain (non-vmapped) tensors that
+    do not require grad."""
     if a is b:
         return True
     if is_number(a) and is_number(b):
@@ -100,6 +101,8 @@ def same_coeff(a: object, b: object) -> bool:
         wrapped = torch._C._functorch.is_functorch_wrapped_tensor
         if wrapped(a) or wrapped(b) or a.shape != b.shape or a.device != b.device:
             return False
+        if a.requires_grad or b.requires_grad:
+            return False  # two leaves with equal values still need their own gradients
         return bool(torch.equal(a.to(b.dtype), b))
     return False
 
@@ -114,6 +117,28 @@ class RuleDoc:
     linear_exact: str  # "exact (parameter space)" / "exact fallback (output interpolation)" / ...
     geometric: str
     invert: str
+
+
+@dataclass(frozen=True)
+class LayerAccess:
+    """How to read an adapter layer that is not a PEFT tuner layer (``BaseTunerLayer``), for a
+    rule whose ``layer_type`` is such a class. PEFT's adaption prompt, for one, wraps a whole
+    attention module and swaps the wrapper in and out of the model instead of keeping
+    per-adapter dicts; extraction, the structure cache and the output interpolation read
+    these functions where they would read a tuner layer's attributes."""
+
+    adapters: Callable[[Any, Sequence[Any]], list[str]]
+    """(layer, its ancestors from the root down to its parent) -> the adapters the layer holds."""
+    entries: Callable[[Any, str], dict[str, tuple[str, Tensor]]]
+    """(layer, adapter) -> role -> (parameter key below the layer, tensor)."""
+    base: Callable[[Any], Any]
+    """layer -> the submodule whose output, while the layer runs, is the layer's output with its
+    adapters switched off (y0 of the output interpolation). It is captured from that one run, not
+    recomputed, so state the submodule updates (a KV cache) is updated once."""
+    active: Callable[[Any, list[str]], list[str]] = lambda layer, adapters: adapters
+    """(layer, the adapters it holds) -> the active ones (default: all of them)."""
+    disabled: Callable[[Any], bool] = lambda layer: False
+    """Whether the layer's adapters are switched off as a whole (``disable_adapter()``)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +167,8 @@ class Rule:
     """The adapter changes the base layer's *input* (feed-forward IA3, OFT). Its exact linear
     transform relies on the base layer being linear in its input; an int8 base quantises its
     input row by row, so there linear mode falls back to output interpolation."""
+    access: LayerAccess | None = None
+    """For a ``layer_type`` that is not a PEFT tuner layer: how to read its adapters."""
 
 
 RULES: list[Rule] = []
@@ -152,8 +179,32 @@ ADAPTER_LAYERS: tuple[type, ...] = (BaseTunerLayer, ModulesToSaveWrapper)
 (The trainable-tokens wrapper delegates to a tuner layer inside it.)"""
 
 
+_access_cache: tuple[list[Rule], int, tuple[type, ...]] | None = None
+
+
+def _access_types() -> tuple[type, ...]:
+    """Layer classes that rules read through a :class:`LayerAccess` (cached per registry list and length)."""
+    global _access_cache
+    cached = _access_cache
+    if cached is not None and cached[0] is RULES and cached[1] == len(RULES):
+        return cached[2]
+    found = tuple(dict.fromkeys(r.layer_type for r in RULES if r.access is not None))
+    _access_cache = (RULES, len(RULES), found)
+    return found
+
+
 def is_adapter_layer(module: object) -> bool:
-    return isinstance(module, ADAPTER_LAYERS)
+    return isinstance(module, (*ADAPTER_LAYERS, *_access_types()))
+
+
+def access_of(layer: object) -> LayerAccess | None:
+    """The :class:`LayerAccess` that reads ``layer``; None for PEFT tuner layers."""
+    if isinstance(layer, ADAPTER_LAYERS):
+        return None
+    for r in RULES:
+        if r.access is not None and isinstance(layer, r.layer_type):
+            return r.access
+    return None
 
 
 def register(rule: Rule) -> Rule:

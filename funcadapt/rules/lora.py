@@ -4,6 +4,15 @@ LoRA:    ΔW = s·B·A               → B ↦ c·B  (and B's bias, when ``lora_
 AdaLoRA: ΔW = s·B·(A ⊙ E)/r       → E ↦ c·E
 rsLoRA only changes the float ``s``, so it is plain LoRA here.
 
+LoRA on a bare ``nn.Parameter`` (``target_parameters``, PEFT's ``ParamWrapper``) adds the same
+ΔW = s·BA (per expert for a 3-d parameter) to the parameter while its module runs. That module
+may use the parameter non-linearly (an MoE expert block: gate_up → activation → down), so
+``mode="linear"`` interpolates the module's output (exact fallback) and ``mode="geometric"`` is
+the weight-space ΔW(c) = c·ΔW: B ↦ c·B. PEFT registers a parametrization on every call (refused by
+torch.func transforms, and bumping the parameter's autograd version); during funcadapt calls a
+math-identical forward shows W + ΔW through ``torch.func.functional_call`` instead.
+``nn.MultiheadAttention`` has its own rule (:mod:`funcadapt.rules.lora_mha`).
+
 DoRA rescales ``W + s·BA`` column-wise to a learned magnitude; the effect is not
 linear in any one parameter, so ``mode="linear"`` interpolates the layer output
 (exact by construction) and ``mode="geometric"`` is refused: DoRA's magnitude and
@@ -16,11 +25,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from peft.tuners.adalora.layer import AdaLoraLayer, SVDLinear
-from peft.tuners.lora.layer import LoraLayer
-from torch import Tensor
+import torch
+from peft.tuners.adalora.layer import AdaLoraLayer, SVDConv2d, SVDLinear
+from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+from peft.tuners.lora.layer import _LoraFactorsProxy as _FactorsProxy
+from peft.tuners.lora.layer import _LoraParameterProxy as _DeltaProxy
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import UPCAST_DTYPES
+from torch import Tensor, nn
 
 from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
+from .lora_mha import LORA_MHA as LORA_MHA_RULE
 
 _SVD4BIT: Any
 try:
@@ -73,10 +88,107 @@ def adalora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return result
 
 
+def adalora_conv2d_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """PEFT's ``SVDConv2d.forward`` with its in-place ``result += conv2d(x, ΔW)`` written out of
+    place. An in-place add computes in the promoted dtype and rounds into ``result``'s dtype;
+    ``(result + update).to(result.dtype)`` does the same, so the values are PEFT's."""
+    if layer.disable_adapters or layer.merged:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x, *args, **kwargs)
+    base = layer.get_base_layer()
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue
+        lora_a, lora_b, lora_e = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_E[adapter]
+        x = layer._cast_input_dtype(x, lora_a.dtype)
+        ranknum = layer.ranknum[adapter] + 1e-5
+        delta_w = (lora_b @ (lora_a * lora_e) * layer.scaling[adapter] / ranknum).reshape(base.weight.shape)
+        update = nn.functional.conv2d(
+            layer.lora_dropout[adapter](x),
+            delta_w,
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
+            groups=base.groups,
+        )
+        result = (result + update).to(result.dtype)
+    return result
+
+
 def _adalora_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    if not isinstance(layer, _SVD_LINEAR):
-        return []  # SVDConv2d keeps PEFT's forward: exact, but not vmap-safe (in-place add)
-    return [Patch(layer, "forward", transform_safe(replacing(adalora_forward, layer)), wrap=True)]
+    if isinstance(layer, _SVD_LINEAR):
+        forward = adalora_forward
+    elif isinstance(layer, SVDConv2d):
+        forward = adalora_conv2d_forward
+    else:
+        return []  # the 8-bit and GPTQ classes already add out of place
+    return [Patch(layer, "forward", transform_safe(replacing(forward, layer)), wrap=True)]
+
+
+def _is_low_precision(dtype: torch.dtype) -> bool:
+    return any(getattr(torch, name, None) == dtype for name in UPCAST_DTYPES)
+
+
+def _param_path(layer: Any) -> tuple[nn.Module, str]:
+    """(the module that owns the wrapped parameter, its key relative to ``layer.base_layer``).
+    ParamWrappers nest (one per targeted parameter of a module); the parameter sits on the
+    innermost, non-adapter module."""
+    owner, prefix = layer.base_layer, ""
+    while _is_tuner(owner):
+        owner, prefix = owner.base_layer, prefix + "base_layer."
+    return owner, prefix + layer.parameter_name
+
+
+def _is_tuner(module: Any) -> bool:
+    return isinstance(module, BaseTunerLayer)
+
+
+def param_wrapper_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """PEFT's ``ParamWrapper.forward`` without its parametrization: PEFT registers
+    ``W ↦ W + Σ ΔW_a`` as a ``torch.nn.utils.parametrize`` parametrization on every forward
+    (``set_`` on the parameter, ``requires_grad_``), which torch.func transforms refuse. Here the same
+    ``W + Σ ΔW_a`` (PEFT's own delta: its factored ``baddbmm`` for one adapter on an expert stack,
+    its upcast-add-clamp for float8 parameters) is shown to the base module through
+    ``torch.func.functional_call``. Nothing is registered or mutated."""
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if layer.disable_adapters or layer.merged or not adapters or kwargs.get("adapter_names") is not None:
+        return type(layer).forward(layer, x, *args, **kwargs)  # registers nothing (or raises, like PEFT)
+    layer._check_forward_args(x, *args, **kwargs)
+    owner, key = _param_path(layer)
+    if nn.utils.parametrize.is_parametrized(owner, layer.parameter_name):
+        raise ValueError(
+            f"{type(owner).__name__}.{layer.parameter_name} carries a torch parametrization besides LoRA's; "
+            f"funcadapt cannot show LoRA's W + ΔW through it without registering parametrizations; "
+            f"remove the other parametrization (torch.nn.utils.parametrize.remove_parametrizations) first"
+        )
+    weight = getattr(owner, layer.parameter_name)
+    if len(adapters) == 1 and layer.num_experts > 1 and not _is_low_precision(weight.dtype):
+        proxy: nn.Module = _FactorsProxy(*layer.get_delta_factors(adapters[0]))
+    else:
+        delta = layer.get_delta_weight(adapters[0])
+        for adapter in adapters[1:]:
+            delta = delta + layer.get_delta_weight(adapter)
+        proxy = _DeltaProxy(delta)
+    return torch.func.functional_call(layer.base_layer, {key: proxy(weight)}, (x, *args), kwargs)
+
+
+_PARAM_INSTALLED = "_funcadapt_param_forward"
+
+
+def _param_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+    """:func:`param_wrapper_forward` as the layer's forward for the whole call, not only under
+    transforms: PEFT's parametrization calls ``set_`` on the base parameter in place on every forward,
+    which bumps its autograd version, so a base output computed earlier in the same graph (y0 of
+    the output interpolation) could no longer be differentiated. Installed once: a frame already
+    applied (an enclosing context, or this frame for another adapter) put it beneath whatever
+    wraps it now, and replacing that would drop the enclosing effect."""
+    if getattr(layer, _PARAM_INSTALLED, False):
+        return []
+
+    def forward(x: Tensor, *a: Any, **kw: Any) -> Tensor:
+        return param_wrapper_forward(layer, x, *a, **kw)
+
+    return [Patch(layer, _PARAM_INSTALLED, True), Patch(layer, "forward", forward)]
 
 
 ADALORA = register(
@@ -85,7 +197,7 @@ ADALORA = register(
         layer_type=AdaLoraLayer,
         doc=RuleDoc(
             adapter="AdaLoRA",
-            layers="Linear",
+            layers="Linear, Conv2d",
             linear="ΔW(c) = c·ΔW: E ↦ c·E in ΔW = s·B(A⊙E)/r",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",
@@ -99,6 +211,10 @@ ADALORA = register(
         static=lambda layer, a: {"scaling": layer.scaling.get(a), "ranknum": float(layer.ranknum[a].item())},
     )
 )
+
+# LoRA on nn.MultiheadAttention (the attention layer and the out_proj layer nested in it): same
+# layer class as the rules below, so it must be registered first to win
+LORA_MHA = register(LORA_MHA_RULE)
 
 DORA = register(
     Rule(
@@ -145,7 +261,7 @@ LORA = register(
         match=_is_vanilla,
         doc=RuleDoc(
             adapter="LoRA, rsLoRA",
-            layers="Linear, Conv1D, Embedding, Conv2d",
+            layers="Linear, Conv1D, Embedding, Conv1d/2d/3d",
             linear="ΔW(c) = c·ΔW: B ↦ c·B (and lora_bias) in ΔW = s·BA",
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",
@@ -155,6 +271,28 @@ LORA = register(
         additive=True,
         commutative=True,
         geometric=_lora_linear,
+        static=_lora_static,
+    )
+)
+
+_param_scaling = scaling("lora_B.weight")
+
+LORA_PARAM = register(
+    Rule(
+        name="lora-param",
+        layer_type=ParamWrapper,
+        doc=RuleDoc(
+            adapter="LoRA on parameters (target_parameters)",
+            layers="nn.Parameter of any module (2-d, 3-d expert stacks)",
+            linear="y(c) = y0 + c·(y1 − y0) at the module (it may be non-linear in W)",
+            linear_exact="exact fallback (output interpolation)",
+            geometric="ΔW(c) = c·ΔW: B ↦ c·B (weight space)",
+            invert="exact: ΔW ↦ −ΔW (weight space)",
+        ),
+        linear=None,
+        geometric=_param_scaling,
+        commutative=True,
+        patches=_param_patches,
         static=_lora_static,
     )
 )
