@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from . import quantized
+from .rows import rows_mismatch
 from .rules.base import Coeff, Patch, Rule, access_of, is_adapter_layer, is_number, same_coeff
 from .structure import active_adapters, adapters_disabled, layer_adapters, structure
 from .swap import Frame
@@ -85,7 +86,10 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
                 f"coefficient for the whole batch; both are interpolated at the layer output, so give them the "
                 f"same kind of coefficient (or modify them in separate calls)"
             )
-        if interp or rows:
+        fast = _row_scaling(layer, rows, functools.partial(known.rule, path)) if rows else None
+        if fast is not None:
+            builders.append(functools.partial(list, fast))
+        elif interp or rows:
             reuse_base = bool(rows) and _reusable_base(layer, set(rows), functools.partial(known.rule, path))
             builders.append(_interpolation(path, layer, interp or rows, per_row=bool(rows), reuse_base=reuse_base))
     builders.append(lambda: quantized.patches(known.bnb_linears))
@@ -273,17 +277,24 @@ def _interpolation(
         if per_row:
             assert isinstance(k, Tensor)
             if y0.dim() == 0 or y0.shape[0] != k.shape[0]:
-                raise ValueError(
-                    f"layer {path!r}: its output has {y0.shape[0] if y0.dim() else 'no'} rows but "
-                    f"{k.shape[0]} per-row coefficients were given; give exactly one coefficient per row of "
-                    f"the batch the model runs on (tile the batch with funcadapt.tile; generate() with "
-                    f"num_beams or num_return_sequences = k runs on k copies of each row: use "
-                    f"per_row(coeffs.repeat_interleave(k)))"
-                )
+                raise rows_mismatch(f"layer {path!r}", y0.shape[0] if y0.dim() else 0, k.shape[0])
             k = k.reshape(-1, *([1] * (y0.dim() - 1)))
         return y0 + k * (y1 - y0)
 
     return lambda: [Patch(layer, "forward", wrap, wrap=True)]
+
+
+def _row_scaling(layer: Any, rows: Mapping[str, Any], rule_of: Callable[[str], Rule | None]) -> list[Patch] | None:
+    """The rules' own per-row patches for every adapter given per-row coefficients on this layer,
+    or None (then the layer output is interpolated row by row)."""
+    patches: list[Patch] = []
+    for adapter, c in rows.items():
+        rule = rule_of(adapter)
+        found = rule.row_scale(layer, adapter, c) if rule is not None and rule.row_scale is not None else None
+        if found is None:
+            return None
+        patches.extend(found)
+    return patches
 
 
 def _version(t: Any) -> int:

@@ -147,3 +147,13 @@ def _has_tensor(v: Any) -> bool:
 
 def _rebuildable(out: Mapping) -> bool:
     return type(out) is not dict and hasattr(type(out), "__dataclass_fields__")
+
+
+def rows_mismatch(where: str, got: int, expected: int) -> ValueError:
+    """The error for a layer whose output does not have one row per coefficient."""
+    return ValueError(
+        f"{where}: its output has {got} rows but {expected} per-row coefficients were given; give "
+        f"exactly one coefficient per row of the batch the model runs on (tile the batch with funcadapt.tile; "
+        f"generate() with num_beams or num_return_sequences = k runs on k copies of each row: use "
+        f"per_row(coeffs.repeat_interleave(k)))"
+    )

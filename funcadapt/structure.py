@@ -58,6 +58,13 @@ class AdapterLayer:
     entries: dict[str, dict[str, tuple[str, Tensor]]]
     rules: dict[str, Rule | None]
     quantized: str | None
+    specs: dict[str, Any] = field(default_factory=dict)
+    """adapter -> the last LayerSpec extract built (reused while its live static part is unchanged)."""
+    tensors: dict[str, dict[str, Tensor]] = field(init=False)
+    """adapter -> {key: tensor}, what extract puts in the tree."""
+
+    def __post_init__(self) -> None:
+        self.tensors = {a: {key: t for key, t in e.values()} for a, e in self.entries.items()}
 
     @property
     def layer(self) -> Any:

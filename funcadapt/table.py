@@ -14,8 +14,9 @@ from .rules.base import RULES
 
 BEGIN, END = "<!-- support-table:begin -->", "<!-- support-table:end -->"
 HEADER = (
-    '| adapter | rule | layers | `mode="linear"`: what c does | linear is | `mode="geometric"` | `op="invert"` |\n'
-    "|---|---|---|---|---|---|---|\n"
+    '| adapter | rule | layers | `mode="linear"`: what c does | linear is | `mode="geometric"` | `op="invert"` '
+    "| bitsandbytes |\n"
+    "|---|---|---|---|---|---|---|---|\n"
 )
 
 
@@ -23,7 +24,7 @@ def render() -> str:
     rows = []
     for rule in RULES:
         d = rule.doc
-        cells = [d.adapter, f"`{rule.name}`", d.layers, d.linear, d.linear_exact, d.geometric, d.invert]
+        cells = [d.adapter, f"`{rule.name}`", d.layers, d.linear, d.linear_exact, d.geometric, d.invert, d.quantized]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return HEADER + "\n".join(rows) + "\n"
 

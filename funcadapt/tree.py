@@ -144,20 +144,20 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
                     f"{adapter!r}), which funcadapt has no rule for yet. Supported layer families: {supported}. "
                     f"Exclude it with adapter_names=[...] or open an issue"
                 )
-            keys = {}
-            for role, (key, tensor) in info.entries[adapter].items():
-                keys[role] = key
-                params[key] = tensor
-            layers.append(
-                LayerSpec(
+            params.update(info.tensors[adapter])
+            static = {**rule.static(layer, adapter), "quantized": info.quantized}
+            spec = info.specs.get(adapter)
+            if spec is None or spec.static != static:  # static parts read live (PEFT's scaling can change)
+                spec = LayerSpec(
                     path=path,
                     adapter=adapter,
                     rule=rule.name,
                     layer_type=type(layer).__name__,
-                    keys=keys,
-                    static={**rule.static(layer, adapter), "quantized": info.quantized},
+                    keys={role: key for role, (key, _) in info.entries[adapter].items()},
+                    static=static,
                 )
-            )
+                info.specs[adapter] = spec
+            layers.append(spec)
 
     configs = getattr(model, "peft_config", None)
     configured = sorted(configs) if isinstance(configs, Mapping) else []

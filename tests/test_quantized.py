@@ -746,3 +746,14 @@ def test_unsupported_backend_refused(make, backend):
         pytest.fail("the context body must not run")
     assert not swap.active_frames()
     assert_unchanged(model, before)
+
+
+def test_support_table_bitsandbytes_column_is_what_these_tests_run():
+    """The generated support table's bitsandbytes column (RuleDoc.quantized) claims exactly the
+    rules and variants this file tests."""
+    tested = {(p.values[0], RULE.get(p.values[1], p.values[1])) for p in COMBOS}
+    claims = {r.name: r.doc.quantized for r in funcadapt.RULES if r.doc.quantized != "not tested"}
+    assert set(claims) == {name for _, name in tested}
+    for name, text in claims.items():
+        assert ("fp4" in text) == ((("fp4-dq-bf16", name)) in tested), name
+        assert "8-bit" in text and "nf4" in text, name

@@ -9,6 +9,7 @@ step as one forward on the doubled batch.
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 import torch
@@ -84,6 +85,30 @@ def test_additive_layers_run_the_base_layer_once():
     finally:
         handle.remove()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(("case_id", "fast"), [("lora", True), ("lora-rslora-bias", False), ("ia3", False)])
+def test_lora_scales_its_rank_r_activations_per_row(case_id, fast, monkeypatch):
+    """Vanilla LoRA without a B bias applies per-row coefficients by scaling B's rank-r input
+    (no output interpolation at all); with lora_bias, or for other rules, the layer output is
+    interpolated. Either way the rows equal separate runs (test_rows_equal_separate_runs)."""
+    call_module = sys.modules["funcadapt.call"]  # the module (funcadapt.call is the function)
+
+    interpolated = []
+    real = call_module._interpolation
+    monkeypatch.setattr(call_module, "_interpolation", lambda *a, **k: interpolated.append(a[0]) or real(*a, **k))
+    model = build(case(case_id))
+    tree = funcadapt.extract(model)
+    with torch.no_grad():
+        got = output(
+            funcadapt.call(model, funcadapt.transform(tree, funcadapt.per_row([2.0, -1.0])), **inputs(batch=2))
+        )
+    assert (not interpolated) == fast
+    expected = [
+        separately(model, tree, [c], {"input_ids": inputs(batch=2)["input_ids"][i : i + 1]})[0]
+        for i, c in enumerate([2.0, -1.0])
+    ]
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_in_place_update_is_not_mistaken_for_the_base_output():

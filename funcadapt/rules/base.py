@@ -90,6 +90,22 @@ def replacing(fn: Callable[..., Any], layer: Any) -> Callable[..., Any]:
     return replacement
 
 
+def swap_under_transforms(obj: Any, attr: str, fn: Callable[..., Any]) -> Patch:
+    """While a call runs, ``obj.<attr>(...)`` is ``fn(obj, ...)`` under torch.func transforms and
+    whatever is installed now otherwise: for PEFT methods that cannot run under vmap (in-place
+    adds, ``.data`` writes, custom autograd Functions) but are fine as they are outside it."""
+    return Patch(obj, attr, transform_safe(replacing(fn, obj)), wrap=True)
+
+
+def swapping(attr: str, fn: Callable[..., Any]) -> Callable[[Any, str, Mapping[str, Coeff]], list[Patch]]:
+    """A rule's ``patches`` that is just :func:`swap_under_transforms` of one layer method."""
+
+    def patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+        return [swap_under_transforms(layer, attr, fn)]
+
+    return patches
+
+
 def same_coeff(a: object, b: object) -> bool:
     """The same coefficient: one object, equal numbers, or equal plain (non-vmapped) tensors that
     do not require grad."""
@@ -117,6 +133,8 @@ class RuleDoc:
     linear_exact: str  # "exact (parameter space)" / "exact fallback (output interpolation)" / ...
     geometric: str
     invert: str
+    quantized: str = "not tested"
+    """The bitsandbytes variants the test suite runs this rule on (tests/test_quantized.py keeps it honest)."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +175,10 @@ class Rule:
     """Effects of several adapters of additive rules on one layer add up (ΔW_a + ΔW_b)."""
     commutative: bool = False
     """Effects on one layer commute with each other, so inverting each inverts the composition."""
+    row_scale: Callable[[Any, str, Tensor], list[Patch] | None] | None = None
+    """Per-row fast path for :func:`funcadapt.per_row`: patches that scale the adapter's effect by
+    ``c[i]`` in row ``i`` inside the layer (layer, adapter, c) -> patches, or None where it does not
+    apply to this layer. Without it (or on None) the layer output is interpolated row by row."""
     rows_coupled: str = ""
     """Why one row's output depends on the other rows of the batch (Lily's router averages over
     it); non-empty means per-row coefficients (funcadapt.per_row) are refused with this reason."""

@@ -44,10 +44,9 @@ from .base import (
     compute_dtype,
     power,
     register,
-    replacing,
     require_positive,
     scale,
-    transform_safe,
+    swap_under_transforms,
 )
 
 
@@ -98,7 +97,7 @@ def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]
     dropout = layer.boft_dropout[adapter]
     if not isinstance(dropout, MultiplicativeDropoutLayer):
         return []
-    return [Patch(dropout, "forward", transform_safe(replacing(multiplicative_dropout, dropout)), wrap=True)]
+    return [swap_under_transforms(dropout, "forward", multiplicative_dropout)]
 
 
 def _static(layer: Any, adapter: str) -> dict:

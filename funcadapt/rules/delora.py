@@ -9,14 +9,13 @@ sum out of place.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from peft.tuners.delora.layer import DeloraLayer
 from torch import Tensor, nn
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
+from .base import Rule, RuleDoc, register, scaling, swapping
 
 _linear = scaling("delora_lambda")
 
@@ -42,10 +41,6 @@ def delora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return (base_out + add_out.to(base_out.dtype)).to(previous_dtype)
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "forward", transform_safe(replacing(delora_forward, layer)), wrap=True)]
-
-
 DELORA = register(
     Rule(
         name="delora",
@@ -60,7 +55,7 @@ DELORA = register(
         ),
         linear=_linear,
         geometric=_linear,
-        patches=_patches,
+        patches=swapping("forward", delora_forward),
         additive=True,
         commutative=True,
     )

@@ -9,14 +9,13 @@ the same computation with an out-of-place ``index_put``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from peft.tuners.fourierft.layer import FourierFTLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
+from .base import Rule, RuleDoc, register, scaling, swapping
 
 _linear = scaling("fourierft_spectrum")
 
@@ -30,10 +29,6 @@ def delta_weight(layer: Any, adapter: str) -> Tensor:
     dense = torch.zeros(layer.out_features, layer.in_features, device=spectrum.device, dtype=dtype)
     dense = dense.index_put((indices[0, :], indices[1, :]), spectrum.to(dtype))
     return (torch.fft.ifft2(dense).real * layer.fourierft_scaling[adapter]).to(spectrum.dtype)
-
-
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "get_delta_weight", transform_safe(replacing(delta_weight, layer)), wrap=True)]
 
 
 FOURIERFT = register(
@@ -50,7 +45,7 @@ FOURIERFT = register(
         ),
         linear=_linear,
         geometric=_linear,
-        patches=_patches,
+        patches=swapping("get_delta_weight", delta_weight),
         additive=True,
         commutative=True,
     )

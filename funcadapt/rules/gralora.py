@@ -13,14 +13,13 @@ out of place (``reshape`` for ``view``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from peft.tuners.gralora.layer import GraloraLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
+from .base import Rule, RuleDoc, register, scaling, swapping
 
 _linear = scaling("gralora_B", "gralora_B_general.weight")
 
@@ -58,10 +57,6 @@ def gralora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return result.to(previous_dtype)
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "forward", transform_safe(replacing(gralora_forward, layer)), wrap=True)]
-
-
 GRALORA = register(
     Rule(
         name="gralora",
@@ -76,7 +71,7 @@ GRALORA = register(
         ),
         linear=_linear,
         geometric=_linear,
-        patches=_patches,
+        patches=swapping("forward", gralora_forward),
         additive=True,
         commutative=True,
         static=lambda layer, a: {

@@ -34,7 +34,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import UPCAST_DTYPES
 from torch import Tensor, nn
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
+from ..rows import rows_mismatch
+from .base import Coeff, Patch, Rule, RuleDoc, register, scaling, swap_under_transforms
 from .lora_mha import LORA_MHA as LORA_MHA_RULE
 
 _SVD4BIT: Any
@@ -122,7 +123,7 @@ def _adalora_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> lis
         forward = adalora_conv2d_forward
     else:
         return []  # the 8-bit and GPTQ classes already add out of place
-    return [Patch(layer, "forward", transform_safe(replacing(forward, layer)), wrap=True)]
+    return [swap_under_transforms(layer, "forward", forward)]
 
 
 def _is_low_precision(dtype: torch.dtype) -> bool:
@@ -202,6 +203,7 @@ ADALORA = register(
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",
             invert="exact: ΔW ↦ −ΔW",
+            quantized="4-bit nf4, 8-bit",
         ),
         linear=_adalora_linear,
         additive=True,
@@ -228,6 +230,7 @@ DORA = register(
             linear_exact="exact fallback (output interpolation)",
             geometric="refused: no group structure",
             invert="refused (use op='scale', coeff=-1)",
+            quantized="4-bit nf4 (8-bit: PEFT fails on CPU, pinned)",
         ),
         linear=None,
         static=_lora_static,
@@ -254,6 +257,29 @@ LORA_VARIANT = register(
     )
 )
 
+
+def _lora_rows(layer: Any, adapter: str, c: Tensor) -> list[Patch] | None:
+    """Per-row coefficients for vanilla LoRA: PEFT adds ``lora_B(lora_A(dropout(x))) · s``, and a
+    bias-free B is linear, so scaling B's rank-r input row by row by c[i] scales row i's update by
+    c[i] exactly, for the cost of one multiply on (batch, …, r). Embedding LoRA (no B module) and
+    ``lora_bias`` (B(c·h) ≠ c·B(h)) use the row-wise output interpolation instead."""
+    lora_b = layer.lora_B[adapter] if adapter in getattr(layer, "lora_B", {}) else None
+    if not isinstance(lora_b, nn.Module) or getattr(lora_b, "bias", None) is not None:
+        return None
+
+    def wrap(current: Any) -> Any:
+        def row_scaled(h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if h.dim() == 0 or h.shape[0] != c.shape[0]:
+                where = f"LoRA layer ({type(layer).__name__}) adapter {adapter!r}"
+                raise rows_mismatch(where, h.shape[0] if h.dim() else 0, c.shape[0])
+            k = c.to(device=h.device, dtype=torch.float32).reshape(-1, *([1] * (h.dim() - 1)))
+            return current((h.float() * k).to(h.dtype), *args, **kwargs)
+
+        return row_scaled
+
+    return [Patch(lora_b, "forward", wrap, wrap=True)]
+
+
 LORA = register(
     Rule(
         name="lora",
@@ -266,12 +292,14 @@ LORA = register(
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",
             invert="exact: ΔW ↦ −ΔW",
+            quantized="4-bit nf4, fp4 + double quant (bf16), 8-bit",
         ),
         linear=_lora_linear,
         additive=True,
         commutative=True,
         geometric=_lora_linear,
         static=_lora_static,
+        row_scale=_lora_rows,
     )
 )
 

@@ -24,7 +24,7 @@ from peft.tuners.loha.layer import LoHaLayer
 from peft.tuners.lokr.layer import LoKrLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
+from .base import Coeff, Patch, Rule, RuleDoc, register, scaling, swap_under_transforms
 
 
 def loha_delta_weight(layer: Any, adapter: str, *, apply_rank_dropout: bool = False) -> Tensor:
@@ -67,13 +67,13 @@ def lycoris_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
 
 def _loha_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
     return [
-        Patch(layer, "get_delta_weight", transform_safe(replacing(loha_delta_weight, layer)), wrap=True),
-        Patch(layer, "forward", transform_safe(replacing(lycoris_forward, layer)), wrap=True),
+        swap_under_transforms(layer, "get_delta_weight", loha_delta_weight),
+        swap_under_transforms(layer, "forward", lycoris_forward),
     ]
 
 
 def _lokr_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "forward", transform_safe(replacing(lycoris_forward, layer)), wrap=True)]
+    return [swap_under_transforms(layer, "forward", lycoris_forward)]
 
 
 LOHA = register(

@@ -26,7 +26,7 @@ from peft.tuners.poly.layer import Linear as PolyLinear
 from peft.tuners.poly.layer import PolyLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
+from .base import Coeff, Patch, Rule, RuleDoc, register, scaling, swap_under_transforms
 
 
 def poly_forward(layer: Any, x: Tensor, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -52,7 +52,7 @@ def poly_forward(layer: Any, x: Tensor, *args: Any, task_ids: Tensor | None = No
 def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
     if not isinstance(layer, PolyLinear):
         return []
-    return [Patch(layer, "forward", transform_safe(replacing(poly_forward, layer)), wrap=True)]
+    return [swap_under_transforms(layer, "forward", poly_forward)]
 
 
 _linear = scaling("poly_lora_B")

@@ -25,6 +25,7 @@ PVERA = register(
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",
             invert="exact: Δy ↦ −Δy",
+            quantized="4-bit nf4, 8-bit",
         ),
         linear=_linear,
         geometric=_linear,

@@ -12,14 +12,13 @@ bases are frozen buffers).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from peft.tuners.randlora.layer import RandLoraLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
+from .base import Rule, RuleDoc, register, scaling, swapping
 
 _linear = scaling("randlora_lambda")
 
@@ -44,10 +43,6 @@ def scaled_bases(layer: Any, adapter: str, device: torch.device | None = None) -
     return update_b.T, update_a.T
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "get_scaled_bases", transform_safe(replacing(scaled_bases, layer)), wrap=True)]
-
-
 RANDLORA = register(
     Rule(
         name="randlora",
@@ -59,12 +54,13 @@ RANDLORA = register(
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",
             invert="exact: ΔW ↦ −ΔW",
+            quantized="4-bit nf4, 8-bit",
         ),
         linear=_linear,
         additive=True,
         commutative=True,
         geometric=_linear,
-        patches=_patches,
+        patches=swapping("get_scaled_bases", scaled_bases),
         static=lambda layer, a: {"scaling": layer.scaling.get(a)},
     )
 )

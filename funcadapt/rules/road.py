@@ -109,6 +109,7 @@ ROAD = register(
             linear_exact="exact (parameter space)",
             geometric="road_1: α ↦ |α|^c, θ ↦ c·θ; road_2/road_4: refused",
             invert="exact: each 2×2 block inverted",
+            quantized="4-bit nf4, 8-bit (road_1)",
         ),
         linear=_linear,
         geometric=_geometric,

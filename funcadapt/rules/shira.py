@@ -12,7 +12,6 @@ forward is swapped for the same math with a dense, out-of-place scatter of the v
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.shira.layer import ShiraLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
+from .base import Rule, RuleDoc, register, scaling, swapping
 
 _linear = scaling("shira_weight")
 
@@ -52,10 +51,6 @@ def shira_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return F.linear(x, weight, bias=layer.base_layer.bias)
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "forward", transform_safe(replacing(shira_forward, layer)), wrap=True)]
-
-
 SHIRA = register(
     Rule(
         name="shira",
@@ -70,7 +65,7 @@ SHIRA = register(
         ),
         linear=_linear,
         geometric=_linear,
-        patches=_patches,
+        patches=swapping("forward", shira_forward),
         additive=True,
         commutative=True,
         static=lambda layer, a: {"r": layer.r[a], "scaling": layer.scaling[a]},

@@ -24,6 +24,7 @@ VERA = register(
             linear_exact="exact (parameter space)",
             geometric="= linear (additive)",
             invert="exact: ΔW ↦ −ΔW",
+            quantized="4-bit nf4, 8-bit",
         ),
         linear=_linear,
         additive=True,

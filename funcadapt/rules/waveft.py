@@ -13,7 +13,6 @@ code runs).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from peft.tuners.waveft.layer import WaveFTLayer
 from peft.tuners.waveft.waverec2d import WaveletDetailTuple2d, waverec2d
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, replacing, scaling, transform_safe
+from .base import Rule, RuleDoc, register, scaling, swapping
 
 _linear = scaling("waveft_spectrum")
 
@@ -55,10 +54,6 @@ def delta_weight(layer: Any, adapter: str) -> Tensor:
     return delta
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    return [Patch(layer, "get_delta_weight", transform_safe(replacing(delta_weight, layer)), wrap=True)]
-
-
 WAVEFT = register(
     Rule(
         name="waveft",
@@ -73,7 +68,7 @@ WAVEFT = register(
         ),
         linear=_linear,
         geometric=_linear,
-        patches=_patches,
+        patches=swapping("get_delta_weight", delta_weight),
         additive=True,
         commutative=True,
     )
