@@ -53,7 +53,9 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
     known = structure(model)
     modules = {"": model, **known.modules}
     replaced = _check_keys(model, modules, tensors)
+    given = set(tensors)
     _tie_aliases(known.aliases, tensors)
+    replaced |= {k for k in set(tensors) - given if tensors[k] is not _current(modules, k)}
 
     touched: dict[str, dict[str, dict[str, Coeff]]] = {}  # layer path -> adapter -> forward args
     modified: set[tuple[str, str]] = set()  # (layer path, adapter) whose effect this call changes
@@ -94,7 +96,10 @@ def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
             builders.append(_interpolation(path, layer, interp or rows, per_row=bool(rows), reuse_base=reuse_base))
     builders.append(lambda: quantized.patches(known.bnb_linears))
     builders.append(lambda: _input_grad_hooks(modules))
-    return Frame(model, tensors, builders, modules, known.checkpointing)
+    # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
+    # layers they belong to still get their patches above
+    swapped = {k: v for k, v in tensors.items() if k in replaced}
+    return Frame(model, swapped, builders, modules, known.checkpointing)
 
 
 def _input_grad_hooks(modules: Mapping[str, nn.Module]) -> list[Patch]:
@@ -146,15 +151,20 @@ def _check_live(path: str, layer: Any, adapter: str) -> None:
         )
 
 
+def _current(modules: Mapping[str, nn.Module], key: str) -> Tensor | None:
+    """The model's own parameter or buffer under ``key`` (None if there is none)."""
+    prefix, _, name = key.rpartition(".")
+    owner = modules.get(prefix)
+    if owner is None:
+        return None
+    return owner._parameters.get(name, owner._buffers.get(name))
+
+
 def _check_keys(model: nn.Module, modules: Mapping[str, nn.Module], tensors: Mapping[str, Tensor]) -> set[str]:
     """Validate keys and shapes; return the keys whose tensor is not the model's own."""
     replaced = set()
     for key, value in tensors.items():
-        prefix, _, name = key.rpartition(".")
-        owner = modules.get(prefix)
-        current = None
-        if owner is not None:
-            current = owner._parameters.get(name, owner._buffers.get(name))
+        current = _current(modules, key)
         if current is None:
             known = [n for n, _ in model.named_parameters(remove_duplicate=False)]
             close = difflib.get_close_matches(key, known, n=1)
