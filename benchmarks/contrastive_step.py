@@ -180,7 +180,7 @@ class RssPeak:
         self.peak_increase = self._peak - self._start
 
 
-METHODS = ("peft_two_pass", "seed_inplace", "modifier_two_pass", "funcadapt_vmap", "peft_concat")
+METHODS = ("peft_two_pass", "seed_inplace", "modifier_two_pass", "funcadapt_vmap", "funcadapt_rows", "peft_concat")
 
 
 def isolated(argv: list[str], args: argparse.Namespace) -> dict:
@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         "funcadapt_rows": coefficient_batch,
         "peft_concat": concat,
     }
+    assert tuple(methods) == METHODS, "METHODS (used by --isolate) must list the methods above"
     if args.only:
         with RssPeak() as rss:
             time_s = measure_all({args.only: methods[args.only]}, args)[args.only][0]

@@ -6,12 +6,15 @@ each adapter with a bitsandbytes path, on a random tiny Llama moved/loaded on CU
   c1     max |funcadapt c=1 − PEFT forward|           (expected 0: identity)
   c0     max |funcadapt disable − PEFT disable_adapter| (expected 0)
   lin    max |linear c=−1 − layer-wise reference y0 + c(y1 − y0)|
+  rows   coefficient batch (per_row −1, 0, 2 on the tiled batch) vs the reference on the same batch
   vmap   max |vmap([+1, −1]) − loop|, losses and gradients (relative)
   mod    max |AdapterModifier two-pass grads − vmap grads| (relative)
   ckpt   max |grads with non-reentrant checkpointing − without| (relative)
   sdpa   vmap with attn_implementation="sdpa" (no mask / unbatched mask) runs and equals the loop
+  gen    generate() at three coefficients in one batch equals three separate generate() calls
 
     python benchmarks/cuda_checks.py            # prints a table; exit 1 if any check fails
+    python benchmarks/cuda_checks.py --cpu      # the same checks on the CPU (checks the script itself)
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import funcadapt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from cases import reference_interpolation
 
+DEVICE = "cpu" if "--cpu" in sys.argv else "cuda"
 T = ["q_proj", "v_proj"]
 ADAPTERS = {
     "lora": lambda: peft.LoraConfig(r=8, target_modules=T),
@@ -72,9 +76,9 @@ def tiny_config(attn: str = "eager") -> LlamaConfig:
 
 def load(saved: str, quant: str, attn: str = "eager") -> torch.nn.Module:
     if QUANTS[quant] is None:
-        return LlamaForCausalLM.from_pretrained(saved, dtype=torch.bfloat16, attn_implementation=attn).cuda()
+        return LlamaForCausalLM.from_pretrained(saved, dtype=torch.bfloat16, attn_implementation=attn).to(DEVICE)
     return LlamaForCausalLM.from_pretrained(
-        saved, quantization_config=QUANTS[quant](), device_map="cuda", dtype=torch.bfloat16, attn_implementation=attn
+        saved, quantization_config=QUANTS[quant](), device_map=DEVICE, dtype=torch.bfloat16, attn_implementation=attn
     )
 
 
@@ -98,7 +102,7 @@ def check(saved: str, quant: str, adapter: str) -> dict[str, float]:
     model = peft.get_peft_model(load(saved, quant), ADAPTERS[adapter]())
     randomize(model)
     model.eval()
-    ids = torch.randint(0, 128, (2, 2, 16), device="cuda")
+    ids = torch.randint(0, 128, (2, 2, 16), device=DEVICE)
     out: dict[str, float] = {}
     tree = funcadapt.extract(model)
     with torch.no_grad():
@@ -117,12 +121,19 @@ def check(saved: str, quant: str, adapter: str) -> dict[str, float]:
         with reference_interpolation(model, -1.0):
             ref = model(input_ids=ids[0]).logits
         got = funcadapt.call(
-            model, funcadapt.transform(tree, torch.tensor(-1.0, device="cuda")), input_ids=ids[0]
+            model, funcadapt.transform(tree, torch.tensor(-1.0, device=DEVICE)), input_ids=ids[0]
         ).logits
         out["lin"] = rel(got, ref)
+        # coefficient batch: one coefficient per row of the tiled batch vs the reference on the same batch
+        rows = torch.tensor([-1.0, 0.0, 2.0], device=DEVICE).repeat_interleave(ids.shape[1])
+        tiled = funcadapt.tile(ids[0], 3)
+        got = funcadapt.call(model, funcadapt.transform(tree, funcadapt.per_row(rows)), input_ids=tiled).logits
+        with reference_interpolation(model, rows.view(-1, 1, 1)):
+            ref = model(input_ids=tiled).logits
+        out["rows"] = rel(got, ref)
     model.train()
     params = [p for p in tree.params.values() if p.requires_grad]
-    coeffs = torch.tensor([1.0, -1.0], device="cuda")
+    coeffs = torch.tensor([1.0, -1.0], device=DEVICE)
 
     def loss_at(c: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         return funcadapt.call(model, funcadapt.transform(tree, c), input_ids=i, labels=i).loss
@@ -141,9 +152,9 @@ def check(saved: str, quant: str, adapter: str) -> dict[str, float]:
     (lp + ln).backward()
     out["mod"] = max(rel(p.grad, g) for p, g in zip(params, gv, strict=True) if g is not None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    gc = grads(loss_at(torch.tensor(-1.0, device="cuda"), ids[1]), params)
+    gc = grads(loss_at(torch.tensor(-1.0, device=DEVICE), ids[1]), params)
     model.gradient_checkpointing_disable()
-    g0 = grads(loss_at(torch.tensor(-1.0, device="cuda"), ids[1]), params)
+    g0 = grads(loss_at(torch.tensor(-1.0, device=DEVICE), ids[1]), params)
     out["ckpt"] = max(rel(a, b) for a, b in zip(gc, g0, strict=True) if b is not None)
     return out
 
@@ -153,16 +164,16 @@ def sdpa_check(saved: str) -> dict[str, str]:
     randomize(model)
     model.eval()
     tree = funcadapt.extract(model)
-    ids = torch.randint(0, 128, (2, 3, 16), device="cuda")
-    mask = torch.ones(3, 16, dtype=torch.long, device="cuda")
+    ids = torch.randint(0, 128, (2, 3, 16), device=DEVICE)
+    mask = torch.ones(3, 16, dtype=torch.long, device=DEVICE)
     mask[0, :4] = 0
     res = {}
     for name, kwargs, dims in [("no mask", {}, (0, 0)), ("unbatched mask", {"attention_mask": mask}, (0, 0))]:
         try:
             f = lambda c, i, kw=kwargs: funcadapt.call(model, funcadapt.transform(tree, c), input_ids=i, **kw).logits  # noqa: E731
             with torch.no_grad():
-                v = funcadapt.vmap(f, in_dims=dims)(torch.tensor([1.0, -1.0], device="cuda"), ids)
-                lo = torch.stack([f(c, i) for c, i in zip(torch.tensor([1.0, -1.0], device="cuda"), ids, strict=True)])
+                v = funcadapt.vmap(f, in_dims=dims)(torch.tensor([1.0, -1.0], device=DEVICE), ids)
+                lo = torch.stack([f(c, i) for c, i in zip(torch.tensor([1.0, -1.0], device=DEVICE), ids, strict=True)])
             res[name] = f"ok, max rel diff {rel(v, lo):.1e}"
         except Exception as e:
             res[name] = f"FAILS: {type(e).__name__}: {str(e)[:120]}"
@@ -170,11 +181,36 @@ def sdpa_check(saved: str) -> dict[str, str]:
     try:
         f = lambda c, i, m: funcadapt.call(model, funcadapt.transform(tree, c), input_ids=i, attention_mask=m).logits  # noqa: E731
         with torch.no_grad():
-            funcadapt.vmap(f)(torch.tensor([1.0, -1.0], device="cuda"), ids, batched)
+            funcadapt.vmap(f)(torch.tensor([1.0, -1.0], device=DEVICE), ids, batched)
         res["batched mask"] = "ok"
     except Exception as e:
         res["batched mask"] = f"fails ({type(e).__name__}: transformers reads the mask's values to skip it)"
     return res
+
+
+def generate_check(saved: str, quant: str) -> str:
+    """generate() at three coefficients from one batch (per_row) == one generate() per coefficient."""
+    model = peft.get_peft_model(load(saved, quant, attn="sdpa"), ADAPTERS["lora"]())
+    randomize(model)
+    model.eval()
+    ids = torch.randint(3, 128, (2, 8), device=DEVICE)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # left padding
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    coeffs = [-1.0, 0.0, 1.0]
+    with torch.no_grad():
+        with funcadapt.AdapterModifier(model, "scale", funcadapt.per_row(coeffs, repeat=2)):
+            together = model.generate(**funcadapt.tile({"input_ids": ids, "attention_mask": mask}, 3), **options)
+        separate = []
+        for c in coeffs:
+            with funcadapt.AdapterModifier(model, "scale", c):
+                separate.append(model.generate(input_ids=ids, attention_mask=mask, **options))
+    same = torch.equal(together, torch.cat(separate))
+    return "identical tokens" if same else "DIFFERENT tokens (bf16/kernels batch-dependent? inspect)"
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke run of this script)"
 
 
 def main() -> int:
@@ -182,13 +218,12 @@ def main() -> int:
 
     torch.manual_seed(0)
     print(
-        f"{torch.cuda.get_device_name()}; torch {torch.__version__}; bitsandbytes {bitsandbytes.__version__}; "
-        f"peft {peft.__version__}"
+        f"{device_name()}; torch {torch.__version__}; bitsandbytes {bitsandbytes.__version__}; peft {peft.__version__}"
     )
     failed = False
     with tempfile.TemporaryDirectory() as d:
         LlamaForCausalLM(tiny_config()).save_pretrained(d)
-        cols = ["c1", "c0", "lin", "vmap", "mod", "ckpt"]
+        cols = ["c1", "c0", "lin", "rows", "vmap", "mod", "ckpt"]
         print(f"\n{'quant':<8}{'adapter':<10}" + "".join(f"{c:>10}" for c in cols))
         for quant in QUANTS:
             for adapter in ADAPTERS:
@@ -198,6 +233,7 @@ def main() -> int:
                         r["c1"] > 0
                         or r["c0"] > 0
                         or r["lin"] > 2e-2
+                        or r["rows"] > 2e-2
                         or r["vmap"] > 2e-2
                         or r["mod"] > 2e-2
                         or r["ckpt"] > 2e-2
@@ -210,6 +246,13 @@ def main() -> int:
                     failed = True
                     print(f"{quant:<8}{adapter:<10}  ERROR {type(e).__name__}: {str(e)[:200]}")
                     traceback.print_exc(limit=3)
+        print("\ngenerate() at c = −1, 0, +1 from one batch (per_row) vs separately, LoRA, SDPA, left padding:")
+        for quant in QUANTS:
+            try:
+                print(f"  {quant:<8}{generate_check(d, quant)}")
+            except Exception as e:
+                failed = True
+                print(f"  {quant:<8}ERROR {type(e).__name__}: {str(e)[:200]}")
         print("\nSDPA under vmap (bf16, LoRA):")
         for k, v in sdpa_check(d).items():
             print(f"  {k:<16}{v}")

@@ -11,19 +11,10 @@ and the inverse is c = −1.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from peft.utils.other import ModulesToSaveWrapper
-from torch import Tensor
 
-from .base import Coeff, Effect, Rule, RuleDoc, register
-
-
-def _interpolated(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect(forward={"interp": c})
-
+from .base import Rule, RuleDoc, interpolated, register
 
 MODULES_TO_SAVE = register(
     Rule(
@@ -38,7 +29,7 @@ MODULES_TO_SAVE = register(
             invert="exact: y0 − (y1 − y0)",
         ),
         linear=None,
-        geometric=_interpolated,
+        geometric=interpolated,
     )
 )
 
@@ -55,7 +46,7 @@ TRAINABLE_TOKENS = register(
             invert="exact: rows 2·W[i] − δ[i]",
         ),
         linear=None,
-        geometric=_interpolated,
+        geometric=interpolated,
         static=lambda layer, a: {"token_indices": list(layer.token_indices[a])},
     )
 )

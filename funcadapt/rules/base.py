@@ -275,6 +275,12 @@ def as_compute(c: Coeff, like: Tensor) -> Coeff:
     return c
 
 
+def interpolated(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    """The exact fallback as a transform: interpolate the layer output, y(c) = y0 + c·(y1 − y0)
+    (for rules that choose it in geometric mode or invert too, where it is the same map)."""
+    return Effect(forward={"interp": c})
+
+
 @dataclass(frozen=True)
 class Scaling:
     """The transform of an additive family whose ΔW is linear in the tensors playing ``roles``:

@@ -16,18 +16,9 @@ invert:    c = −1: W0 − ΔW, i.e. y0 − (y1 − y0)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from peft.tuners.ln_tuning.layer import LNTuningLayer
-from torch import Tensor
 
-from .base import Coeff, Effect, Rule, RuleDoc, register
-
-
-def _interpolated(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect(forward={"interp": c})
-
+from .base import Rule, RuleDoc, interpolated, register
 
 LN_TUNING = register(
     Rule(
@@ -42,6 +33,6 @@ LN_TUNING = register(
             invert="exact: W0 − (W1 − W0)",
         ),
         linear=None,
-        geometric=_interpolated,
+        geometric=interpolated,
     )
 )

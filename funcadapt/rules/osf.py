@@ -24,11 +24,7 @@ from typing import Any
 from peft.tuners.osf.layer import OSFLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Rule, RuleDoc, register
-
-
-def _interpolated(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect(forward={"interp": c})
+from .base import Effect, Rule, RuleDoc, interpolated, register
 
 
 def _invert(spec: Any, p: Mapping[str, Tensor]) -> Effect:
@@ -48,7 +44,7 @@ OSF = register(
             invert="exact: W − ΔW",
         ),
         linear=None,
-        geometric=_interpolated,
+        geometric=interpolated,
         invert=_invert,
         additive=True,
         commutative=True,
