@@ -311,7 +311,9 @@ def reference_interpolation(model: nn.Module, coeff: float) -> Iterator[None]:
                     setattr(obj, flag, was)
             # attention layers return tuples: interpolate the floating tensors, keep the rest of y1
             return pytree.tree_map(
-                lambda a, b: a + coeff * (b - a) if isinstance(a, torch.Tensor) and a.is_floating_point() else b,
+                lambda a, b: (
+                    (a + coeff * (b - a)).to(b.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else b
+                ),
                 y0,
                 y1,
             )
