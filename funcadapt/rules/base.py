@@ -193,6 +193,43 @@ class Rule:
     """For a ``layer_type`` that is not a PEFT tuner layer: how to read its adapters."""
 
 
+def additive_rule(
+    *,
+    name: str,
+    layer_type: type,
+    roles: tuple[str, ...],
+    adapter: str,
+    layers: str,
+    linear: str,
+    quantized: str = "not tested",
+    **rule: Any,
+) -> Rule:
+    """The rule of an additive family whose ΔW is linear in the tensors playing ``roles``:
+    ΔW(c) = c·ΔW exactly in parameter space (each of them ↦ c·it), geometric mode the same
+    (an additive effect's generator is ΔW itself), invert ΔW ↦ −ΔW; several adapters of
+    such families on one layer add up and commute. ``linear`` is the table's description."""
+    transform = scaling(*roles)
+    doc = RuleDoc(
+        adapter=adapter,
+        layers=layers,
+        linear=linear,
+        linear_exact="exact (parameter space)",
+        geometric="= linear (additive)",
+        invert="exact: ΔW ↦ −ΔW",
+        quantized=quantized,
+    )
+    return Rule(
+        name=name,
+        layer_type=layer_type,
+        doc=doc,
+        linear=transform,
+        geometric=transform,
+        additive=True,
+        commutative=True,
+        **rule,
+    )
+
+
 RULES: list[Rule] = []
 _BY_NAME: dict[str, Rule] = {}
 

@@ -15,9 +15,7 @@ import torch
 from peft.tuners.fourierft.layer import FourierFTLayer
 from torch import Tensor
 
-from .base import Rule, RuleDoc, register, scaling, swapping
-
-_linear = scaling("fourierft_spectrum")
+from .base import additive_rule, register, swapping
 
 
 def delta_weight(layer: Any, adapter: str) -> Tensor:
@@ -32,21 +30,13 @@ def delta_weight(layer: Any, adapter: str) -> Tensor:
 
 
 FOURIERFT = register(
-    Rule(
+    additive_rule(
         name="fourierft",
         layer_type=FourierFTLayer,
-        doc=RuleDoc(
-            adapter="FourierFT",
-            layers="Linear",
-            linear="ΔW(c) = c·ΔW: spectrum ↦ c·spectrum in ΔW = s·Re IFFT2(S)",
-            linear_exact="exact (parameter space)",
-            geometric="= linear (additive)",
-            invert="exact: ΔW ↦ −ΔW",
-        ),
-        linear=_linear,
-        geometric=_linear,
+        roles=("fourierft_spectrum",),
+        adapter="FourierFT",
+        layers="Linear",
+        linear="ΔW(c) = c·ΔW: spectrum ↦ c·spectrum in ΔW = s·Re IFFT2(S)",
         patches=swapping("get_delta_weight", delta_weight),
-        additive=True,
-        commutative=True,
     )
 )

@@ -19,9 +19,7 @@ import torch
 from peft.tuners.gralora.layer import GraloraLayer
 from torch import Tensor
 
-from .base import Rule, RuleDoc, register, scaling, swapping
-
-_linear = scaling("gralora_B", "gralora_B_general.weight")
+from .base import additive_rule, register, swapping
 
 
 def gralora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -58,22 +56,14 @@ def gralora_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
 
 
 GRALORA = register(
-    Rule(
+    additive_rule(
         name="gralora",
         layer_type=GraloraLayer,
-        doc=RuleDoc(
-            adapter="GraLoRA (incl. hybrid_r)",
-            layers="Linear, Conv1D",
-            linear="ΔW(c) = c·ΔW: B ↦ c·B (block factors and the hybrid LoRA's B)",
-            linear_exact="exact (parameter space)",
-            geometric="= linear (additive)",
-            invert="exact: ΔW ↦ −ΔW",
-        ),
-        linear=_linear,
-        geometric=_linear,
+        roles=("gralora_B", "gralora_B_general.weight"),
+        adapter="GraLoRA (incl. hybrid_r)",
+        layers="Linear, Conv1D",
+        linear="ΔW(c) = c·ΔW: B ↦ c·B (block factors and the hybrid LoRA's B)",
         patches=swapping("forward", gralora_forward),
-        additive=True,
-        commutative=True,
         static=lambda layer, a: {
             "r": layer.r[a],
             "k": layer.gralora_k[a],

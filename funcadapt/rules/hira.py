@@ -8,27 +8,16 @@ from __future__ import annotations
 
 from peft.tuners.hira.layer import HiraLayer
 
-from .base import Rule, RuleDoc, register, scaling
-
-_linear = scaling("hira_B", "hira_embedding_B")
-
+from .base import additive_rule, register
 
 HIRA = register(
-    Rule(
+    additive_rule(
         name="hira",
         layer_type=HiraLayer,
-        doc=RuleDoc(
-            adapter="HiRA",
-            layers="Linear",
-            linear="ΔW(c) = c·ΔW: B ↦ c·B in ΔW = W₀ ⊙ (BA)",
-            linear_exact="exact (parameter space)",
-            geometric="= linear (additive)",
-            invert="exact: ΔW ↦ −ΔW",
-            quantized="4-bit nf4, 8-bit",
-        ),
-        linear=_linear,
-        geometric=_linear,
-        additive=True,
-        commutative=True,
+        roles=("hira_B", "hira_embedding_B"),
+        adapter="HiRA",
+        layers="Linear",
+        linear="ΔW(c) = c·ΔW: B ↦ c·B in ΔW = W₀ ⊙ (BA)",
+        quantized="4-bit nf4, 8-bit",
     )
 )

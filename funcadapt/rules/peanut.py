@@ -10,26 +10,15 @@ from __future__ import annotations
 
 from peft.tuners.peanut.layer import PeanutLayer
 
-from .base import Rule, RuleDoc, register, scaling
-
-_linear = scaling("peanut_B.weight")
-
+from .base import additive_rule, register
 
 PEANUT = register(
-    Rule(
+    additive_rule(
         name="peanut",
         layer_type=PeanutLayer,
-        doc=RuleDoc(
-            adapter="PEANuT",
-            layers="Linear",
-            linear="ΔW(c) = c·ΔW: B ↦ c·B in ΔW = s·(B·f(W₀ᵀ))ᵀ",
-            linear_exact="exact (parameter space)",
-            geometric="= linear (additive)",
-            invert="exact: ΔW ↦ −ΔW",
-        ),
-        linear=_linear,
-        geometric=_linear,
-        additive=True,
-        commutative=True,
+        roles=("peanut_B.weight",),
+        adapter="PEANuT",
+        layers="Linear",
+        linear="ΔW(c) = c·ΔW: B ↦ c·B in ΔW = s·(B·f(W₀ᵀ))ᵀ",
     )
 )

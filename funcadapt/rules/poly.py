@@ -26,7 +26,7 @@ from peft.tuners.poly.layer import Linear as PolyLinear
 from peft.tuners.poly.layer import PolyLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, scaling, swap_under_transforms
+from .base import Coeff, Patch, additive_rule, register, swap_under_transforms
 
 
 def poly_forward(layer: Any, x: Tensor, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -55,24 +55,14 @@ def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]
     return [swap_under_transforms(layer, "forward", poly_forward)]
 
 
-_linear = scaling("poly_lora_B")
-
 POLY = register(
-    Rule(
+    additive_rule(
         name="poly",
         layer_type=PolyLayer,
-        doc=RuleDoc(
-            adapter="Poly (routed LoRA skills)",
-            layers="Linear",
-            linear="ΔW_task(c) = c·ΔW_task: every skill's B ↦ c·B (routing unchanged)",
-            linear_exact="exact (parameter space)",
-            geometric="= linear (additive)",
-            invert="exact: ΔW ↦ −ΔW",
-        ),
-        linear=_linear,
-        geometric=_linear,
-        additive=True,
-        commutative=True,
+        roles=("poly_lora_B",),
+        adapter="Poly (routed LoRA skills)",
+        layers="Linear",
+        linear="ΔW_task(c) = c·ΔW_task: every skill's B ↦ c·B (routing unchanged)",
         patches=_patches,
         static=lambda layer, a: {"r": layer.r[a], "n_tasks": layer.n_tasks[a], "n_skills": layer.n_skills[a]},
     )

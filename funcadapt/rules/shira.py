@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.shira.layer import ShiraLayer
 from torch import Tensor
 
-from .base import Rule, RuleDoc, register, scaling, swapping
-
-_linear = scaling("shira_weight")
+from .base import additive_rule, register, swapping
 
 
 def dense_delta(layer: Any, adapter: str) -> Tensor:
@@ -52,22 +50,14 @@ def shira_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
 
 
 SHIRA = register(
-    Rule(
+    additive_rule(
         name="shira",
         layer_type=ShiraLayer,
-        doc=RuleDoc(
-            adapter="SHiRA (sparse high-rank)",
-            layers="Linear",
-            linear="ΔW(c) = c·ΔW: values ↦ c·values in ΔW = s·S(v)",
-            linear_exact="exact (parameter space)",
-            geometric="= linear (additive)",
-            invert="exact: ΔW ↦ −ΔW",
-        ),
-        linear=_linear,
-        geometric=_linear,
+        roles=("shira_weight",),
+        adapter="SHiRA (sparse high-rank)",
+        layers="Linear",
+        linear="ΔW(c) = c·ΔW: values ↦ c·values in ΔW = s·S(v)",
         patches=swapping("forward", shira_forward),
-        additive=True,
-        commutative=True,
         static=lambda layer, a: {"r": layer.r[a], "scaling": layer.scaling[a]},
     )
 )

@@ -11,26 +11,15 @@ from __future__ import annotations
 
 from peft.tuners.supertuning.layer import SupertuningLayer
 
-from .base import Rule, RuleDoc, register, scaling
-
-_linear = scaling("supertuning_values", "supertuning_lora_B.weight")
-
+from .base import additive_rule, register
 
 SUPERTUNING = register(
-    Rule(
+    additive_rule(
         name="supertuning",
         layer_type=SupertuningLayer,
-        doc=RuleDoc(
-            adapter="Super-Tuning (and Supra, with r)",
-            layers="Linear",
-            linear="ΔW(c) = c·ΔW: values ↦ c·values, B ↦ c·B in ΔW = scatter(v) + (α/r)·BA",
-            linear_exact="exact (parameter space)",
-            geometric="= linear (additive)",
-            invert="exact: ΔW ↦ −ΔW",
-        ),
-        linear=_linear,
-        geometric=_linear,
-        additive=True,
-        commutative=True,
+        roles=("supertuning_values", "supertuning_lora_B.weight"),
+        adapter="Super-Tuning (and Supra, with r)",
+        layers="Linear",
+        linear="ΔW(c) = c·ΔW: values ↦ c·values, B ↦ c·B in ΔW = scatter(v) + (α/r)·BA",
     )
 )

@@ -21,9 +21,7 @@ from peft.tuners.waveft.layer import WaveFTLayer
 from peft.tuners.waveft.waverec2d import WaveletDetailTuple2d, waverec2d
 from torch import Tensor
 
-from .base import Rule, RuleDoc, register, scaling, swapping
-
-_linear = scaling("waveft_spectrum")
+from .base import additive_rule, register, swapping
 
 
 def delta_weight(layer: Any, adapter: str) -> Tensor:
@@ -55,21 +53,13 @@ def delta_weight(layer: Any, adapter: str) -> Tensor:
 
 
 WAVEFT = register(
-    Rule(
+    additive_rule(
         name="waveft",
         layer_type=WaveFTLayer,
-        doc=RuleDoc(
-            adapter="WaveFT",
-            layers="Linear, Conv1D",
-            linear="ΔW(c) = c·ΔW: coefficients ↦ c·coefficients in ΔW = s·IDWT2(S)",
-            linear_exact="exact (parameter space)",
-            geometric="= linear (additive)",
-            invert="exact: ΔW ↦ −ΔW",
-        ),
-        linear=_linear,
-        geometric=_linear,
+        roles=("waveft_spectrum",),
+        adapter="WaveFT",
+        layers="Linear, Conv1D",
+        linear="ΔW(c) = c·ΔW: coefficients ↦ c·coefficients in ΔW = s·IDWT2(S)",
         patches=swapping("get_delta_weight", delta_weight),
-        additive=True,
-        commutative=True,
     )
 )
