@@ -142,7 +142,7 @@ def smollm2_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def adapter_config(name: str, targets: list[str]):
+def adapter_config(name: str, targets: list[str], quick: bool = False):
     import peft
 
     if name == "lora":
@@ -150,7 +150,8 @@ def adapter_config(name: str, targets: list[str]):
     if name == "ia3":
         return peft.IA3Config(target_modules=targets, feedforward_modules=[])
     if name == "road":
-        return peft.RoadConfig(variant="road_1", group_size=64, target_modules=targets)
+        # group_size must divide every adapted layer's width (the --quick model's v_proj has 32)
+        return peft.RoadConfig(variant="road_1", group_size=16 if quick else 64, target_modules=targets)
     if name == "oft":
         return peft.OFTConfig(r=0, oft_block_size=16, target_modules=targets)
     if name == "vera":
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     base, tokenizer = load_model(args)
     targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
-    model = peft.get_peft_model(base, adapter_config(args.adapter, targets))
+    model = peft.get_peft_model(base, adapter_config(args.adapter, targets, args.quick))
     vocab = model.get_input_embeddings().weight.shape[0]
     train, held, pad = encode_examples(tokenizer, vocab, args.seed)
     print(

@@ -50,7 +50,11 @@ def test_merged_adapter():
     model = build(case("lora"))
     model.merge_adapter()
     raises_cleanly(
-        model, ValueError, r"merged.*unmerge_adapter", lambda: funcadapt.extract(model), modifier=("scale", -1.0, {})
+        model,
+        ValueError,
+        rf"layer '{Q}' has adapter 'default' merged.*unmerge_adapter",
+        lambda: funcadapt.extract(model),
+        modifier=("scale", -1.0, {}),
     )
     model.unmerge_adapter()
     funcadapt.extract(model)  # the fix the message names works
@@ -113,7 +117,7 @@ def test_unsupported_adapter_type(monkeypatch):
     raises_cleanly(
         model,
         ValueError,
-        rf"layer '{Q}' is a peft\.tuners\.loha\.layer\.Linear.*no rule",
+        rf"layer '{Q}' is a peft\.tuners\.loha\.layer\.Linear.*no rule.*Exclude it with adapter_names",
         lambda: funcadapt.extract(model),
         modifier=("scale", -1.0, {}),
     )
@@ -122,7 +126,13 @@ def test_unsupported_adapter_type(monkeypatch):
 # ---------------------------------------------------------------- transform
 
 
-@pytest.mark.parametrize(("case_id", "match"), [("dora", r"mode='geometric'.*DoRA"), ("road_2", r"road_2.*geometric")])
+@pytest.mark.parametrize(
+    ("case_id", "match"),
+    [
+        ("dora", rf"layer '{Q}' adapter 'default'.*mode='geometric'.*DoRA.*Use mode='linear'"),
+        ("road_2", rf"layer '{Q}'.*road_2.*geometric.*mode='linear'"),
+    ],
+)
 def test_geometric_refused(case_id, match):
     model = build(case(case_id))
     tree = funcadapt.extract(model)
@@ -409,4 +419,27 @@ def test_refusing_rules(rule):
         funcadapt.extract(model)
     with pytest.raises(ValueError, match=re.escape(rule.unsupported[:60])), AdapterModifier(model, "scale", 2.0):
         pass
+    assert_unchanged(model, before)
+
+
+def test_misuse_messages_name_the_problem_and_the_fix():
+    """The smaller user errors: each is a clear exception, and the model is unchanged."""
+    model = build(case("lora"))
+    tree = funcadapt.extract(model)
+    before = snapshot(model)
+    with model.disable_adapter(), pytest.raises(ValueError, match="disable_adapter"):
+        funcadapt.extract(model)
+    with pytest.raises(TypeError, match="replace' takes a dict"):
+        funcadapt.transform(tree, 1.0, op="replace")
+    for op in ("shift", "replace"):
+        with pytest.raises(ValueError, match="needs a value"):
+            funcadapt.transform(tree, op=op)
+    with pytest.raises(ValueError, match="params do not match the tree"):
+        tree.with_params({})
+    with pytest.raises(TypeError, match="batch must be a dict"):
+        funcadapt.sweep(model, lambda out: out.logits.mean(), [0.0], inputs()["input_ids"])
+    with pytest.raises(ValueError, match="batched tensor"):
+        funcadapt.sweep(model, lambda out: out.logits.mean(), [0.0], {"input_ids": torch.tensor(3)}, method="rows")
+    with pytest.raises(ValueError, match="positive int"):
+        funcadapt.tile(inputs(), 0)
     assert_unchanged(model, before)

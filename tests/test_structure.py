@@ -8,8 +8,9 @@ import weakref
 
 import pytest
 import torch
-from cases import assert_unchanged, build, case, inputs, output, snapshot
+from cases import assert_unchanged, build, case, inputs, output, reference_interpolation, snapshot
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora.layer import LoraLayer
 from transformers import LlamaConfig, LlamaModel
 
 import funcadapt
@@ -108,10 +109,29 @@ def test_mixed_adapter_batch_is_refused_where_it_would_be_wrong():
         funcadapt.call(
             model, funcadapt.transform(funcadapt.extract(model), 0.5), **inputs(batch=2), adapter_names=names
         )
+    # a parameter-space rule composes with PEFT's routing: row 0 (adapter) at c, row 1 (base) unchanged
     lora = build(case("lora"))
     tree = funcadapt.extract(lora)
     with torch.no_grad():
-        got = output(funcadapt.call(lora, funcadapt.transform(tree, 0.0), **inputs(batch=2), adapter_names=names))
+        got = output(funcadapt.call(lora, funcadapt.transform(tree, 0.5), **inputs(batch=2), adapter_names=names))
+        at_half = output(funcadapt.call(lora, funcadapt.transform(tree, 0.5), **inputs(batch=2)))
         with lora.disable_adapter():
             base = output(lora(**inputs(batch=2)))
-    torch.testing.assert_close(got, base)
+    assert not torch.allclose(at_half[0], base[0], atol=1e-4)
+    torch.testing.assert_close(got[0], at_half[0])
+    torch.testing.assert_close(got[1], base[1])
+
+
+def test_peft_scaling_is_read_live():
+    """A tree extracted before PEFT's float scaling changed (set_scale) still means the current
+    adapter: the transform acts on tensors, the scaling is read by PEFT's forward."""
+    model = build(case("lora"))
+    tree = funcadapt.extract(model)
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.scaling["default"] *= 3
+    with torch.no_grad():
+        got = output(funcadapt.call(model, funcadapt.transform(tree, -1.0), **inputs()))
+        with reference_interpolation(model, -1.0):
+            want = output(model(**inputs()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -84,11 +84,11 @@ ADAPTION_PROMPT = register(
         layer_type=_BaseAdaptedAttention,
         doc=RuleDoc(
             adapter="Adaption prompt (LLaMA-Adapter)",
-            layers="attention blocks (Llama, Mistral, GPT-2)",
+            layers="attention blocks (Llama, GPT-2)",
             linear="gate ↦ c·gate (y is linear in the gate); o_proj with bias: output interpolation",
             linear_exact="exact (parameter space); exact fallback with a biased o_proj",
             geometric="= linear (additive)",
-            invert="gate ↦ −gate",
+            invert="gate ↦ −gate (biased o_proj: y0 − (y1 − y0))",
         ),
         linear=_linear,
         geometric=_linear,

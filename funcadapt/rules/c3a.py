@@ -1,8 +1,10 @@
 """C3A: ΔW = C(k) / d_in, a block-circulant matrix built from the trained kernel k by FFTs
 (each block is the circular convolution with one length-b kernel vector).
 
-C(k) is linear in k, so k ↦ c·k gives ΔW(c) = c·ΔW exactly; geometric equals linear and
-the inverse is ΔW ↦ −ΔW.
+C(k) is linear in k, so k ↦ c·k gives ΔW(c) = c·ΔW exactly; with one C3A adapter on a
+layer geometric equals linear and the inverse is ΔW ↦ −ΔW. (With several chained on one
+layer, geometric mode still scales each kernel, so the layer is no longer linear in c
+there; linear mode interpolates the layer jointly.)
 
 Several C3A adapters on one layer do not add up in PEFT: its forward feeds each adapter
 the previous adapter's *output* (``x = conv(x, k) / d``), so two adapters give
@@ -90,7 +92,7 @@ C3A = register(
             layers="Linear",
             linear="ΔW(c) = c·ΔW: kernel ↦ c·kernel in ΔW = C(k)/d_in (exact gradients; PEFT's backward is wrong)",
             linear_exact="exact (parameter space)",
-            geometric="= linear (additive)",
+            geometric="kernel ↦ c·kernel (= linear with one C3A adapter per layer)",
             invert="exact: ΔW ↦ −ΔW (refused for several C3A adapters on one layer: PEFT chains them)",
         ),
         linear=_linear,
