@@ -167,3 +167,21 @@ def test_bf16_fallback_keeps_a_tensor_coefficient_in_float32(case_id):
         as_number = output(funcadapt.call(model, funcadapt.transform(tree, 0.3), **inputs()))
         as_tensor = output(funcadapt.call(model, funcadapt.transform(tree, torch.tensor(0.3)), **inputs()))
     torch.testing.assert_close(as_tensor, as_number, rtol=0, atol=0)
+
+
+def test_bf16_transforms_round_once():
+    """docs/support.md: transforms compute in float32 and cast back once (bf16 adapters get one rounding)."""
+    lora = build(case("lora"), dtype=torch.bfloat16)
+    tree = funcadapt.extract(lora)
+    key = next(k for k in tree.params if "lora_B" in k)
+    b = tree.params[key]
+    for c in (-0.3, torch.tensor(-0.3)):
+        got = funcadapt.transform(tree, c)[key]
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, (b.float() * torch.tensor(-0.3)).to(torch.bfloat16))
+    ia3 = build(case("ia3"), dtype=torch.bfloat16)
+    tree = funcadapt.extract(ia3)
+    key = next(iter(tree.params))
+    lam = tree.params[key]
+    c = torch.tensor(0.3)
+    assert torch.equal(funcadapt.transform(tree, c)[key], (1 + c * (lam.float() - 1)).to(torch.bfloat16))

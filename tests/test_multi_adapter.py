@@ -16,6 +16,8 @@ import torch
 from cases import (
     adapter_layers,
     assert_unchanged,
+    build,
+    case,
     inputs,
     output,
     randomize_adapters,
@@ -23,7 +25,7 @@ from cases import (
     snapshot,
     tiny_llama,
 )
-from peft import IA3Config, LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, OFTConfig, RoadConfig, get_peft_model
 from torch import nn
 
 import funcadapt
@@ -366,4 +368,32 @@ def test_replace_in_ia3_layer_matches_copy():
     params = funcadapt.transform(tree, {key: new}, op="replace")
     ref = edited(model, lambda name, p: p.fill_(3.0) if name == key else None)
     torch.testing.assert_close(run(model, params), run(ref), rtol=1e-5, atol=1e-6)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("case_id", "second"),
+    [
+        ("oft", lambda: OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"])),
+        ("road_1", lambda: RoadConfig(variant="road_1", group_size=8, target_modules=["q_proj", "v_proj"])),
+    ],
+    ids=["oft", "road"],
+)
+def test_non_commuting_stacks_interpolate_jointly_and_refuse_invert(case_id, second):
+    """Two rotation-type adapters on one layer (OFT∘OFT, RoAd∘RoAd): one coefficient for both is
+    the layer's y0 + c·(y1 − y0); invert would need the inverses in reverse order and is refused."""
+    model = build(case(case_id))
+    model.add_adapter("other", second())
+    randomize_adapters(model, seed=7)
+    model.base_model.set_adapter(["default", "other"])
+    tree = funcadapt.extract(model)
+    assert {s.adapter for s in tree.layers} == {"default", "other"}
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="commute"):
+        funcadapt.transform(tree, op="invert")
+    with torch.no_grad():
+        got = output(funcadapt.call(model, funcadapt.transform(tree, 0.5), **inputs()))
+        with reference_interpolation(model, 0.5):
+            want = output(model(**inputs()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert_unchanged(model, before)

@@ -757,3 +757,19 @@ def test_support_table_bitsandbytes_column_is_what_these_tests_run():
     for name, text in claims.items():
         assert ("fp4" in text) == ((("fp4-dq-bf16", name)) in tested), name
         assert "8-bit" in text and "nf4" in text, name
+
+
+def test_trainable_parameter_inside_a_quantized_layer_is_refused_under_vmap(llama_dir):
+    """docs/quantized.md: a trainable parameter inside a bitsandbytes layer cannot be differentiated
+    through the fold under torch.func transforms; funcadapt raises, naming the fix."""
+    model = build(llama_dir, "nf4", "lora")
+    layer = next(iter(bnb_layers(model).values()))
+    layer.register_parameter("trained", nn.Parameter(torch.zeros(1)))  # e.g. a bias left trainable
+    tree = funcadapt.extract(model)
+
+    def loss(c: torch.Tensor) -> torch.Tensor:
+        return funcadapt.call(model, funcadapt.transform(tree, c), input_ids=IDS).logits.sum()
+
+    with pytest.raises(ValueError, match=r"trainable parameter inside quantized layer.*freeze it"):
+        funcadapt.vmap(loss)(torch.tensor([1.0, -1.0]))
+    assert not swap.active_frames()

@@ -154,3 +154,18 @@ def test_float64_coefficients_and_broadcast_inputs():
     torch.testing.assert_close(result.values, expected(model, mean_logit, coeffs, batch))
     tiled = funcadapt.tile(batch, 2)
     assert tiled["input_ids"].shape == (6, ids.shape[1]) and tiled["position_ids"].shape == (1, ids.shape[1])
+
+
+def test_values_carry_no_graph_and_pandas_frame():
+    """sweep runs under no_grad; to_pandas() gives the records as a frame (or says how to get pandas)."""
+    model = build(case("lora"))
+    result = funcadapt.sweep(model, per_example, COEFFS, inputs(batch=2))
+    assert not result.values.requires_grad
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install pandas"):
+            result.to_pandas()
+    else:
+        frame = result.to_pandas()
+        assert frame.to_dict("records") == result.records()
