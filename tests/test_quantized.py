@@ -681,6 +681,18 @@ class WQLinear_GEMM(QuantLinear):  # AutoAWQ's class name
     pass
 
 
+class HQQLinear(QuantLinear):
+    pass
+
+
+class AQLMQuantizedLinear(QuantLinear):
+    pass
+
+
+class EetqLinear(QuantLinear):
+    pass
+
+
 class AffineQuantizedTensor(nn.Parameter):
     """Stands in for a torchao quantized weight (a tensor subclass on a plain nn.Linear)."""
 
@@ -689,6 +701,10 @@ GPTQQuantLinear.__module__ = "auto_gptq.nn_modules.qlinear.qlinear_cuda_old"
 GPTQQuantLinear.__qualname__ = GPTQQuantLinear.__name__ = "QuantLinear"
 WQLinear_GEMM.__module__ = "awq.modules.linear.gemm"
 AffineQuantizedTensor.__module__ = "torchao.dtypes.affine_quantized_tensor"
+HQQLinear.__module__ = "hqq.core.quantize"
+AQLMQuantizedLinear.__module__ = "aqlm.inference"
+AQLMQuantizedLinear.__qualname__ = AQLMQuantizedLinear.__name__ = "QuantizedLinear"
+EetqLinear.__module__ = "eetq.modules.qlinear"
 
 LORA_QV = LoraConfig(r=4, lora_alpha=8, target_modules=ATTN)
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -729,6 +745,9 @@ UNSUPPORTED = [
     pytest.param(_gptq_peft_layer, "GPTQ", id="gptq-peft-layer"),
     pytest.param(lambda: _swap_base_layer(WQLinear_GEMM), r"AWQ \(autoawq\)", id="awq-base-layer"),
     pytest.param(_torchao_weight, "torchao", id="torchao-weight"),
+    pytest.param(lambda: _swap_base_layer(HQQLinear), "HQQ", id="hqq-base-layer"),
+    pytest.param(lambda: _swap_base_layer(AQLMQuantizedLinear), "AQLM", id="aqlm-base-layer"),
+    pytest.param(lambda: _swap_base_layer(EetqLinear), "EETQ", id="eetq-base-layer"),
 ]
 
 
