@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import quantized
 from .rows import rows_mismatch
-from .rules.base import Coeff, Patch, Rule, access_of, is_adapter_layer, is_number, same_coeff
+from .rules.base import Coeff, Patch, Rule, access_of, is_adapter_layer, is_number, same_coeff, under_transforms
 from .structure import active_adapters, adapters_disabled, layer_adapters, structure
 from .swap import Frame
 from .transform import FORWARD_PREFIX, parse_forward_key
@@ -119,7 +119,7 @@ def _input_grad_hooks(modules: Mapping[str, nn.Module]) -> list[Patch]:
 
 def _outside_transforms(hook: Callable[..., Any]) -> Callable[..., Any]:
     def skipped_in_transforms(*args: Any) -> Any:
-        if torch._C._functorch.maybe_current_level() is not None:
+        if under_transforms():
             return None
         return hook(*args)
 
@@ -226,32 +226,21 @@ def _interpolation(
 
     def with_base(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Any]:
         """(y1, the base layer's output if it ran exactly once, on this very input)."""
-        seen: list[tuple[tuple, Any, int]] = []
-        handle = layer.base_layer.register_forward_hook(lambda m, a, out: seen.append((a, out, _version(out))))
-        try:
-            y1 = forward(*args, **kwargs)
-        finally:
-            handle.remove()
-        if len(seen) != 1 or not args:
-            return y1, None
-        inputs, out, version = seen[0]
-        # PEFT layers that add their update in place (``result += …``) modify the base output
-        if inputs and inputs[0] is args[0] and version >= 0 and _version(out) == version:
-            return y1, out
+        y1, seen = _watching(layer.base_layer, forward, args, kwargs)
+        if len(seen) == 1 and args:
+            inputs, out, version = seen[0]
+            # PEFT layers that add their update in place (``result += …``) modify the base output
+            if inputs and inputs[0] is args[0] and version >= 0 and _version(out) == version:
+                return y1, out
         return y1, None
 
     def captured(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Any]:
         """(y1, y0) from one run of a layer read through a LayerAccess: y0 is its base's output."""
         assert access is not None
-        seen: list[Any] = []
-        handle = access.base(layer).register_forward_hook(lambda m, a, out: seen.append(out))
-        try:
-            y1 = forward(*args, **kwargs)
-        finally:
-            handle.remove()
+        y1, seen = _watching(access.base(layer), forward, args, kwargs)
         if len(seen) != 1:
             raise RuntimeError(f"layer {path!r}: its base ran {len(seen)} times in one forward, expected once")
-        return y1, seen[0]
+        return y1, seen[0][1]
 
     def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
         def interpolated(*args: Any, **kwargs: Any) -> Any:
@@ -305,6 +294,18 @@ def _row_scaling(layer: Any, rows: Mapping[str, Any], rule_of: Callable[[str], R
             return None
         patches.extend(found)
     return patches
+
+
+def _watching(
+    module: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
+) -> tuple[Any, list[tuple[tuple, Any, int]]]:
+    """``forward(*args, **kwargs)``, and every call of ``module`` meanwhile: (inputs, output, its version)."""
+    seen: list[tuple[tuple, Any, int]] = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append((a, out, _version(out))))
+    try:
+        return forward(*args, **kwargs), seen
+    finally:
+        handle.remove()
 
 
 def _version(t: Any) -> int:

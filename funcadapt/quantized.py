@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .rules.base import Patch
+from .rules.base import Patch, under_transforms
 
 try:  # bitsandbytes is optional
     import bitsandbytes as bnb
@@ -94,7 +94,7 @@ def _folding(layer: nn.Module) -> Callable[[Callable[..., Tensor]], Callable[...
 
     def wrap(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
         def folded(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            if torch._C._functorch.maybe_current_level() is None:
+            if not under_transforms():
                 return forward(x, *args, **kwargs)
             if any(p.requires_grad for p in layer.parameters(recurse=False)):
                 raise ValueError(

@@ -130,11 +130,6 @@ def _registry() -> tuple[int, int]:
     return id(base.RULES), len(base.RULES)
 
 
-def modules_of(model: nn.Module) -> dict[str, nn.Module]:
-    """``dict(model.named_modules(remove_duplicate=False))``, from the cache."""
-    return {"": model, **structure(model).modules}
-
-
 def fingerprint(model: nn.Module) -> tuple[int, ...]:
     """ids of every module and parameter in tree order, with each module's child count."""
     ids: list[int] = []

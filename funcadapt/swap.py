@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .rules.base import Patch
+from .rules.base import Patch, under_transforms
 
 _STACK: list[Frame] = []
 _MISSING = object()
@@ -170,7 +170,7 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
         global _warned_functorch
         if not torch.is_grad_enabled():  # nothing will be recomputed
             return checkpoint_func(function, *args, **kwargs)
-        if torch._C._functorch.maybe_current_level() is not None:
+        if under_transforms():
             # torch.utils.checkpoint cannot recompute under vmap/grad transforms; running the
             # layer directly gives the same values and gradients, with the memory of no checkpointing.
             if not _warned_functorch:

@@ -178,10 +178,14 @@ def _run(
 ) -> Tensor:
     device = next(iter(tree.params.values())).device
     chunk = chunk.to(device)
+
+    def at(c: Tensor) -> Tensor:
+        return _as_tensor(metric(call(model, transform(tree, c, mode=mode), **batch)))
+
     if method == "vmap":
-        return vmap(lambda c: _as_tensor(metric(call(model, transform(tree, c, mode=mode), **batch))))(chunk)
+        return vmap(at)(chunk)
     if method == "loop":
-        return torch.stack([_as_tensor(metric(call(model, transform(tree, c, mode=mode), **batch))) for c in chunk])
+        return torch.stack([at(c) for c in chunk])
     rows = _batch_rows(batch)
     out = call(model, transform(tree, per_row(chunk, repeat=rows), mode=mode), **tile(batch, len(chunk)))
     return torch.stack([_as_tensor(metric(part)) for part in untile(out, len(chunk))])

@@ -88,14 +88,22 @@ def _refuse(rule: Rule, spec: LayerSpec, what: str) -> ValueError:
     )
 
 
-def _scaled(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff, mode: str) -> Effect:
+def _chosen(rule: Rule, spec: LayerSpec, mode: str) -> Callable[[Any, Mapping[str, Tensor], Coeff], Effect] | None:
+    """The rule's transform for this layer in ``mode``; None means the output interpolation
+    (linear mode) or undefined (geometric mode). On an int8 base, adapters acting on the base
+    layer's input interpolate: the int8 kernel quantises its input, so it is not linear in it."""
     if mode == "linear":
-        if rule.linear is None or (spec.static.get("quantized") == "int8" and rule.acts_on_input(spec)):
-            return Effect(forward={"interp": c})
-        return rule.linear(spec, p, c)
-    if rule.geometric is None:
-        raise _refuse(rule, spec, "mode='geometric'")
-    return rule.geometric(spec, p, c)
+        return None if spec.static.get("quantized") == "int8" and rule.acts_on_input(spec) else rule.linear
+    return rule.geometric
+
+
+def _scaled(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff, mode: str) -> Effect:
+    fn = _chosen(rule, spec, mode)
+    if fn is not None:
+        return fn(spec, p, c)
+    if mode == "linear":
+        return Effect(forward={"interp": c})
+    raise _refuse(rule, spec, "mode='geometric'")
 
 
 def _inverted(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
@@ -211,9 +219,7 @@ def _scale_effect(rule: Rule, spec: LayerSpec, tree: AdapterTree, c: Coeff | Per
 
 def _plain_scaling(rule: Rule, spec: LayerSpec, mode: str) -> Scaling | None:
     """The rule's transform here, when it is a :class:`Scaling` (ΔW linear in some tensors)."""
-    if spec.static.get("quantized") == "int8" and rule.acts_on_input(spec):
-        return None
-    fn = rule.linear if mode == "linear" else rule.geometric
+    fn = _chosen(rule, spec, mode)
     return fn if isinstance(fn, Scaling) else None
 
 

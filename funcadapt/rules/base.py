@@ -312,10 +312,20 @@ def as_compute(c: Coeff, like: Tensor) -> Coeff:
     return c
 
 
-def interpolated(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    """The exact fallback as a transform: interpolate the layer output, y(c) = y0 + c·(y1 − y0)
-    (for rules that choose it in geometric mode or invert too, where it is the same map)."""
-    return Effect(forward={"interp": c})
+def at_forward(name: str) -> Callable[[Any, Mapping[str, Tensor], Coeff], Effect]:
+    """A transform that changes no tensor and hands c to the layer's forward under ``name`` (for
+    the rule's ``patches``, or funcadapt's own output interpolation for ``"interp"``): for
+    adapters whose scalable part is built at forward time or shared between layers."""
+
+    def transform(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+        return Effect(forward={name: c})
+
+    return transform
+
+
+interpolated = at_forward("interp")
+"""The exact fallback as a transform: interpolate the layer output, y(c) = y0 + c·(y1 − y0)
+(for rules that choose it in geometric mode or invert too, where it is the same map)."""
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,12 @@ from typing import Any
 from peft.tuners.lily.layer import LilyLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+from .base import Coeff, Patch, Rule, RuleDoc, at_forward, register, scale
 
 _ARG = "lily_scale"
 
 
-def _scaled(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect(forward={_ARG: c})
+_scaled = at_forward(_ARG)
 
 
 def _times(c: Coeff, s: Any) -> Any:

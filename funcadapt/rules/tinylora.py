@@ -21,13 +21,12 @@ from typing import Any
 from peft.tuners.tinylora.layer import TinyLoraLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+from .base import Coeff, Patch, Rule, RuleDoc, at_forward, register, scale
 
 _KEY = "tinylora_scale"
 
 
-def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect(forward={_KEY: c})
+_linear = at_forward(_KEY)
 
 
 def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:

@@ -13,20 +13,15 @@ PEFT's forward adds out of place, so it runs under torch.func transforms as it i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from peft.tuners.unilora.layer import UniLoraLayer
-from torch import Tensor
 
-from .base import Coeff, Effect, Rule, RuleDoc, register
+from .base import Rule, RuleDoc, at_forward, register
 from .vblora import scaled_lora_matrices
 
 _ARG = "unilora_scale"
 
 
-def _scaled(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect(forward={_ARG: c})
+_scaled = at_forward(_ARG)
 
 
 UNILORA = register(

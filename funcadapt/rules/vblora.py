@@ -20,13 +20,12 @@ from typing import Any
 from peft.tuners.vblora.layer import VBLoRALayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+from .base import Coeff, Patch, Rule, RuleDoc, at_forward, register, scale
 
 _ARG = "vblora_scale"
 
 
-def _scaled(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect(forward={_ARG: c})
+_scaled = at_forward(_ARG)
 
 
 def scaled_lora_matrices(arg: str) -> Callable[[Any, str, Mapping[str, Coeff]], list[Patch]]:
