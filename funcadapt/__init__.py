@@ -1,8 +1,8 @@
 """funcadapt: the effect of any PEFT adapter as a pure function of a coefficient.
 
 tree = funcadapt.extract(model)                  # adapter params (the model's own) + structure
-params = funcadapt.transform(tree, -1.0)          # pure: new tensors, nothing mutated
-out = funcadapt.call(model, params, **batch)      # functional_call, exact fallbacks, checkpoint-safe
+params = funcadapt.transform(tree, -1.0)          # pure: a typed Transformed, nothing mutated
+out = funcadapt.call(model, params, **batch)      # each layer's effect applied when it runs
 
 with funcadapt.AdapterModifier(model, "scale", -1.0):   # the same, as a context manager
     loss = model(**batch).loss
@@ -13,7 +13,7 @@ from .modifier import AdapterModifier
 from .rows import PerRow, per_row, tile, untile
 from .rules.base import RULES, Rule
 from .sweep import Sweep, sweep
-from .transform import MODES, OPS, transform
+from .transform import MODES, OPS, LayerEffect, Mode, Op, Transformed, transform
 from .tree import AdapterTree, LayerSpec, extract
 
 __version__ = "0.1.0"
@@ -24,10 +24,14 @@ __all__ = [
     "RULES",
     "AdapterModifier",
     "AdapterTree",
+    "LayerEffect",
     "LayerSpec",
+    "Mode",
+    "Op",
     "PerRow",
     "Rule",
     "Sweep",
+    "Transformed",
     "call",
     "extract",
     "per_row",

@@ -18,88 +18,197 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from . import quantized
+from . import engines, quantized
 from .rows import rows_mismatch
 from .rules.base import Coeff, Patch, Rule, access_of, is_adapter_layer, is_number, same_coeff, under_transforms
 from .structure import active_adapters, adapters_disabled, layer_adapters, structure
-from .swap import Frame
-from .transform import FORWARD_PREFIX, parse_forward_key
+from .swap import Frame, check_thread
+from .transform import LayerEffect, Transformed
 
 
-def call(model: nn.Module, params: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-    """``model(*args, **kwargs)`` with ``params`` in place of the model's own tensors.
+def call(model: nn.Module, params: Transformed | Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+    """``model(*args, **kwargs)`` with ``params`` in effect.
 
-    ``params`` maps ``named_parameters()``/``named_buffers()`` keys to tensors (any subset,
-    e.g. the output of :func:`funcadapt.transform`). The model is restored on return and on
-    error; autograd reaches the original parameters through whatever produced ``params``.
+    ``params``: what :func:`funcadapt.transform` returns (each layer's effect is applied when
+    that layer runs, to the tensors it holds then), or a mapping from ``named_parameters()`` /
+    ``named_buffers()`` keys to tensors shown in place of the model's own
+    (``torch.func.functional_call`` semantics, with unknown keys an error). The model is
+    restored on return and on error; autograd reaches the original parameters through
+    whatever produced ``params``.
     """
+    ddp_error = engines.ddp_vmap_error(model)
+    if ddp_error is not None and under_transforms():
+        raise ddp_error
     with frame(model, params):
         return model(*args, **kwargs)
 
 
-def frame(model: nn.Module, params: Mapping[str, Any]) -> Frame:
+def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame:
     """The (not yet applied) :class:`~funcadapt.swap.Frame` that ``call`` runs the model in."""
-    tensors: dict[str, Tensor] = {}
-    forward_args: dict[tuple[str, str], dict[str, Coeff]] = {}
-    for key, value in params.items():
-        if key.startswith(FORWARD_PREFIX):
-            name, adapter, path = parse_forward_key(key)
-            forward_args.setdefault((path, adapter), {})[name] = value
-        elif isinstance(value, Tensor):
+    effects: tuple[LayerEffect, ...] = ()
+    if isinstance(params, Transformed):
+        tensors = {**params.tree.params, **params.explicit}
+        effects = params.effects
+    else:
+        tensors = {}
+        for key, value in params.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"params[{key!r}] is a {type(value).__name__}, not a tensor")
             tensors[key] = value
-        else:
-            raise TypeError(f"params[{key!r}] is a {type(value).__name__}, not a tensor")
 
     known = structure(model)
+    if known.engine is not None and known.engine.startswith("FSDP (") and under_transforms():
+        raise ValueError(
+            f"{known.engine} cannot run under torch.func transforms (vmap, grad): its hooks track a training "
+            f"state that functorch's wrapped tensors break. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
+            f"under which funcadapt.vmap is exact, or keep FSDP1 and run the coefficients without vmap: a "
+            f"coefficient batch (funcadapt.per_row on a tiled batch) or one AdapterModifier pass per coefficient"
+        )
     modules = {"": model, **known.modules}
     replaced = _check_keys(model, modules, tensors)
     given = set(tensors)
     _tie_aliases(known.aliases, tensors)
     replaced |= {k for k in set(tensors) - given if tensors[k] is not _current(modules, k)}
+    if replaced and known.engine is not None:
+        key = sorted(replaced)[0]
+        raise ValueError(
+            f"params gives tensor {key!r} outright, but this model runs under {known.engine}, which puts its own "
+            f"tensors on each layer when it runs and would override it. Under such engines funcadapt applies "
+            f"coefficients when each layer runs: use op='scale' / 'invert' / 'disable' on the model's own "
+            f"parameters (shift, replace and tensors of your own need an unsharded, non-offloaded model)"
+        )
 
     touched: dict[str, dict[str, dict[str, Coeff]]] = {}  # layer path -> adapter -> forward args
     modified: set[tuple[str, str]] = set()  # (layer path, adapter) whose effect this call changes
+    recipes: dict[str, list[LayerEffect]] = {}  # host layer path -> effects recomputing tensors when it runs
     for key in tensors:
         found = known.adapter_of.get(key) or _adapter_of(modules, key)
         if found is not None:
             touched.setdefault(found[0], {}).setdefault(found[1], {})
             if key in replaced:
                 modified.add(found)
-    for (path, adapter), args in forward_args.items():
+    for e in effects:
+        path, adapter = e.spec.path, e.spec.adapter
         if path not in modules or not is_adapter_layer(modules[path]):
-            raise ValueError(f"forward entry for layer {path!r}, which is not an adapter layer of this model")
-        touched.setdefault(path, {}).setdefault(adapter, {}).update(args)
+            raise ValueError(f"params has an effect for layer {path!r}, which is not an adapter layer of this model")
+        touched.setdefault(path, {}).setdefault(adapter, {}).update(e.forward)
         modified.add((path, adapter))
+        if e.recompute is not None:
+            recipes.setdefault(_host(modules, path), []).append(e)
     for path, adapter in modified:
         _check_live(path, modules[path], adapter)
 
     builders: list[Callable[[], list[Patch]]] = []
-    for path, per_adapter in touched.items():
-        layer = modules[path]
+    for path in {**touched, **recipes}:
+        per_adapter = touched.get(path, {})
+        layer, rule_of = modules[path], functools.partial(known.rule, path)
         for adapter, args in per_adapter.items():
-            rule = known.rule(path, adapter)
+            rule = rule_of(adapter)
             if rule is not None and rule.patches is not None:
                 builders.append(functools.partial(rule.patches, layer, adapter, args))
-        interp = {a: args["interp"] for a, args in per_adapter.items() if "interp" in args}
-        rows = {a: args["rows"] for a, args in per_adapter.items() if "rows" in args}
-        if interp and rows:
-            raise ValueError(
-                f"layer {path!r}: adapters {sorted(rows)} have per-row coefficients and {sorted(interp)} one "
-                f"coefficient for the whole batch; both are interpolated at the layer output, so give them the "
-                f"same kind of coefficient (or modify them in separate calls)"
-            )
-        fast = _row_scaling(layer, rows, functools.partial(known.rule, path)) if rows else None
-        if fast is not None:
-            builders.append(functools.partial(list, fast))
-        elif interp or rows:
-            reuse_base = bool(rows) and _reusable_base(layer, set(rows), functools.partial(known.rule, path))
-            builders.append(_interpolation(path, layer, interp or rows, per_row=bool(rows), reuse_base=reuse_base))
+        # inside the output interpolation (which runs the layer twice), outside PEFT's forward
+        layer_recipes = tuple(recipes.get(path, ()))
+        owners = {key: _owner(modules, key) for e in layer_recipes for key in e.spec.keys.values()}
+        builders.append(functools.partial(_jit_patches, path, layer, layer_recipes, owners))
+        builders.extend(_output_builders(path, layer, per_adapter, rule_of))
     builders.append(lambda: quantized.patches(known.bnb_linears))
     builders.append(lambda: _input_grad_hooks(modules))
     # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
     # layers they belong to still get their patches above
     swapped = {k: v for k, v in tensors.items() if k in replaced}
-    return Frame(model, swapped, builders, modules, known.checkpointing)
+    guarded = [modules[path] for path in touched]
+    return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded)
+
+
+def _output_builders(
+    path: str, layer: Any, per_adapter: Mapping[str, Mapping[str, Coeff]], rule_of: Callable[[str], Rule | None]
+) -> list[Callable[[], list[Patch]]]:
+    """The output interpolation (one coefficient, or one per row) of the adapters that ask for it."""
+    interp = {a: args["interp"] for a, args in per_adapter.items() if "interp" in args}
+    rows = {a: args["rows"] for a, args in per_adapter.items() if "rows" in args}
+    if interp and rows:
+        raise ValueError(
+            f"layer {path!r}: adapters {sorted(rows)} have per-row coefficients and {sorted(interp)} one "
+            f"coefficient for the whole batch; both are interpolated at the layer output, so give them the "
+            f"same kind of coefficient (or modify them in separate calls)"
+        )
+    fast = _row_scaling(layer, rows, rule_of) if rows else None
+    if fast is not None:
+        return [functools.partial(list, fast)]
+    if interp or rows:
+        reuse_base = bool(rows) and _reusable_base(layer, set(rows), rule_of)
+        return [_interpolation(path, layer, interp or rows, per_row=bool(rows), reuse_base=reuse_base)]
+    return []
+
+
+_CHAIN = "_funcadapt_jit"
+"""On a layer while frames touch it: their effects, outermost frame first (see :func:`_jit_patches`)."""
+
+
+def _jit_patches(
+    path: str, layer: Any, recipes: tuple[LayerEffect, ...], owners: Mapping[str, tuple[nn.Module, str]]
+) -> list[Patch]:
+    """The layer's effects applied just in time: when the layer runs, each effect recomputes its
+    adapter tensors from the tensors the layer holds *then* (what FSDP all-gathered, accelerate
+    loaded, or an enclosing frame showed), and those are shown to PEFT's forward until it returns.
+    Nested frames add their effects to one chain on the layer, applied outermost first, so an
+    inner context transforms what the outer one shows. The layer also refuses other threads."""
+    entry = (recipes, owners)
+    patches = [Patch(layer, _CHAIN, lambda chain: (*(chain or ()), entry), wrap=True)]
+    if _CHAIN not in layer.__dict__:
+        # under an accelerate hook on the layer itself, inside it (after it loaded the weights)
+        attr = "_old_forward" if "_hf_hook" in layer.__dict__ and "_old_forward" in layer.__dict__ else "forward"
+        patches.append(Patch(layer, attr, functools.partial(_just_in_time, path, layer), wrap=True))
+    return patches
+
+
+def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
+    def applied(*args: Any, **kwargs: Any) -> Any:
+        check_thread(layer, f"layer {path!r}")
+        chain: tuple[tuple[tuple[LayerEffect, ...], Mapping[str, tuple[nn.Module, str]]], ...]
+        chain = layer.__dict__.get(_CHAIN, ())
+        if not any(recipes for recipes, _ in chain):
+            return forward(*args, **kwargs)
+        undo: list[Callable[[], None]] = []
+        try:
+            shown: dict[str, Tensor] = {}
+            for recipes, owners in chain:
+                for e in recipes:
+                    p = {}
+                    for role, key in e.spec.keys.items():
+                        if key not in shown:
+                            owner, name = owners[key]
+                            shown[key] = engines.live(owner, name, undo)
+                        p[role] = shown[key]
+                    assert e.recompute is not None
+                    for role, tensor in e.recompute(e.spec, p, e.coeff).params.items():
+                        key = e.spec.keys[role]
+                        shown[key] = tensor
+                        owner, name = owners[key]
+                        engines.put(owner, name, tensor, undo)
+            return forward(*args, **kwargs)
+        finally:
+            for step in reversed(undo):
+                step()
+
+    return applied
+
+
+def _host(modules: Mapping[str, nn.Module], path: str) -> str:
+    """The outermost adapter layer enclosing (or being) the layer at ``path``: where its effect is
+    applied. An adapter layer nested in another may have its tensors read by the outer layer's
+    forward and its own forward never called (LoRA's out_proj inside nn.MultiheadAttention)."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if is_adapter_layer(modules.get(prefix)):
+            return prefix
+    return path
+
+
+def _owner(modules: Mapping[str, nn.Module], key: str) -> tuple[nn.Module, str]:
+    prefix, _, name = key.rpartition(".")
+    return modules[prefix], name
 
 
 def _input_grad_hooks(modules: Mapping[str, nn.Module]) -> list[Patch]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .call import frame
 from .swap import Frame
-from .transform import MODES, OPS, transform
+from .transform import MODES, OPS, Mode, Op, transform
 from .tree import AdapterTree, extract
 
 
@@ -37,11 +37,11 @@ class AdapterModifier:
     def __init__(
         self,
         model: nn.Module,
-        op: str,
+        op: Op,
         value: Any = None,
         *,
         adapter_names: str | Iterable[str] | None = None,
-        mode: str = "linear",
+        mode: Mode = "linear",
     ) -> None:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; choose one of {OPS}")

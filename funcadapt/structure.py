@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from . import engines
 from .quantized import BNB_LINEARS, base_of, check_supported
 from .quantized import kind as quantized_kind
 from .rules import base
@@ -89,6 +90,8 @@ class Structure:
     """Every adapter name any layer has."""
     registry: tuple[int, int] = (0, 0)
     """Which rule registry the cached rules came from (tests swap it)."""
+    engine: str | None = None
+    """The engine that places the weights just in time (FSDP, accelerate offload), named; None if none."""
 
     by_path: dict[str, AdapterLayer] = field(init=False)
 
@@ -252,6 +255,7 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
             }
             for a in adapters
         }
+        engines.check_params(path, (t for e in entries.values() for _, t in e.values()))
         rules = {a: base.find_rule(layer, a) for a in adapters}
         layers.append(AdapterLayer(path, _hold(layer, model), entries, rules, quantized_kind(base_of(layer))))
     adapter_of = {key: (info.path, a) for info in layers for a, e in info.entries.items() for key, _ in e.values()}
@@ -266,4 +270,5 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
         [_hold(m, model) for m in checkpointing.values()],
         present,
         _registry(),
+        engines.describe(modules.values()),
     )

@@ -11,14 +11,20 @@ gradients. While a frame is applied, every checkpointing layer's
 gets a ``context_fn`` whose recompute context re-applies the frames that were active
 when the forward ran, and only those.
 
-Frames on one process form a stack (:data:`_STACK`); they must be exited in reverse
-order. Nothing here is thread-safe: use one model per thread.
+Threads: each thread has its own stack of frames, exited in reverse order. A frame
+belongs to the thread that applied it: while it is applied, another thread that applies
+a frame touching the same modules, or runs a forward through a module the frame
+patched, gets a ``RuntimeError`` instead of seeing (or undoing) this thread's patches.
+So one model per thread is exact, and one model shared by threads is refused while a
+frame is applied, never silently wrong. Checkpoint recomputation (which may run on an
+autograd worker thread) replays the frames of the thread that ran the forward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -28,8 +34,66 @@ from torch import Tensor, nn
 
 from .rules.base import Patch, under_transforms
 
-_STACK: list[Frame] = []
 _MISSING = object()
+
+
+class _ThreadState(threading.local):
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.acting_for: int | None = None
+
+
+def _me() -> int:
+    """The thread frames are applied for: this one, or the one a checkpoint replay acts for."""
+    acting = _STATE.acting_for
+    return threading.get_ident() if acting is None else acting
+
+
+_STATE = _ThreadState()
+_OWNERS_LOCK = threading.Lock()
+_OWNERS: dict[int, tuple[int, int]] = {}
+"""id(module) -> (owning thread, number of applied frames of that thread patching it)."""
+
+
+def _claim(modules: list[Any]) -> None:
+    """Mark ``modules`` as modified by the current thread; refuse if another thread holds one."""
+    me = _me()
+    with _OWNERS_LOCK:
+        for m in modules:
+            owner = _OWNERS.get(id(m))
+            if owner is not None and owner[0] != me:
+                raise RuntimeError(
+                    f"{type(m).__name__} is being modified by funcadapt in another thread (thread {owner[0]}); one "
+                    f"model cannot be modified from two threads at once. Give each thread its own model "
+                    f"(copy.deepcopy), or serialise the calls with a lock"
+                )
+        for m in modules:
+            owner = _OWNERS.get(id(m))
+            _OWNERS[id(m)] = (me, 1 if owner is None else owner[1] + 1)
+
+
+def _release(modules: list[Any], thread: int) -> None:
+    with _OWNERS_LOCK:
+        for m in modules:
+            owner = _OWNERS.get(id(m))
+            if owner is None or owner[0] != thread:
+                continue
+            if owner[1] <= 1:
+                del _OWNERS[id(m)]
+            else:
+                _OWNERS[id(m)] = (thread, owner[1] - 1)
+
+
+def check_thread(module: Any, what: str) -> None:
+    """Refuse to run ``module`` (patched by a frame) from a thread that does not own that frame."""
+    owner = _OWNERS.get(id(module))
+    if owner is None or owner[0] == _me():
+        return
+    raise RuntimeError(
+        f"{what} is being modified by funcadapt in another thread (thread {owner[0]}), so running it from this "
+        f"thread would see that thread's coefficients. Give each thread its own model (copy.deepcopy), or "
+        f"serialise the calls with a lock"
+    )
 
 
 class Frame:
@@ -43,8 +107,10 @@ class Frame:
         builders: list[Callable[[], list[Patch]]],
         modules: Mapping[str, nn.Module] | None = None,
         checkpointing: Iterable[nn.Module] | None = None,
+        guarded: Iterable[nn.Module] = (),
     ) -> None:
         self.root = root
+        self._guarded = [root, *guarded]
         if modules is None:
             modules = dict(root.named_modules(remove_duplicate=False))
         self._slots = [(_owner(modules, key), key.rpartition(".")[2], t) for key, t in tensors.items()]
@@ -56,6 +122,8 @@ class Frame:
             if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func")
         ]
         self._undo: list[Callable[[], None]] | None = None
+        self._stack: list[Frame] | None = None
+        self._thread = 0
 
     @property
     def applied(self) -> bool:
@@ -64,7 +132,9 @@ class Frame:
     def apply(self) -> None:
         if self._undo is not None:
             raise RuntimeError("this funcadapt frame is already applied")
-        undo: list[Callable[[], None]] = []
+        _claim(self._guarded)
+        thread = _me()
+        undo: list[Callable[[], None]] = [functools.partial(_release, self._guarded, thread)]
         try:
             for module, name, tensor in self._slots:
                 store: dict[str, Any] = module._parameters if name in module._parameters else module._buffers
@@ -85,15 +155,20 @@ class Frame:
             _run(undo)
             raise
         self._undo = undo
-        _STACK.append(self)
+        self._thread = thread
+        self._stack = _STATE.frames
+        self._stack.append(self)
 
     def unapply(self) -> None:
-        if self._undo is None:
+        if self._undo is None or self._stack is None:
             raise RuntimeError("this funcadapt frame is not applied")
-        if not _STACK or _STACK[-1] is not self:
+        stack = self._stack
+        if not stack or stack[-1] is not self:
             raise RuntimeError("funcadapt contexts must be exited in the reverse order they were entered")
-        _STACK.pop()
-        undo, self._undo = self._undo, None
+        if self._thread != _me():
+            raise RuntimeError("a funcadapt context must be exited by the thread that entered it")
+        stack.pop()
+        undo, self._undo, self._stack = self._undo, None, None
         _run(undo)
 
     def __enter__(self) -> Frame:
@@ -139,24 +214,31 @@ def _run(undo: list[Callable[[], None]]) -> None:
 
 
 @contextlib.contextmanager
-def replay(snapshot: tuple[Frame, ...]) -> Iterator[None]:
-    """Show exactly the frames of ``snapshot`` (as at the original forward) while the body runs."""
-    current = list(_STACK)
-    for frame in reversed(current):
-        frame.unapply()
+def replay(snapshot: tuple[Frame, ...], stack: list[Frame], thread: int) -> Iterator[None]:
+    """Show exactly the frames of ``snapshot`` (as at the original forward) while the body runs.
+    ``stack`` is the frame stack of the thread that ran that forward; the recompute may run on
+    an autograd worker thread, which then acts for that thread."""
+    saved = _STATE.frames, _STATE.acting_for
+    _STATE.frames, _STATE.acting_for = stack, thread
     try:
-        applied: list[Frame] = []
+        current = list(stack)
+        for frame in reversed(current):
+            frame.unapply()
         try:
-            for frame in snapshot:
-                frame.apply()
-                applied.append(frame)
-            yield
+            applied: list[Frame] = []
+            try:
+                for frame in snapshot:
+                    frame.apply()
+                    applied.append(frame)
+                yield
+            finally:
+                for frame in reversed(applied):
+                    frame.unapply()
         finally:
-            for frame in reversed(applied):
-                frame.unapply()
+            for frame in current:
+                frame.apply()
     finally:
-        for frame in current:
-            frame.apply()
+        _STATE.frames, _STATE.acting_for = saved
 
 
 _warned_functorch = False
@@ -189,7 +271,8 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
                 "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
             )
         user_context = options.get("context_fn")
-        snapshot = tuple(_STACK)
+        stack, thread = _STATE.frames, _me()
+        snapshot = tuple(stack)
 
         def context_fn() -> tuple[Any, Any]:
             if user_context is None:
@@ -199,7 +282,7 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
 
             @contextlib.contextmanager
             def recompute() -> Iterator[None]:
-                with recompute_ctx, replay(snapshot):
+                with recompute_ctx, replay(snapshot, stack, thread):
                     yield
 
             return forward_ctx, recompute()
@@ -211,4 +294,5 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def active_frames() -> tuple[Frame, ...]:
-    return tuple(_STACK)
+    """The frames this thread has applied, outermost first."""
+    return tuple(_STATE.frames)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .call import call, vmap
 from .rows import batch_size, per_row, tile, untile
 from .rules.base import rule_named
-from .transform import transform
+from .transform import Mode, transform
 from .tree import AdapterTree, extract
 
 METHODS = ("auto", "vmap", "rows", "loop")
@@ -90,7 +90,7 @@ def sweep(
     batch: dict[str, Any],
     *,
     method: str = "auto",
-    mode: str = "linear",
+    mode: Mode = "linear",
     adapter_names: str | Iterable[str] | None = None,
     chunk_size: int | None = None,
     progress: bool | None = None,
@@ -142,7 +142,7 @@ errors (a metric returning a non-tensor, a typo) are the caller's and propagate 
 
 
 def _auto(
-    model: nn.Module, tree: AdapterTree, metric: Callable[[Any], Tensor], chunk: Tensor, batch: dict, mode: str
+    model: nn.Module, tree: AdapterTree, metric: Callable[[Any], Tensor], chunk: Tensor, batch: dict, mode: Mode
 ) -> tuple[str, Tensor]:
     """vmap; else coefficient batches (linear mode, rows independent); else a loop."""
     rows_ok = mode == "linear" and not any(rule_named(s.rule).rows_coupled for s in tree.layers)
@@ -174,7 +174,7 @@ def _run(
     metric: Callable[[Any], Tensor],
     chunk: Tensor,
     batch: dict[str, Any],
-    mode: str,
+    mode: Mode,
 ) -> Tensor:
     device = next(iter(tree.params.values())).device
     chunk = chunk.to(device)

@@ -1,12 +1,18 @@
 """Pure transforms of an :class:`AdapterTree`'s parameters.
 
-``transform(tree, coeff, op, mode)`` returns a new ``dict[str, Tensor]``: the tree's
-keys, with new tensors where the op changes something and the tree's own tensors
-elsewhere. Nothing is mutated. Where an adapter has no exact parameter-space form for
-the requested coefficient, the result also carries a forward-time entry under a key
-``"@funcadapt.<name>.<adapter>.<layer path>"``; :func:`funcadapt.call` turns those into
-the exact fallback. Passing such params straight to ``torch.func.functional_call``
-fails loudly (``@funcadapt`` is not a submodule) instead of silently dropping them.
+``transform(tree, coeff, op, mode)`` returns a :class:`Transformed`: a typed, registered
+pytree holding the source tree, the tensors given outright (``shift`` / ``replace``) and,
+per adapted layer, a :class:`LayerEffect`: how that layer's adapter tensors follow from
+the tensors it holds (``recompute``, with its coefficient) and the forward-time
+instructions (``forward``: the exact fallback's output interpolation, per-row
+coefficients, a rule's own forward arguments). Nothing is mutated and nothing is
+computed that the call does not need: :func:`funcadapt.call` applies each layer's effect
+*when that layer runs*, to whatever tensors it holds then (what FSDP all-gathered or
+accelerate loaded), so the coefficient is exact under any engine that places weights
+just in time. A ``Transformed`` is also a read-only ``Mapping`` from parameter keys to
+the transformed tensors (computed from the tree's tensors on first access), for
+inspection; it is not a ``dict``, so ``torch.func.functional_call``, which would drop the
+forward-time instructions, refuses it loudly.
 
 Ops (``mode`` applies to ``scale``):
 
@@ -20,29 +26,120 @@ Ops (``mode`` applies to ``scale``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
+from .engines import is_sharded, local_shard
 from .rows import PerRow
 from .rules.base import Coeff, Effect, Rule, Scaling, is_number, rule_named, same_coeff
 from .tree import AdapterTree, LayerSpec
 
-OPS = ("scale", "invert", "disable", "shift", "replace")
-MODES = ("linear", "geometric")
-FORWARD_PREFIX = "@funcadapt."
+Op = Literal["scale", "invert", "disable", "shift", "replace"]
+Mode = Literal["linear", "geometric"]
+OPS: tuple[Op, ...] = get_args(Op)
+MODES: tuple[Mode, ...] = get_args(Mode)
+
+Recompute = Callable[[LayerSpec, Mapping[str, Tensor], Any], Effect]
+"""(spec, the layer's adapter tensors by role, coeff) -> the new tensors by role (``Effect.params``)."""
 
 
-def forward_key(name: str, adapter: str, path: str) -> str:
-    return f"{FORWARD_PREFIX}{name}.{adapter}.{path}"
+@dataclass(frozen=True, eq=False)
+class LayerEffect:
+    """What a call does at one adapted layer for one adapter.
+
+    ``recompute(spec, p, coeff).params`` gives the adapter's new tensors (by role) from the
+    tensors ``p`` the layer holds when it runs; None: its tensors are used as they are.
+    ``forward`` holds the forward-time instructions, by name (``"interp"``: the output
+    interpolation y0 + c·(y1 − y0) with this c; ``"rows"``: one coefficient per batch row;
+    names a rule's ``patches`` read)."""
+
+    spec: LayerSpec
+    recompute: Recompute | None = None
+    coeff: Any = None
+    forward: Mapping[str, Any] = field(default_factory=dict)
 
 
-def parse_forward_key(key: str) -> tuple[str, str, str]:
-    """``"@funcadapt.<name>.<adapter>.<path>"`` -> (name, adapter, path)."""
-    _, name, adapter, path = key.split(".", 3)
-    return name, adapter, path
+@dataclass(frozen=True, eq=False)
+class Transformed(Mapping[str, Tensor]):
+    """The result of :func:`transform`: what :func:`funcadapt.call` runs a model on.
+
+    ``tree``: the source :class:`AdapterTree`; ``explicit``: tensors given outright by key
+    (``shift`` / ``replace``), swapped in as they are; ``effects``: one :class:`LayerEffect`
+    per (layer, adapter) the transform changes. As a ``Mapping`` it reads like the old flat
+    dict: every key of ``tree.params``, the transformed tensor where the op changes it and
+    the tree's own tensor elsewhere."""
+
+    tree: AdapterTree
+    effects: tuple[LayerEffect, ...] = ()
+    explicit: Mapping[str, Tensor] = field(default_factory=dict)
+    _eager: Mapping[str, Tensor] = field(default_factory=dict, repr=False)
+    """Tensors a rule already computed while validating (so the Mapping view does not recompute them)."""
+
+    @functools.cached_property
+    def _values(self) -> dict[str, Tensor]:
+        out = dict(self.tree.params)
+        out.update(self.explicit)
+        out.update(self._eager)
+        batched: dict[float, list[str]] = {}  # number c -> keys of tensors to multiply by c
+        for e in self.effects:
+            if e.recompute is None or any(key in self._eager for key in e.spec.keys.values()):
+                continue
+            if isinstance(e.recompute, Scaling) and isinstance(e.coeff, float):
+                keys = [key for role, key in e.spec.keys.items() if role in e.recompute.roles]
+                batched.setdefault(e.coeff, []).extend(keys)
+                continue
+            p = {role: out[key] for role, key in e.spec.keys.items()}
+            for role, tensor in e.recompute(e.spec, p, e.coeff).params.items():
+                out[e.spec.keys[role]] = tensor
+        for number, keys in batched.items():  # one foreach op instead of a multiply per layer; same values
+            out.update(zip(keys, torch._foreach_mul([out[k] for k in keys], number), strict=True))
+        return out
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tree.params)
+
+    def __len__(self) -> int:
+        return len(self.tree.params)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tree.params
+
+    def forward_args(self, name: str) -> dict[tuple[str, str], Any]:
+        """``{(layer path, adapter): value}`` of the forward-time instruction ``name`` (``"interp"``, ...)."""
+        return {(e.spec.path, e.spec.adapter): e.forward[name] for e in self.effects if name in e.forward}
+
+    def __repr__(self) -> str:
+        kinds = sorted({name for e in self.effects for name in e.forward})
+        recomputed = sum(e.recompute is not None for e in self.effects)
+        return (
+            f"Transformed({len(self.effects)} layer effects: {recomputed} recompute tensors, forward-time "
+            f"{kinds or 'none'}; {len(self.explicit)} explicit tensors)"
+        )
+
+
+def _flatten(t: Transformed) -> tuple[list[Any], Any]:
+    children = [t.tree, dict(t.explicit), [e.coeff for e in t.effects], [dict(e.forward) for e in t.effects]]
+    return children, tuple((e.spec, e.recompute) for e in t.effects)
+
+
+def _unflatten(children: Any, context: Any) -> Transformed:
+    tree, explicit, coeffs, forwards = children
+    effects = tuple(
+        LayerEffect(spec, recompute, c, f) for (spec, recompute), c, f in zip(context, coeffs, forwards, strict=True)
+    )
+    return Transformed(tree, effects, explicit)
+
+
+pytree.register_pytree_node(Transformed, _flatten, _unflatten, serialized_type_name="funcadapt.Transformed")
 
 
 def _check_coeff(c: Any, where: str) -> Coeff | PerRow:
@@ -90,14 +187,18 @@ def _refuse(rule: Rule, spec: LayerSpec, what: str) -> ValueError:
 
 def _chosen(rule: Rule, spec: LayerSpec, mode: str) -> Callable[[Any, Mapping[str, Tensor], Coeff], Effect] | None:
     """The rule's transform for this layer in ``mode``; None means the output interpolation
-    (linear mode) or undefined (geometric mode). On an int8 base, adapters acting on the base
-    layer's input interpolate: the int8 kernel quantises its input, so it is not linear in it."""
+    (linear mode) or undefined (geometric mode). On a bitsandbytes base (4-bit or int8), adapters
+    acting on the base layer's input interpolate: the int8 kernel quantises its input, and the
+    4-bit kernel rounds its output to a bfloat16 grid on some CPUs (AVX512-BF16), so neither is
+    linear in its input and a parameter transform there would be exact on one CPU only."""
     if mode == "linear":
-        return None if spec.static.get("quantized") == "int8" and rule.acts_on_input(spec) else rule.linear
+        return None if spec.static.get("quantized") and rule.acts_on_input(spec) else rule.linear
     return rule.geometric
 
 
 def _scaled(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff, mode: str) -> Effect:
+    """The effect of ``scale`` at ``c`` on one (layer, adapter): the rule's transform, or the
+    output interpolation (linear mode without an exact transform)."""
     fn = _chosen(rule, spec, mode)
     if fn is not None:
         return fn(spec, p, c)
@@ -144,8 +245,8 @@ def _raw_updates(tree: AdapterTree, value: Any, op: str) -> dict[str, Tensor]:
     return out
 
 
-def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str = "linear") -> dict[str, Any]:
-    """Pure: the tree's parameters with ``op`` applied at coefficient ``coeff``.
+def transform(tree: AdapterTree, coeff: Any = None, op: Op = "scale", mode: Mode = "linear") -> Transformed:
+    """Pure: the tree's parameters with ``op`` applied at coefficient ``coeff``, as a :class:`Transformed`.
 
     ``coeff``: a number, a 0-d tensor (may require grad, may be vmapped), one coefficient
     per batch row (:func:`funcadapt.per_row`, linear mode), or a dict ``{adapter_name: coeff}``
@@ -157,12 +258,10 @@ def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str
         raise ValueError(f"unknown op {op!r}; choose one of {OPS}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-    out: dict[str, Any] = dict(tree.params)
     if op in ("shift", "replace"):
         if coeff is None:
             raise ValueError(f"op={op!r} needs a value")
-        out.update(_raw_updates(tree, coeff, op))
-        return out
+        return Transformed(tree, explicit=_raw_updates(tree, coeff, op))
     if op == "scale":
         if coeff is None:
             raise ValueError("op='scale' needs a coefficient")
@@ -171,32 +270,46 @@ def transform(tree: AdapterTree, coeff: Any = None, op: str = "scale", mode: str
         raise ValueError(f"op={op!r} takes no coefficient (got {coeff!r}); use op='scale' for a coefficient")
 
     shared = _jointly_interpolated(tree, per_adapter if op == "scale" else None, op, mode)
-    batched: dict[float, list[str]] = {}  # number c -> keys of tensors to multiply by c
+    effects: list[LayerEffect] = []
+    eager: dict[str, Tensor] = {}
     for spec in tree.layers:
         rule = rule_named(spec.rule)
         if op == "scale":
             c = per_adapter(spec.adapter)
             if c is None or (is_number(c) and c == 1.0):
                 continue  # identity, bit for bit
-            plain = _plain_scaling(rule, spec, mode) if isinstance(c, float) and spec.path not in shared else None
-            if plain is not None:
-                assert isinstance(c, float)
-                batched.setdefault(c, []).extend(key for role, key in spec.keys.items() if role in plain.roles)
+            plain = _plain_scaling(rule, spec, mode) if not isinstance(c, PerRow) and spec.path not in shared else None
+            if plain is not None:  # ΔW linear in some tensors: nothing to validate, computed when needed
+                effects.append(LayerEffect(spec, plain, c))
                 continue
-            effect = _scale_effect(rule, spec, tree, c, mode, spec.path in shared)
+            recompute: Recompute = functools.partial(_scale_effect, rule, mode=mode, joint=spec.path in shared)
+            operand: Any = c
+        elif op == "disable":
+            recompute, operand = functools.partial(_scaled, rule, mode="linear"), 0.0
         else:
-            p = {role: tree.params[key] for role, key in spec.keys.items()}
-            effect = _scaled(rule, spec, p, 0.0, "linear") if op == "disable" else _inverted(rule, spec, p)
-        for role, tensor in effect.params.items():
-            out[spec.keys[role]] = tensor
-        for name, value in effect.forward.items():
-            out[forward_key(name, spec.adapter, spec.path)] = value
-    for number, keys in batched.items():  # one foreach op instead of a multiply per layer; same values
-        out.update(zip(keys, torch._foreach_mul([tree.params[k] for k in keys], number), strict=True))
-    return out
+            recompute, operand = functools.partial(_inverted_effect, rule), None
+        # run once on the tree's tensors: validates (a bad mode or value raises here, before any call)
+        # and gives the forward-time instructions, which depend on the spec and coefficient only.
+        # Sharded tensors (FSDP2's DTensors) are validated on their local shards, without a graph,
+        # and the values are not kept: the call recomputes them from the gathered tensors.
+        p = {role: tree.params[key] for role, key in spec.keys.items()}
+        if any(is_sharded(t) for t in p.values()):
+            with torch.no_grad():
+                effect = recompute(spec, {role: local_shard(t) for role, t in p.items()}, operand)
+        else:
+            effect = recompute(spec, p, operand)
+            eager.update((spec.keys[role], t) for role, t in effect.params.items())
+        effects.append(LayerEffect(spec, recompute if effect.params else None, operand, dict(effect.forward)))
+    return Transformed(tree, tuple(effects), _eager=eager)
 
 
-def _scale_effect(rule: Rule, spec: LayerSpec, tree: AdapterTree, c: Coeff | PerRow, mode: str, joint: bool) -> Effect:
+def _inverted_effect(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], _: Any) -> Effect:
+    return _inverted(rule, spec, p)
+
+
+def _scale_effect(
+    rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff | PerRow, mode: str, joint: bool
+) -> Effect:
     if isinstance(c, PerRow):
         if mode != "linear":
             raise ValueError(
@@ -214,7 +327,7 @@ def _scale_effect(rule: Rule, spec: LayerSpec, tree: AdapterTree, c: Coeff | Per
         return Effect(forward={"rows": c.values})
     if joint:
         return Effect(forward={"interp": c})
-    return _scaled(rule, spec, {role: tree.params[key] for role, key in spec.keys.items()}, c, mode)
+    return _scaled(rule, spec, p, c, mode)
 
 
 def _plain_scaling(rule: Rule, spec: LayerSpec, mode: str) -> Scaling | None:

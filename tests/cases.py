@@ -366,11 +366,17 @@ def _reregistered(model: nn.Module) -> set[str]:
     return names
 
 
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """Everything 'nothing about the model changed' promises: values, objects, flags."""
+def snapshot(model: nn.Module, state_dict: bool = True) -> dict[str, Any]:
+    """Everything 'nothing about the model changed' promises: values, objects, flags. With
+    ``state_dict=False`` the values are read from parameters and buffers, never through
+    ``state_dict()`` (which bitsandbytes' 4-bit layers do not leave as they were)."""
     skip = _reregistered(model)
+    if state_dict:
+        values = model.state_dict(keep_vars=True).items()
+    else:
+        values = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "state": {k: v.detach().clone() for k, v in values},
         "ids": {k: id(v) for k, v in model.named_parameters(remove_duplicate=False) if k not in skip},
         "buffer_ids": {k: id(v) for k, v in model.named_buffers(remove_duplicate=False)},
         "grad": {k: v.requires_grad for k, v in model.named_parameters(remove_duplicate=False)},

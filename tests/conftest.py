@@ -18,7 +18,7 @@ def _no_leaked_frames() -> Iterator[None]:
     from funcadapt import swap
 
     yield
-    leaked = list(swap._STACK)
+    leaked = list(swap.active_frames())
     for frame in reversed(leaked):
         frame.unapply()
     assert not leaked, f"{len(leaked)} funcadapt frame(s) left applied"

@@ -120,7 +120,8 @@ def test_plain_functional_call_is_wrong_under_checkpointing():
 
     def plain(c: float) -> torch.Tensor:
         seeded()
-        return torch.func.functional_call(model, funcadapt.transform(tree, c), (), {**BATCH, "labels": POS}).loss
+        params = dict(funcadapt.transform(tree, c))  # the transformed tensors, as a plain dict
+        return torch.func.functional_call(model, params, (), {**BATCH, "labels": POS}).loss
 
     ref = grads_of(plain(-1.0), params)
     assert_grads_close(grads_of(loss_call(model, tree, -1.0), params), ref)  # no checkpointing: both right

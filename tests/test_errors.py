@@ -3,6 +3,7 @@ model exactly as it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ from peft import LoHaConfig, LoraConfig, PromptTuningConfig, ShadowConfig, get_p
 from torch import nn
 
 import funcadapt
-from funcadapt import AdapterModifier, swap
+from funcadapt import AdapterModifier, LayerEffect, Transformed, swap
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -292,26 +293,28 @@ def test_call_non_tensor_value():
     )
 
 
-def test_call_forward_entry_for_non_adapter_layer():
+def test_call_effect_for_non_adapter_layer():
     model = build(case("lora"))
-    key = "@funcadapt.interp.default.base_model.model.lm_head"
+    tree = funcadapt.extract(model)
+    stray = dataclasses.replace(tree.layers[0], path="base_model.model.lm_head")
+    params = Transformed(tree, (LayerEffect(stray, forward={"interp": -1.0}),))
     raises_cleanly(
         model,
         ValueError,
         r"'base_model.model.lm_head', which is not an adapter layer",
-        lambda: funcadapt.call(model, {key: -1.0}, **BATCH),
+        lambda: funcadapt.call(model, params, **BATCH),
     )
 
 
 @pytest.mark.parametrize("c", [-1.0, torch.tensor(-1.0)], ids=["float", "tensor"])
-def test_forward_keys_not_silently_dropped_by_functional_call(c):
-    """The fallback's "@funcadapt." entries make plain torch.func.functional_call fail loudly
-    instead of silently running the unmodified DoRA adapter."""
+def test_forward_effects_not_silently_dropped_by_functional_call(c):
+    """A Transformed is not a dict, so plain torch.func.functional_call refuses it loudly
+    instead of silently running the unmodified DoRA adapter (its effect is forward-time only)."""
     model = build(case("dora"))
     tree = funcadapt.extract(model)
     params = funcadapt.transform(tree, c)
-    assert any(k.startswith("@funcadapt.") for k in params)
-    raises_cleanly(model, Exception, r"@funcadapt", lambda: torch.func.functional_call(model, params, (), BATCH))
+    assert params.forward_args("interp")
+    raises_cleanly(model, ValueError, r"to be a dict", lambda: torch.func.functional_call(model, params, (), BATCH))
     # funcadapt.call is the way to run them
     with torch.no_grad():
         y = output(funcadapt.call(model, params, **BATCH))

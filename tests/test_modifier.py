@@ -33,7 +33,7 @@ POS, NEG = _labels(11), _labels(12)
 
 
 def _force_unapply() -> None:
-    for f in reversed(list(swap._STACK)):
+    for f in reversed(list(swap.active_frames())):
         f.unapply()
 
 
@@ -225,6 +225,8 @@ def test_nested_scales_compose(case, outer, inner):
 def test_out_of_order_exit_raises_and_keeps_state():
     model = build(case("lora"))
     tree = funcadapt.extract(model)
+    with torch.no_grad():  # (a call inside the contexts would compose with them, like a nested context)
+        ref = output(funcadapt.call(model, funcadapt.transform(tree, -2.0), **BATCH))
     outer, inner = AdapterModifier(model, "scale", -1.0), AdapterModifier(model, "scale", 2.0)
     outer.__enter__()
     inner.__enter__()
@@ -232,8 +234,6 @@ def test_out_of_order_exit_raises_and_keeps_state():
         with pytest.raises(RuntimeError, match="reverse order"):
             outer.__exit__(None, None, None)
         # nothing was half-restored: the model still shows the nested (−2) state
-        with torch.no_grad():
-            ref = output(funcadapt.call(model, funcadapt.transform(tree, -2.0), **BATCH))
         torch.testing.assert_close(_run(model), ref, rtol=0, atol=0)
     finally:
         _force_unapply()
@@ -338,23 +338,37 @@ def test_ops_equal_functional(case_id, op, value):
 
 
 def test_named_parameters_inside_and_after():
+    """Coefficients apply when each layer runs: between forwards (inside the context too) the model
+    shows its own Parameters, so an optimizer or state_dict built there sees them; while an adapted
+    layer runs, it computes with the transformed tensors, connected to those Parameters."""
     model = build(case("lora"))
     tree = funcadapt.extract(model)
     originals = dict(model.named_parameters())
     expected = funcadapt.transform(tree, -1.0)
     scaled = {k for k in tree.params if ".lora_B." in k}
     assert scaled
-    with AdapterModifier(model, "scale", -1.0):
-        inside = dict(model.named_parameters())
-        assert inside.keys() == originals.keys()
-        for k, t in inside.items():
-            if k in scaled:
-                assert t is not originals[k]
-                assert not isinstance(t, nn.Parameter)
-                assert torch.equal(t, expected[k])
-                assert t.requires_grad and t.grad_fn is not None, "must stay connected to the original Parameter"
-            else:
-                assert t is originals[k], k
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        modules[k.rpartition(".")[0]].register_forward_pre_hook(
+            lambda m, args, k=k: seen.__setitem__(k, m._parameters[k.rpartition(".")[2]])
+        )
+        for k in scaled
+    ]
+    try:
+        with AdapterModifier(model, "scale", -1.0):
+            inside = dict(model.named_parameters())
+            assert inside.keys() == originals.keys()
+            assert all(t is originals[k] for k, t in inside.items())
+            model(**BATCH)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen.keys() == scaled
+    for k, t in seen.items():
+        assert not isinstance(t, nn.Parameter)
+        assert torch.equal(t, expected[k])
+        assert t.requires_grad and t.grad_fn is not None, "must stay connected to the original Parameter"
     after = dict(model.named_parameters())
     assert after.keys() == originals.keys()
     for k, t in after.items():

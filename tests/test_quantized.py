@@ -29,9 +29,9 @@ from cases import (
     output,
     randomize_adapters,
     reference_interpolation,
-    snapshot,
     tiny_llama,
 )
+from cases import snapshot as cases_snapshot
 from peft import (
     AdaLoraConfig,
     HiraConfig,
@@ -52,7 +52,6 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import funcadapt
 from funcadapt import AdapterModifier, quantized, swap
-from funcadapt.transform import FORWARD_PREFIX
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -182,15 +181,24 @@ def peft_reassigned(model: nn.Module) -> set[str]:
     return keys
 
 
+def kernel_weight(m: nn.Module) -> torch.Tensor:
+    """A 4-bit layer's weight as its kernel computes with it: the layer applied to the identity
+    (any change of the weight or its quantization state shows here)."""
+    with torch.no_grad():
+        return m(torch.eye(m.in_features, dtype=m.compute_dtype or torch.float32)).clone()
+
+
+def dequantized(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every 4-bit layer's weight as its kernel computes with it."""
+    return {name: kernel_weight(m) for name, m in bnb_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
+
+
 def assert_model_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
     """cases.assert_unchanged, except for the object identity of the weights PEFT re-assigns
-    itself (DoRA); their class, dtype and bytes are still compared."""
-    ignore = peft_reassigned(model)
-    if not ignore:
-        assert_unchanged(model, before)
-        return
+    itself (DoRA), whose class, dtype and bytes are still compared; 4-bit quantization state is
+    compared through what the kernel computes (see :func:`snapshot`)."""
     after = snapshot(model)
-    for key in ignore:
+    for key in peft_reassigned(model):
         assert key in before["ids"]
         before["ids"][key] = after["ids"][key]
     for key in ("ids", "buffer_ids", "grad", "training", "dicts", "classes"):
@@ -199,6 +207,19 @@ def assert_model_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
     for k, v in before["state"].items():
         w = after["state"][k]
         assert v.dtype == w.dtype and torch.equal(v, w), f"state_dict entry {k} changed"
+    decoded = dequantized(model)
+    assert decoded.keys() == before["dequantized"].keys()
+    for name, w in decoded.items():
+        assert torch.equal(w, before["dequantized"][name]), f"{name}: the 4-bit weight decodes differently"
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """cases.snapshot read from parameters and buffers, plus each 4-bit layer's weight as its kernel
+    computes with it. Not through ``state_dict()``: on a CPU with AVX512-BF16 (AMD EPYC, 2026-11-27),
+    bitsandbytes 0.50.2's 4-bit state_dict packing re-lays out the quant state so that the layer's
+    outputs change afterwards (no funcadapt involved); the packed quant-state tensors it would
+    expose are covered by the kernel-computed weight instead."""
+    return {**cases_snapshot(model, state_dict=False), "dequantized": dequantized(model)}
 
 
 # The weight-carrying fields of bitsandbytes' MatmulLtState. (``idx``, the outlier columns of
@@ -220,7 +241,7 @@ def bnb_state(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(m, bnb.nn.Linear4bit):
             qs = w.quant_state
             rec["quant_state"] = qs
-            rec["qs_tensors"] = {k: v.clone() for k, v in qs.as_dict(packed=True).items()}
+            rec["dequantized"] = kernel_weight(m)
         else:
             rec["state"] = m.state
             rec["state_fields"] = {
@@ -247,10 +268,9 @@ def assert_bnb_untouched(model: nn.Module, before: dict[str, dict[str, Any]]) ->
         if isinstance(m, bnb.nn.Linear4bit):
             if name not in reassigned:
                 assert w.quant_state is rec["quant_state"], f"{name}: quant_state object was replaced"
-            now_qs = w.quant_state.as_dict(packed=True)
-            assert now_qs.keys() == rec["qs_tensors"].keys()
-            for k, v in rec["qs_tensors"].items():
-                assert torch.equal(now_qs[k], v), f"{name}: quant_state {k} changed"
+            # the packed quant state's layout is bitsandbytes' own business (see quant_state_keys);
+            # what it encodes must not change
+            assert torch.equal(kernel_weight(m), rec["dequantized"]), f"{name}: the 4-bit weight decodes differently"
         else:
             assert m.state is rec["state"], f"{name}: LLM.int8 state object was replaced"
             assert m.state.CB is not None and m.state.SCB is not None, f"{name}: the int8 weight left the state"
@@ -308,7 +328,7 @@ def loss_modifier(model: nn.Module, tree: funcadapt.AdapterTree, c: Any, labels:
 
 
 @contextlib.contextmanager
-def peft_at(model: nn.Module, params: dict[str, Any]) -> Iterator[None]:
+def peft_at(model: nn.Module, params: funcadapt.Transformed) -> Iterator[None]:
     """PEFT's own forward at transformed parameters: the tensors of ``params`` are written into
     the model's Parameters (and restored bit for bit), and OFT's forward-time coefficient
     becomes a forward hook x + c·(R·x − x) on PEFT's rotation module. Nothing from funcadapt runs."""
@@ -317,18 +337,18 @@ def peft_at(model: nn.Module, params: dict[str, Any]) -> Iterator[None]:
     handles = []
     try:
         with torch.no_grad():
-            for key, value in params.items():
-                if key.startswith(FORWARD_PREFIX):
-                    _, name, adapter, path = key.split(".", 3)
-                    assert name == "oft_linear", f"no independent reference for forward entry {key}"
-                    rot = model.get_submodule(path).oft_R[adapter]
-                    c = float(value)
+            for e in params.effects:
+                assert set(e.forward) <= {"oft_linear"}, f"no independent reference for {sorted(e.forward)}"
+                if "oft_linear" in e.forward:
+                    rot = model.get_submodule(e.spec.path).oft_R[e.spec.adapter]
+                    c = float(e.forward["oft_linear"])
 
                     def hook(module: Any, args: tuple, y: torch.Tensor, c: float = c) -> torch.Tensor:
                         return args[0] + c * (y - args[0])
 
                     handles.append(rot.register_forward_hook(hook))
-                elif value is not named[key]:
+            for key, value in params.items():
+                if value is not named[key]:
                     saved[key] = named[key].detach().clone()
                     named[key].copy_(value)
         yield
@@ -399,7 +419,7 @@ def test_endpoints_and_linear_mode(llama_dir, quant, adapter):
                 params = funcadapt.transform(tree, coeff)
                 got = logits(model, params)
                 torch.testing.assert_close(got, ref, **tol)
-                if any(k.startswith(f"{FORWARD_PREFIX}interp.") for k in params):
+                if params.forward_args("interp"):
                     continue  # DoRA's linear mode *is* the output interpolation: compared just above
                 with peft_at(model, params):
                     want = logits(model)
@@ -480,8 +500,10 @@ def test_vmap_equals_loop_and_seed_loop(llama_dir, quant, adapter):
     assert not torch.allclose(loop[0], loop[1], atol=1e-4)
     torch.testing.assert_close(losses, loop, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.stack([lp, ln]).detach(), loop.detach(), rtol=1e-5, atol=1e-6)
-    assert_grads_close(g_vmap, g_loop)
-    assert_grads_close(g_seed, g_loop)
+    # bf16 compute rounds the interpolated outputs of input-side adapters once per pass
+    lossy = {"atol": 1e-5} if adapter in INPUT_SIDE and quant in LOSSY_INPUT else {}
+    assert_grads_close(g_vmap, g_loop, **lossy)
+    assert_grads_close(g_seed, g_loop, **lossy)
 
 
 def _lora_loss_fns(model: nn.Module) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
@@ -492,7 +514,7 @@ def _lora_loss_fns(model: nn.Module) -> tuple[Callable[..., torch.Tensor], Calla
 
     def plain(c: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # torch.func.functional_call with the same transformed params: no funcadapt patches
-        params = funcadapt.transform(tree, c)
+        params = dict(funcadapt.transform(tree, c))
         return torch.func.functional_call(model, params, (), {"input_ids": IDS, "labels": labels}).loss
 
     return with_funcadapt, plain
@@ -510,18 +532,18 @@ def test_8bit_needs_the_folding(llama_dir, train, monkeypatch):
 
     with pytest.raises(RuntimeError, match="setup_context"):
         torch.func.vmap(plain, randomness="different")(coeffs, LABELS)
-    assert_unchanged(model, before)
+    assert_model_unchanged(model, before)
 
     with monkeypatch.context() as m:
         m.setattr(quantized, "patches", lambda modules: [])
         with pytest.raises(RuntimeError, match="setup_context"):
             funcadapt.vmap(with_funcadapt)(coeffs, LABELS)
     assert not swap.active_frames()
-    assert_unchanged(model, before)
+    assert_model_unchanged(model, before)
 
     losses = funcadapt.vmap(with_funcadapt)(coeffs, LABELS)
     torch.testing.assert_close(losses, torch.stack([with_funcadapt(coeffs[i], LABELS[i]) for i in range(2)]))
-    assert_unchanged(model, before)
+    assert_model_unchanged(model, before)
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4-dq-bf16"])
@@ -606,7 +628,7 @@ def test_plain_functional_call_is_wrong_under_checkpointing(llama_dir, quant):
     ref = grads_of(loss_call(model, tree, -1.0, LABELS[1]), params)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss = torch.func.functional_call(
-        model, funcadapt.transform(tree, -1.0), (), {"input_ids": IDS, "labels": LABELS[1]}
+        model, dict(funcadapt.transform(tree, -1.0)), (), {"input_ids": IDS, "labels": LABELS[1]}
     ).loss
     wrong = grads_of(loss, params)
     err = (
@@ -764,7 +786,7 @@ def test_unsupported_backend_refused(make, backend):
     with pytest.raises(ValueError, match=pattern), AdapterModifier(model, "scale", -1.0):
         pytest.fail("the context body must not run")
     assert not swap.active_frames()
-    assert_unchanged(model, before)
+    assert_model_unchanged(model, before)
 
 
 def test_support_table_bitsandbytes_column_is_what_these_tests_run():

@@ -8,8 +8,8 @@ import torch
 from cases import CASE_ARCH, CASES, build, inputs, output, reference_interpolation
 
 import funcadapt
+from funcadapt import LayerEffect, Transformed
 from funcadapt.rules.base import RULES
-from funcadapt.transform import forward_key
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -61,10 +61,7 @@ def test_linear_matches_reference(case, arch, c):
 
 def _fallback(tree, c):
     """The same coefficient through the generic output-interpolation fallback only."""
-    params = dict(tree.params)
-    for spec in tree.layers:
-        params[forward_key("interp", spec.adapter, spec.path)] = c
-    return params
+    return Transformed(tree, tuple(LayerEffect(spec, forward={"interp": c}) for spec in tree.layers))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.rule not in ("dora", "lora-variant")], ids=lambda c: c.id)

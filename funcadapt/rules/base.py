@@ -187,8 +187,9 @@ class Rule:
     refuses it with this explanation (and what to do instead)."""
     acts_on_input: Callable[[Any], bool] = lambda spec: False
     """The adapter changes the base layer's *input* (feed-forward IA3, OFT). Its exact linear
-    transform relies on the base layer being linear in its input; an int8 base quantises its
-    input row by row, so there linear mode falls back to output interpolation."""
+    transform relies on the base layer being linear in its input; bitsandbytes kernels are not
+    (int8 quantises its input; 4-bit rounds to a bfloat16 grid on some CPUs), so on those bases
+    linear mode falls back to output interpolation."""
     access: LayerAccess | None = None
     """For a ``layer_type`` that is not a PEFT tuner layer: how to read its adapters."""
 

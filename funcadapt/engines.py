@@ -1,0 +1,125 @@
+"""Engines that place weights on a layer only while it runs: FSDP 1 and 2, accelerate offload,
+DeepSpeed ZeRO-3; and DDP's vmap limits.
+
+funcadapt applies each layer's effect when the layer runs (see :mod:`funcadapt.call`), to the
+tensors the layer holds *then*. This module knows where those tensors are:
+
+* FSDP2 (``fully_shard``): outside a forward the module holds a sharded ``DTensor`` Parameter;
+  its pre-forward hook registers the all-gathered, plain Parameter in ``_parameters``.
+* FSDP1 (``use_orig_params=True``): during a forward the unsharded view is a plain tensor in the
+  module's ``__dict__`` (and ``_parameters``); outside, a flat shard of another shape.
+* accelerate offload (``cpu_offload``, ``disk_offload``, ``device_map`` with offloaded modules):
+  an offloaded module's tensors sit on the ``meta`` device until its ``AlignDevicesHook`` loads
+  them in its own pre-forward. An adapter layer's effect needs them before that, so the hook's
+  own loading is run early and its reload skipped while the layer runs.
+* DeepSpeed ZeRO-3 partitions parameters behind its own hooks, which funcadapt does not drive:
+  refused (:func:`check_params`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+Undo = list[Callable[[], None]]
+
+try:  # torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_sharded(t: Tensor) -> bool:
+    """An FSDP2 ``DTensor`` parameter (outside a forward)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 ``DTensor`` parameter (no graph under ``no_grad``); any other tensor as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def describe(modules: Iterable[nn.Module]) -> str | None:
+    """The engine that places this model's weights just in time, named for error messages."""
+    for m in modules:
+        kind = type(m).__name__
+        if kind == "FullyShardedDataParallel":
+            return "FSDP (FullyShardedDataParallel)"
+        if any(c.__name__ == "FSDPModule" for c in type(m).__mro__):
+            return "FSDP2 (fully_shard)"
+        if _offloading(m) is not None:
+            return "accelerate offload (AlignDevicesHook with offload=True)"
+    return None
+
+
+def check_params(path: str, tensors: Iterable[Tensor]) -> None:
+    """Refuse DeepSpeed ZeRO-3 partitioned parameters (they carry ``ds_id``)."""
+    for t in tensors:
+        if hasattr(t, "ds_id"):
+            raise ValueError(
+                f"layer {path!r} holds DeepSpeed ZeRO-3 partitioned parameters, which funcadapt does not support: "
+                f"ZeRO-3 gathers them in hooks funcadapt cannot apply a coefficient after. Use ZeRO stage 1 or 2, "
+                f"or FSDP2 (torch.distributed.fsdp.fully_shard), under which coefficients are exact"
+            )
+
+
+def _offloading(module: nn.Module) -> Any:
+    """The accelerate ``AlignDevicesHook`` that offloads ``module``'s own tensors, if any."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return None
+    for h in getattr(hook, "hooks", (hook,)):
+        if type(h).__name__ == "AlignDevicesHook" and getattr(h, "offload", False) and h.weights_map is not None:
+            return h
+    return None
+
+
+def live(owner: nn.Module, name: str, undo: Undo) -> Tensor:
+    """The tensor ``owner.<name>`` that the module computes with now. An offloaded module (on
+    ``meta``) is loaded by its accelerate hook first; the hook is then a no-op until ``undo`` runs,
+    which offloads it again (after the caller's own swaps, registered later, are undone)."""
+    value = getattr(owner, name)
+    if isinstance(value, Tensor) and value.device.type == "meta":
+        hook = _offloading(owner)
+        if hook is not None:
+            from accelerate.hooks import ModelHook
+
+            full = owner.__dict__["_hf_hook"]
+            full.pre_forward(owner)
+            owner.__dict__["_hf_hook"] = ModelHook()
+            undo.append(functools.partial(_reoffload, owner, full))
+            value = getattr(owner, name)
+    return value
+
+
+def _reoffload(owner: nn.Module, hook: Any) -> None:
+    owner.__dict__["_hf_hook"] = hook
+    hook.post_forward(owner, None)
+
+
+def put(owner: nn.Module, name: str, value: Tensor, undo: Undo) -> None:
+    """Show ``value`` as ``owner.<name>`` wherever the module keeps it (``_parameters``,
+    ``_buffers``, or a plain attribute as FSDP1 does during a forward); ``undo`` restores."""
+    stores: tuple[dict[str, Any], ...] = (owner._parameters, owner._buffers, owner.__dict__)
+    for store in stores:
+        if name in store:
+            undo.append(functools.partial(store.__setitem__, name, store[name]))
+            store[name] = value
+
+
+def ddp_vmap_error(ddp: Any) -> ValueError | None:
+    """The error for running a DDP model under torch.func transforms, if its settings forbid it."""
+    if type(ddp).__name__ != "DistributedDataParallel":
+        return None
+    options = [o for o in ("find_unused_parameters", "static_graph") if getattr(ddp, o, False)]
+    if not options:
+        return None
+    return ValueError(
+        f"DistributedDataParallel with {' and '.join(f'{o}=True' for o in options)} wraps the model output in "
+        f"an autograd Function that torch.func.vmap cannot run. Drop that option (funcadapt's coefficients need "
+        f"no unused-parameter detection), or keep it and run the coefficients without vmap: a coefficient batch "
+        f"(funcadapt.per_row on a tiled batch, one forward) or one AdapterModifier pass per coefficient"
+    )

@@ -1,0 +1,248 @@
+"""One 2-process gloo run of every engine scenario of ``test_distributed.py``.
+
+Each rank builds the same tiny model (same seed) and feeds it the same batch, so FSDP's and
+DDP's averaged gradients equal one process's gradients on that batch. Each rank first computes
+the one-process reference on an unwrapped copy, then wraps a copy in the engine and runs every
+check; the outcome of each (scenario, check) is written as JSON by rank 0 (rank 1 writes its own
+file too, and the test reads both).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+ADAPTERS = ("lora", "ia3", "dora", "oft")
+ENGINES = ("fsdp2-layers", "fsdp2-root", "fsdp1-root", "fsdp1-layers", "ddp")
+CHECKS = ("call", "modifier", "two_pass", "vmap", "per_row", "checkpointing")
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def scenarios() -> list[tuple[str, str, bool]]:
+    """(engine, adapter, warm-up forward before funcadapt) for every scenario the worker runs."""
+    return [(e, a, w) for e in ENGINES for a in ADAPTERS for w in (False, True)]
+
+
+def _batch() -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    from cases import inputs
+
+    batch = inputs("llama", batch=2, seq=8)
+    g = torch.Generator().manual_seed(7)
+    pos = torch.randint(0, 64, (2, 8), generator=g)
+    neg = torch.randint(0, 64, (2, 8), generator=g)
+    return batch, pos, neg
+
+
+def _model(adapter: str) -> torch.nn.Module:
+    from cases import build, case
+
+    model = build(case(adapter))
+    model.train()  # checkpointing only recomputes in training mode; the tiny models have no dropout
+    return model
+
+
+def _clean(name: str) -> str:
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
+
+
+def _grads(model: torch.nn.Module, engine: str) -> dict[str, torch.Tensor]:
+    """Full (unsharded) gradients of the trainable parameters, by their one-process names."""
+    out: dict[str, torch.Tensor] = {}
+    if engine.startswith("fsdp1"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, with_grads=True):
+            for n, p in model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    out[_clean(n)] = p.grad.detach().clone()
+        return out
+    for n, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            g = p.grad
+            out[_clean(n)] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    return out
+
+
+def _zero(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def _wrap(model: torch.nn.Module, engine: str) -> torch.nn.Module:
+    layers = model.base_model.model.model.layers
+    if engine.startswith("fsdp2"):
+        from torch.distributed.fsdp import fully_shard
+
+        if engine == "fsdp2-layers":
+            for layer in layers:
+                fully_shard(layer)
+        fully_shard(model)
+        return model
+    if engine.startswith("fsdp1"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        policy = ModuleWrapPolicy({type(layers[0])}) if engine == "fsdp1-layers" else None
+        return FSDP(model, use_orig_params=True, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model)
+
+
+def _checks(model: torch.nn.Module, engine: str) -> dict[str, Callable[[], Any]]:
+    """check name -> a function computing what is compared (outputs and/or full gradients)."""
+    import funcadapt
+
+    batch, pos, neg = _batch()
+
+    def call() -> Any:
+        with torch.no_grad():
+            return funcadapt.call(model, funcadapt.transform(funcadapt.extract(model), -1.0), **batch).logits
+
+    def modifier() -> Any:
+        with torch.no_grad(), funcadapt.AdapterModifier(model, "scale", -1.0):
+            return model(**batch).logits
+
+    def two_pass() -> Any:
+        _zero(model)
+        with funcadapt.AdapterModifier(model, "scale", 1.0):
+            lp = model(**batch, labels=pos).loss
+        with funcadapt.AdapterModifier(model, "scale", -1.0):
+            ln = model(**batch, labels=neg).loss
+        (lp + ln).backward()
+        return {"loss": (lp + ln).detach(), **_grads(model, engine)}
+
+    def vmap() -> Any:
+        _zero(model)
+        tree = funcadapt.extract(model)
+
+        def loss(c: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return funcadapt.call(model, funcadapt.transform(tree, c), **batch, labels=labels).loss
+
+        losses = funcadapt.vmap(loss)(torch.tensor([1.0, -1.0]), torch.stack([pos, neg]))
+        losses.sum().backward()
+        return {"loss": losses.detach(), **_grads(model, engine)}
+
+    def per_row() -> Any:
+        _zero(model)
+        coeffs = funcadapt.per_row([1.0, -1.0], repeat=2)
+        with funcadapt.AdapterModifier(model, "scale", coeffs):
+            logits = model(**funcadapt.tile(batch, 2)).logits
+        labels = torch.cat([pos, neg])
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        loss.backward()
+        return {"logits": logits.detach(), **_grads(model, engine)}
+
+    checks = {"call": call, "modifier": modifier, "two_pass": two_pass, "vmap": vmap, "per_row": per_row}
+    return checks
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _compare(got: Any, want: Any) -> str | None:
+    if isinstance(want, dict):
+        if set(got) != set(want):
+            return f"gradients for {sorted(set(want) ^ set(got))[:3]} missing or extra"
+        for k in want:
+            err = _compare(got[k], want[k])
+            if err:
+                return f"{k}: {err}"
+        return None
+    try:
+        torch.testing.assert_close(got, want, **TOL)
+    except AssertionError as e:
+        return str(e).splitlines()[-1] if str(e) else "differs"
+    return None
+
+
+def _run_scenario(engine: str, adapter: str, warm: bool) -> dict[str, str | None]:
+    """check -> None (equal to one process) or the failure, for one scenario."""
+    results: dict[str, str | None] = {}
+    batch, _, _ = _batch()
+    for checkpointing in (False, True):
+        ref_model = _model(adapter)
+        if checkpointing:
+            _enable_checkpointing(ref_model)
+        wrapped = _wrap(copy.deepcopy(ref_model), engine)
+        refs = _checks(ref_model, "none")
+        gots = _checks(wrapped, engine)
+        if warm:
+            with torch.no_grad():
+                wrapped(**batch)
+        names = ("two_pass",) if checkpointing else tuple(refs)
+        for name in names:
+            key = "checkpointing" if checkpointing else name
+            try:
+                want = refs[name]()
+                got = gots[name]()
+                results[key] = _compare(got, want)
+            except Exception as e:  # reported, then the test fails with it
+                results[key] = f"raised {type(e).__name__}: {str(e)[:400]}"
+                if os.environ.get("FUNCADAPT_DIST_DEBUG"):
+                    traceback.print_exc()
+    return results
+
+
+def main(rank: int, world: int, port: int, out_dir: str, only: str | None) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    results: dict[str, dict[str, str | None]] = {}
+    try:
+        for engine, adapter, warm in scenarios():
+            if only and only not in f"{engine}-{adapter}":
+                continue
+            results[f"{engine}/{adapter}/{'warm' if warm else 'cold'}"] = _run_scenario(engine, adapter, warm)
+            dist.barrier()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def run(out_dir: str, only: str | None = None, timeout: float = 400.0) -> dict[int, dict[str, dict[str, str | None]]]:
+    """Spawn the two ranks, wait (at most ``timeout`` s), and return each rank's results."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(
+        main, args=(2, port, out_dir, only), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    while not ctx.join(timeout=1.0):
+        if datetime.datetime.now() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"the distributed run did not finish in {timeout} s")
+    out = {}
+    for rank in (0, 1):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            out[rank] = json.load(f)
+    return out
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        res = run(d, sys.argv[1] if len(sys.argv) > 1 else None)
+        for name, checks in res[0].items():
+            bad = {k: v for k, v in checks.items() if v}
+            print(f"{name:32s} {'ok' if not bad else bad}")
