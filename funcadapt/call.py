@@ -46,9 +46,11 @@ def call(model: nn.Module, params: Transformed | Mapping[str, Tensor], *args: An
 def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame:
     """The (not yet applied) :class:`~funcadapt.swap.Frame` that ``call`` runs the model in."""
     effects: tuple[LayerEffect, ...] = ()
+    extracted: set[str] = set()  # keys whose tensor is what extract found (maybe since replaced by an engine)
     if isinstance(params, Transformed):
         tensors = {**params.tree.params, **params.explicit}
         effects = params.effects
+        extracted = set(params.tree.params) - set(params.explicit)
     else:
         tensors = {}
         for key, value in params.items():
@@ -65,7 +67,7 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
             f"coefficient batch (funcadapt.per_row on a tiled batch) or one AdapterModifier pass per coefficient"
         )
     modules = {"": model, **known.modules}
-    replaced = _check_keys(model, modules, tensors)
+    replaced = _check_keys(model, modules, tensors, extracted)
     given = set(tensors)
     _tie_aliases(known.aliases, tensors)
     replaced |= {k for k in set(tensors) - given if tensors[k] is not _current(modules, k)}
@@ -269,7 +271,9 @@ def _current(modules: Mapping[str, nn.Module], key: str) -> Tensor | None:
     return owner._parameters.get(name, owner._buffers.get(name))
 
 
-def _check_keys(model: nn.Module, modules: Mapping[str, nn.Module], tensors: Mapping[str, Tensor]) -> set[str]:
+def _check_keys(
+    model: nn.Module, modules: Mapping[str, nn.Module], tensors: Mapping[str, Tensor], extracted: set[str]
+) -> set[str]:
     """Validate keys and shapes; return the keys whose tensor is not the model's own."""
     replaced = set()
     for key, value in tensors.items():
@@ -281,9 +285,15 @@ def _check_keys(model: nn.Module, modules: Mapping[str, nn.Module], tensors: Map
             raise ValueError(f"params has key {key!r}, which is not a parameter or buffer of the model{hint}")
         if value.shape != current.shape:
             raise ValueError(f"params[{key!r}] has shape {tuple(value.shape)}, the model's has {tuple(current.shape)}")
-        if value is not current:
+        if value is not current and not (key in extracted and _both_meta(value, current)):
             replaced.add(key)
     return replaced
+
+
+def _both_meta(a: Tensor, b: Tensor) -> bool:
+    """Two tensors without values (accelerate keeps offloaded weights on ``meta``, and puts a new
+    meta Parameter back after every forward): a tree extracted before is still the model's own."""
+    return a.device.type == "meta" and b.device.type == "meta"
 
 
 def _adapter_of(modules: Mapping[str, nn.Module], key: str) -> tuple[str, str] | None:
@@ -451,5 +461,19 @@ def vmap(
     Each coefficient in the vmapped batch then draws its own dropout mask, exactly as
     separate passes would; ``torch.func.vmap``'s default ("error") refuses any dropout
     in train mode. Pass ``randomness="same"`` to share one mask across coefficients.
+    DDP with ``find_unused_parameters`` / ``static_graph``, which vmap cannot run, is
+    reported with the options that work instead.
     """
-    return torch.func.vmap(func, in_dims, out_dims, randomness=randomness, chunk_size=chunk_size)
+    mapped = torch.func.vmap(func, in_dims, out_dims, randomness=randomness, chunk_size=chunk_size)
+
+    @functools.wraps(func)
+    def vmapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return mapped(*args, **kwargs)
+        except RuntimeError as e:
+            error = engines.ddp_vmap_error() if engines.raised_in_ddp_sink(e) else None
+            if error is None:
+                raise
+            raise error from e
+
+    return vmapped

@@ -39,7 +39,7 @@ def is_sharded(t: Tensor) -> bool:
 
 def local_shard(t: Tensor) -> Tensor:
     """This rank's shard of an FSDP2 ``DTensor`` parameter (no graph under ``no_grad``); any other tensor as it is."""
-    return t.to_local() if is_sharded(t) else t
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
 def describe(modules: Iterable[nn.Module]) -> str | None:
@@ -110,16 +110,36 @@ def put(owner: nn.Module, name: str, value: Tensor, undo: Undo) -> None:
             store[name] = value
 
 
-def ddp_vmap_error(ddp: Any) -> ValueError | None:
-    """The error for running a DDP model under torch.func transforms, if its settings forbid it."""
-    if type(ddp).__name__ != "DistributedDataParallel":
-        return None
-    options = [o for o in ("find_unused_parameters", "static_graph") if getattr(ddp, o, False)]
-    if not options:
-        return None
+_DDP_OPTIONS = ("find_unused_parameters", "static_graph")
+
+
+def ddp_vmap_error(ddp: Any = None) -> ValueError | None:
+    """The error for running a DDP model under torch.func transforms, if its settings forbid it
+    (``ddp=None``: for a failure already seen in DDP's output hook, options unknown)."""
+    if ddp is not None:
+        if type(ddp).__name__ != "DistributedDataParallel":
+            return None
+        options = [o for o in _DDP_OPTIONS if getattr(ddp, o, False)]
+        if not options:
+            return None
+        named = " and ".join(f"{o}=True" for o in options)
+    else:
+        named = " or ".join(f"{o}=True" for o in _DDP_OPTIONS)
     return ValueError(
-        f"DistributedDataParallel with {' and '.join(f'{o}=True' for o in options)} wraps the model output in "
-        f"an autograd Function that torch.func.vmap cannot run. Drop that option (funcadapt's coefficients need "
-        f"no unused-parameter detection), or keep it and run the coefficients without vmap: a coefficient batch "
-        f"(funcadapt.per_row on a tiled batch, one forward) or one AdapterModifier pass per coefficient"
+        f"DistributedDataParallel with {named} wraps the model output in an autograd Function (_DDPSink) "
+        f"that torch.func.vmap cannot run. Drop that option (funcadapt's coefficients need no unused-parameter "
+        f"detection), or keep it and run the coefficients without vmap: a coefficient batch (funcadapt.per_row "
+        f"on a tiled batch, one forward) or one AdapterModifier pass per coefficient"
     )
+
+
+def raised_in_ddp_sink(error: BaseException) -> bool:
+    """Whether ``error`` is torch's refusal of DDP's ``_DDPSink`` under a functorch transform."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "forward" and "_DDPSink" in tb.tb_frame.f_code.co_qualname:
+            return True
+        if "torch/nn/parallel/distributed.py" in tb.tb_frame.f_code.co_filename:
+            return "setup_context" in str(error)
+        tb = tb.tb_next
+    return False

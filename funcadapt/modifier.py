@@ -1,12 +1,14 @@
 """``AdapterModifier``: the stateful shell over extract → transform → frame.
 
-Inside the context the model's adapter tensors *are* the transformed tensors (swapped
-into ``_parameters``, as ``functional_call`` does), so a plain ``model(**batch)`` builds
-an autograd graph through the transform back to the original Parameters. On exit the
-original Parameter objects are put back, bit for bit; the graph keeps the transformed
-tensors alive, so ``backward()`` after the context gives the gradients of the math
-that ran. Contexts nest (the inner one transforms what the outer one shows) and must be
-exited in reverse order.
+Inside the context every adapted layer, when it runs, computes with the transformed
+tensors (recomputed from the tensors it holds then, so FSDP's gathered or accelerate's
+loaded weights; see :mod:`funcadapt.call`), so a plain ``model(**batch)`` builds an
+autograd graph through the transform back to the original Parameters. Between forwards
+the model shows its own Parameters, inside the context too; on exit every patch is
+removed, bit for bit. The graph keeps the transformed tensors alive, so ``backward()``
+after the context gives the gradients of the math that ran. Contexts nest (the inner
+one transforms what the outer one shows; a ``funcadapt.call`` inside a context does
+too) and must be exited in reverse order, by the thread that entered them.
 """
 
 from __future__ import annotations

@@ -63,7 +63,14 @@ class FoldBatch(torch.autograd.Function):
             return None, None, None
         x_in, y = ctx.inner
         ctx.inner = None
-        (grad_x,) = torch.autograd.grad(y, x_in, grad)
+        (grad_x,) = torch.autograd.grad(y, x_in, grad, allow_unused=True)
+        if grad_x is None:
+            raise RuntimeError(
+                "a bitsandbytes layer computed its output without a gradient with respect to its input (on CPUs "
+                "with AVX512-BF16, bitsandbytes' 4-bit layers in eval mode run a packed inference kernel that has "
+                "none), so the gradient of everything before it would be lost. Put the bitsandbytes layers in "
+                "train mode (model.train(), or .train() on each bnb.nn.Linear4bit) for a backward through them"
+            )
         return grad_x, None, None
 
     @staticmethod

@@ -270,5 +270,5 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
         [_hold(m, model) for m in checkpointing.values()],
         present,
         _registry(),
-        engines.describe(modules.values()),
+        engines.describe([model, *modules.values()]),
     )

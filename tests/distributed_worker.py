@@ -24,7 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 ADAPTERS = ("lora", "ia3", "dora", "oft")
-ENGINES = ("fsdp2-layers", "fsdp2-root", "fsdp1-root", "fsdp1-layers", "ddp")
+ENGINES = ("fsdp2-layers", "fsdp2-root", "fsdp1-root", "fsdp1-layers", "ddp", "ddp-find-unused")
 CHECKS = ("call", "modifier", "two_pass", "vmap", "per_row", "checkpointing")
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -97,7 +97,7 @@ def _wrap(model: torch.nn.Module, engine: str) -> torch.nn.Module:
         return FSDP(model, use_orig_params=True, auto_wrap_policy=policy, device_id=torch.device("cpu"))
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model)
+    return DDP(model, find_unused_parameters=engine == "ddp-find-unused")
 
 
 def _checks(model: torch.nn.Module, engine: str) -> dict[str, Callable[[], Any]]:
@@ -140,7 +140,8 @@ def _checks(model: torch.nn.Module, engine: str) -> dict[str, Callable[[], Any]]
         with funcadapt.AdapterModifier(model, "scale", coeffs):
             logits = model(**funcadapt.tile(batch, 2)).logits
         labels = torch.cat([pos, neg])
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(flat, labels[:, 1:].reshape(-1))
         loss.backward()
         return {"logits": logits.detach(), **_grads(model, engine)}
 
@@ -245,4 +246,4 @@ if __name__ == "__main__":
         res = run(d, sys.argv[1] if len(sys.argv) > 1 else None)
         for name, checks in res[0].items():
             bad = {k: v for k, v in checks.items() if v}
-            print(f"{name:32s} {'ok' if not bad else bad}")
+            print(f"{name:32s} {bad or 'ok'}")

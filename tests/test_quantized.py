@@ -155,10 +155,16 @@ def load_base(path: Path, quant: str) -> nn.Module:
     return LlamaForCausalLM.from_pretrained(path, quantization_config=QUANT[quant](), device_map="cpu")
 
 
-def build(path: Path, quant: str, adapter: str, *, train: bool = False) -> nn.Module:
+def build(path: Path, quant: str, adapter: str, *, train: bool = False, bnb_train: bool = False) -> nn.Module:
+    """``bnb_train``: the bitsandbytes layers in train mode whatever ``train`` is: on CPUs with
+    AVX512-BF16 a 4-bit layer in eval mode runs a packed inference kernel with no gradient with
+    respect to its input (funcadapt's fold then raises), so a backward needs them in train mode."""
     model = get_peft_model(load_base(path, quant), ADAPTERS[adapter]())
     randomize_adapters(model, seed=1)
     model.train(train)
+    if bnb_train:
+        for m in bnb_layers(model).values():
+            m.train()
     with torch.no_grad():
         # bitsandbytes' first 8-bit forward moves CB/SCB from the weight into the layer's
         # state (and PEFT's DoRA re-assigns the 4-bit weight on every forward): warm up so
@@ -471,7 +477,7 @@ def test_generate_per_row_on_4bit(llama_dir):
 def test_vmap_equals_loop_and_seed_loop(llama_dir, quant, adapter):
     # PVeRA samples its bottleneck in train mode, so no two passes can agree there; in eval
     # mode it uses the mean, and gradients flow the same way. All other dropouts are 0.
-    model = build(llama_dir, quant, adapter, train=adapter != "pvera")
+    model = build(llama_dir, quant, adapter, train=adapter != "pvera", bnb_train=True)
     tree = funcadapt.extract(model)
     params = trainable(tree)
     coeffs = torch.tensor(COEFFS)
@@ -500,8 +506,10 @@ def test_vmap_equals_loop_and_seed_loop(llama_dir, quant, adapter):
     assert not torch.allclose(loop[0], loop[1], atol=1e-4)
     torch.testing.assert_close(losses, loop, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.stack([lp, ln]).detach(), loop.detach(), rtol=1e-5, atol=1e-6)
-    # bf16 compute rounds the interpolated outputs of input-side adapters once per pass
-    lossy = {"atol": 1e-5} if adapter in INPUT_SIDE and quant in LOSSY_INPUT else {}
+    # input-side adapters interpolate y0 + c·(y1 − y0) in bf16 compute, which rounds (at c = 1 too,
+    # where the two-pass step runs PEFT's own y1): 1% of the largest gradient, as for the logits
+    scale = max(float(g.abs().max()) for g in g_loop.values())
+    lossy = {"atol": 1e-2 * scale} if adapter in INPUT_SIDE and quant in LOSSY_INPUT else {}
     assert_grads_close(g_vmap, g_loop, **lossy)
     assert_grads_close(g_seed, g_loop, **lossy)
 
@@ -645,7 +653,7 @@ def test_plain_functional_call_is_wrong_under_checkpointing(llama_dir, quant):
 
 @pytest.mark.parametrize(("quant", "adapter"), VMAP_COMBOS)
 def test_quantized_state_untouched(llama_dir, quant, adapter):
-    model = build(llama_dir, quant, adapter, train=adapter != "pvera")
+    model = build(llama_dir, quant, adapter, train=adapter != "pvera", bnb_train=True)
     tree = funcadapt.extract(model)
     params = trainable(tree)
     before = snapshot(model)
