@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from . import engines, quantized
 from .rows import rows_mismatch
 from .rules.base import Coeff, Patch, Rule, access_of, is_adapter_layer, is_number, same_coeff, under_transforms
-from .structure import active_adapters, adapters_disabled, layer_adapters, structure
+from .structure import Structure, active_adapters, adapters_disabled, layer_adapters, structure
 from .swap import Frame, check_thread
 from .transform import LayerEffect, Transformed
 
@@ -45,28 +45,58 @@ def call(model: nn.Module, params: Transformed | Mapping[str, Tensor], *args: An
 
 def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame:
     """The (not yet applied) :class:`~funcadapt.swap.Frame` that ``call`` runs the model in."""
-    effects: tuple[LayerEffect, ...] = ()
-    extracted: set[str] = set()  # keys whose tensor is what extract found (maybe since replaced by an engine)
-    if isinstance(params, Transformed):
-        tensors = {**params.tree.params, **params.explicit}
-        effects = params.effects
-        extracted = set(params.tree.params) - set(params.explicit)
-    else:
-        tensors = {}
-        for key, value in params.items():
-            if not isinstance(value, Tensor):
-                raise TypeError(f"params[{key!r}] is a {type(value).__name__}, not a tensor")
-            tensors[key] = value
-
+    tensors, effects, extracted = _unpack(params)
     known = structure(model)
-    if known.engine is not None and known.engine.startswith("FSDP (") and under_transforms():
+    _refuse_fsdp1_under_transforms(known.engine)
+    modules = {"": model, **known.modules}
+    replaced = _replaced(model, modules, known, tensors, extracted)
+    touched, recipes = _touched(modules, known, tensors, replaced, effects)
+    builders: list[Callable[[], list[Patch]]] = []
+    for path in {**touched, **recipes}:
+        builders.extend(_layer_builders(path, modules, known, touched.get(path, {}), tuple(recipes.get(path, ()))))
+    builders.append(lambda: quantized.patches(known.bnb_linears))
+    builders.append(lambda: _input_grad_hooks(modules))
+    # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
+    # layers they belong to still get their patches above
+    swapped = {k: v for k, v in tensors.items() if k in replaced}
+    guarded = [modules[path] for path in {**touched, **recipes}]
+    return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded)
+
+
+def _unpack(
+    params: Transformed | Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], tuple[LayerEffect, ...], set[str]]:
+    """(tensors to show by key, layer effects, keys whose tensor is what ``extract`` found)."""
+    if isinstance(params, Transformed):
+        extracted = set(params.tree.params) - set(params.explicit)
+        return {**params.tree.params, **params.explicit}, params.effects, extracted
+    tensors = {}
+    for key, value in params.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"params[{key!r}] is a {type(value).__name__}, not a tensor")
+        tensors[key] = value
+    return tensors, (), set()
+
+
+def _refuse_fsdp1_under_transforms(engine: str | None) -> None:
+    if engine is not None and engine.startswith("FSDP (") and under_transforms():
         raise ValueError(
-            f"{known.engine} cannot run under torch.func transforms (vmap, grad): its hooks track a training "
+            f"{engine} cannot run under torch.func transforms (vmap, grad): its hooks track a training "
             f"state that functorch's wrapped tensors break. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
             f"under which funcadapt.vmap is exact, or keep FSDP1 and run the coefficients without vmap: a "
             f"coefficient batch (funcadapt.per_row on a tiled batch) or one AdapterModifier pass per coefficient"
         )
-    modules = {"": model, **known.modules}
+
+
+def _replaced(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    known: Structure,
+    tensors: dict[str, Tensor],
+    extracted: set[str],
+) -> set[str]:
+    """Keys whose tensor is not the model's own (tied names filled in); refused under an engine,
+    which would put its own tensors back when the layer runs."""
     replaced = _check_keys(model, modules, tensors, extracted)
     given = set(tensors)
     _tie_aliases(known.aliases, tensors)
@@ -79,10 +109,21 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
             f"coefficients when each layer runs: use op='scale' / 'invert' / 'disable' on the model's own "
             f"parameters (shift, replace and tensors of your own need an unsharded, non-offloaded model)"
         )
+    return replaced
 
-    touched: dict[str, dict[str, dict[str, Coeff]]] = {}  # layer path -> adapter -> forward args
-    modified: set[tuple[str, str]] = set()  # (layer path, adapter) whose effect this call changes
-    recipes: dict[str, list[LayerEffect]] = {}  # host layer path -> effects recomputing tensors when it runs
+
+def _touched(
+    modules: Mapping[str, nn.Module],
+    known: Structure,
+    tensors: Mapping[str, Tensor],
+    replaced: set[str],
+    effects: tuple[LayerEffect, ...],
+) -> tuple[dict[str, dict[str, dict[str, Coeff]]], dict[str, list[LayerEffect]]]:
+    """(layer path -> adapter -> forward args, for every layer the call touches; host layer path ->
+    the effects recomputing tensors when it runs). Every adapter whose effect changes must be live."""
+    touched: dict[str, dict[str, dict[str, Coeff]]] = {}
+    modified: set[tuple[str, str]] = set()
+    recipes: dict[str, list[LayerEffect]] = {}
     for key in tensors:
         found = known.adapter_of.get(key) or _adapter_of(modules, key)
         if found is not None:
@@ -96,30 +137,31 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
         touched.setdefault(path, {}).setdefault(adapter, {}).update(e.forward)
         modified.add((path, adapter))
         if e.recompute is not None:
-            recipes.setdefault(_host(modules, path), []).append(e)
+            recipes.setdefault(known.host(path), []).append(e)
     for path, adapter in modified:
         _check_live(path, modules[path], adapter)
+    return touched, recipes
 
+
+def _layer_builders(
+    path: str,
+    modules: Mapping[str, nn.Module],
+    known: Structure,
+    per_adapter: Mapping[str, Mapping[str, Coeff]],
+    recipes: tuple[LayerEffect, ...],
+) -> list[Callable[[], list[Patch]]]:
+    """One layer's patches, innermost first: the rules' own, the just-in-time effects (inside the
+    output interpolation, which runs the layer twice, and outside PEFT's forward), the interpolation."""
+    layer, rule_of = modules[path], functools.partial(known.rule, path)
     builders: list[Callable[[], list[Patch]]] = []
-    for path in {**touched, **recipes}:
-        per_adapter = touched.get(path, {})
-        layer, rule_of = modules[path], functools.partial(known.rule, path)
-        for adapter, args in per_adapter.items():
-            rule = rule_of(adapter)
-            if rule is not None and rule.patches is not None:
-                builders.append(functools.partial(rule.patches, layer, adapter, args))
-        # inside the output interpolation (which runs the layer twice), outside PEFT's forward
-        layer_recipes = tuple(recipes.get(path, ()))
-        owners = {key: _owner(modules, key) for e in layer_recipes for key in e.spec.keys.values()}
-        builders.append(functools.partial(_jit_patches, path, layer, layer_recipes, owners))
-        builders.extend(_output_builders(path, layer, per_adapter, rule_of))
-    builders.append(lambda: quantized.patches(known.bnb_linears))
-    builders.append(lambda: _input_grad_hooks(modules))
-    # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
-    # layers they belong to still get their patches above
-    swapped = {k: v for k, v in tensors.items() if k in replaced}
-    guarded = [modules[path] for path in touched]
-    return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded)
+    for adapter, args in per_adapter.items():
+        rule = rule_of(adapter)
+        if rule is not None and rule.patches is not None:
+            builders.append(functools.partial(rule.patches, layer, adapter, args))
+    owners = {key: _owner(modules, key) for e in recipes for key in e.spec.keys.values()}
+    builders.append(functools.partial(_jit_patches, path, layer, recipes, owners))
+    builders.extend(_output_builders(path, layer, per_adapter, rule_of))
+    return builders
 
 
 def _output_builders(
@@ -194,18 +236,6 @@ def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callabl
                 step()
 
     return applied
-
-
-def _host(modules: Mapping[str, nn.Module], path: str) -> str:
-    """The outermost adapter layer enclosing (or being) the layer at ``path``: where its effect is
-    applied. An adapter layer nested in another may have its tensors read by the outer layer's
-    forward and its own forward never called (LoRA's out_proj inside nn.MultiheadAttention)."""
-    parts = path.split(".")
-    for i in range(1, len(parts)):
-        prefix = ".".join(parts[:i])
-        if is_adapter_layer(modules.get(prefix)):
-            return prefix
-    return path
 
 
 def _owner(modules: Mapping[str, nn.Module], key: str) -> tuple[nn.Module, str]:

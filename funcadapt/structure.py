@@ -94,9 +94,20 @@ class Structure:
     """The engine that places the weights just in time (FSDP, accelerate offload), named; None if none."""
 
     by_path: dict[str, AdapterLayer] = field(init=False)
+    hosts: dict[str, str] = field(init=False)
+    """Adapter layer path -> the outermost adapter layer enclosing it (itself if none): where its
+    effect is applied, since an outer layer's forward may read a nested layer's tensors."""
 
     def __post_init__(self) -> None:
         self.by_path = {info.path: info for info in self.layers}
+        self.hosts = {}
+        for path in sorted(self.by_path, key=len):  # outer layers first
+            parent = next((p for p in _prefixes(path) if p in self.by_path), None)
+            self.hosts[path] = self.hosts[parent] if parent is not None else path
+
+    def host(self, path: str) -> str:
+        """Where the effect of the adapter layer at ``path`` is applied (see :attr:`hosts`)."""
+        return self.hosts.get(path, path)
 
     @property
     def bnb_linears(self) -> list[nn.Module]:
@@ -162,6 +173,12 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield path, module
         children = [(f"{path}.{n}" if path else n, c) for n, c in module._modules.items() if c is not None]
         stack.extend(reversed(children))
+
+
+def _prefixes(path: str) -> list[str]:
+    """The proper ancestors of a module path, innermost first."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def _join(*parts: str) -> str:

@@ -43,3 +43,16 @@ def test_quick_example_runs_with_every_offered_adapter(tmp_path, adapter):
     result = load_example().main(["--quick", "--adapter", adapter, "--steps", "3", "--out", str(tmp_path)])
     assert result["exact_zero"]
     assert result["generation_matches_separate_runs"]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("method", ["vmap", "modifier", "rows"])
+def test_fsdp_example_gradients_equal_one_process(method):
+    """examples/fsdp_contrastive.py --quick: a ±1 step under FSDP2 (2 processes) has one process's gradients."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import fsdp_contrastive
+
+    result = fsdp_contrastive.main(["--quick", "--method", method])
+    assert result["tensors"] > 0
+    assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-5)
+    assert result["max_rel_grad_err"] < 1e-5

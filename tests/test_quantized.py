@@ -822,3 +822,19 @@ def test_trainable_parameter_inside_a_quantized_layer_is_refused_under_vmap(llam
     with pytest.raises(ValueError, match=r"trainable parameter inside quantized layer.*freeze it"):
         funcadapt.vmap(loss)(torch.tensor([1.0, -1.0]))
     assert not swap.active_frames()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.parametrize("adapter", INPUT_SIDE)
+def test_input_side_adapters_interpolate_on_every_bnb_base(llama_dir, quant, adapter):
+    """docs/quantized.md: no bitsandbytes kernel is linear in its input on every CPU, so on a 4-bit or
+    8-bit base the adapters acting on the input (feed-forward IA3, OFT) take the output interpolation
+    in linear mode, and the others keep their parameter transforms."""
+    model = build(llama_dir, quant, adapter)
+    tree = funcadapt.extract(model)
+    rule = funcadapt.RULES[[r.name for r in funcadapt.RULES].index(RULE.get(adapter, adapter))]
+    params = funcadapt.transform(tree, -1.0)
+    interpolated = {path for path, _ in params.forward_args("interp")}
+    input_side = {s.path for s in tree.layers if rule.acts_on_input(s)}
+    assert input_side, "the case must have layers acting on the input"
+    assert interpolated == input_side

@@ -35,7 +35,10 @@ IA3 = register(
             linear_exact="exact (parameter space)",
             geometric="λ ↦ λ^c (λ > 0)",
             invert="exact: λ ↦ 1/λ",
-            quantized="4-bit nf4, fp4 + double quant (bf16), 8-bit",
+            quantized=(
+                "4-bit nf4, fp4 + double quant (bf16), 8-bit "
+                "(linear mode: output interpolation where it acts on the input)"
+            ),
         ),
         linear=_linear,
         commutative=True,

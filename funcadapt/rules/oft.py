@@ -185,7 +185,10 @@ OFT = register(
             linear_exact="exact fallback (interpolation at the rotation)",
             geometric="R(c) = Cayley(c·Q) (refused on Conv2d)",
             invert="exact: R⁻¹ (Cayley(−Q); exact matrix inverse under Cayley–Neumann); refused on Conv2d",
-            quantized="4-bit nf4, fp4 + double quant (bf16), 8-bit",
+            quantized=(
+                "4-bit nf4, fp4 + double quant (bf16), 8-bit "
+                "(linear mode: output interpolation where it acts on the input)"
+            ),
         ),
         linear=_linear,
         geometric=_geometric,
