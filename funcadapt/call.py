@@ -56,6 +56,7 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
         builders.extend(_layer_builders(path, modules, known, touched.get(path, {}), tuple(recipes.get(path, ()))))
     builders.append(lambda: quantized.patches(known.bnb_linears))
     builders.append(lambda: _input_grad_hooks(modules))
+    builders.append(lambda: [Patch(model, "forward", functools.partial(_thread_guarded, model), wrap=True)])
     # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
     # layers they belong to still get their patches above
     swapped = {k: v for k, v in tensors.items() if k in replaced}
@@ -196,7 +197,10 @@ def _jit_patches(
     adapter tensors from the tensors the layer holds *then* (what FSDP all-gathered, accelerate
     loaded, or an enclosing frame showed), and those are shown to PEFT's forward until it returns.
     Nested frames add their effects to one chain on the layer, applied outermost first, so an
-    inner context transforms what the outer one shows. The layer also refuses other threads."""
+    inner context transforms what the outer one shows. The layer refuses other threads (so does
+    the model's own forward, see :func:`_thread_guarded`)."""
+    if not recipes:
+        return []
     entry = (recipes, owners)
     patches = [Patch(layer, _CHAIN, lambda chain: (*(chain or ()), entry), wrap=True)]
     if _CHAIN not in layer.__dict__:
@@ -236,6 +240,16 @@ def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callabl
                 step()
 
     return applied
+
+
+def _thread_guarded(model: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The model's forward, refused from a thread other than the one whose frame modifies it."""
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        check_thread(model, f"{type(model).__name__} (the model)")
+        return forward(*args, **kwargs)
+
+    return guarded
 
 
 def _owner(modules: Mapping[str, nn.Module], key: str) -> tuple[nn.Module, str]:

@@ -189,11 +189,23 @@ def _owner(modules: Mapping[str, nn.Module], key: str) -> nn.Module:
 
 def _set(obj: Any, attr: str, value: Any, undo: list[Callable[[], None]]) -> None:
     old = obj.__dict__.get(attr, _MISSING)
+    if isinstance(obj, nn.Module) and not isinstance(value, (Tensor, nn.Module)) and not _registered(obj, attr):
+        store = obj.__dict__  # what nn.Module.__setattr__ does for a plain value, without its checks
+        store[attr] = value
+        if old is _MISSING:
+            undo.append(functools.partial(store.pop, attr))
+        else:
+            undo.append(functools.partial(store.__setitem__, attr, old))
+        return
     setattr(obj, attr, value)
     if old is _MISSING:
         undo.append(functools.partial(delattr, obj, attr))
     else:
         undo.append(functools.partial(setattr, obj, attr, old))
+
+
+def _registered(module: nn.Module, attr: str) -> bool:
+    return attr in module._parameters or attr in module._buffers or attr in module._modules
 
 
 def _set_item(container: Any, key: Any, value: Any, undo: list[Callable[[], None]]) -> None:
