@@ -185,3 +185,21 @@ def test_bf16_transforms_round_once():
     lam = tree.params[key]
     c = torch.tensor(0.3)
     assert torch.equal(funcadapt.transform(tree, c)[key], (1 + c * (lam.float() - 1)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(("case_id", "mode"), [("lora", "linear"), ("ia3", "linear"), ("oft", "geometric")])
+def test_params_apply_to_the_weights_the_layer_holds_when_it_runs(case_id, mode):
+    """A Transformed describes an effect, applied when each layer runs to the tensors it holds then:
+    params computed before an optimizer step use the stepped weights, at c = −1 exactly as at c = 1
+    (no stale copy of the pre-step weights is ever run)."""
+    model = build(case(case_id))
+    tree = funcadapt.extract(model)
+    minus, one = funcadapt.transform(tree, -1.0, mode=mode), funcadapt.transform(tree, 1.0, mode=mode)
+    with torch.no_grad():
+        for p in tree.params.values():
+            if p.requires_grad:
+                p.add_(0.05)  # what optimizer.step() does: in place, same Parameter objects
+        fresh = funcadapt.extract(model)
+        want_minus = output(funcadapt.call(model, funcadapt.transform(fresh, -1.0, mode=mode), **inputs()))
+        torch.testing.assert_close(output(funcadapt.call(model, minus, **inputs())), want_minus, rtol=0, atol=0)
+        torch.testing.assert_close(output(funcadapt.call(model, one, **inputs())), output(model(**inputs())))
