@@ -1,10 +1,16 @@
-"""Running a model on transformed parameters.
+"""Running a model with a :class:`~funcadapt.transform.Transformed` in effect.
 
-``call(model, params, *args, **kwargs)`` is ``torch.func.functional_call`` with three
-differences: unknown or misspelled keys are an error (functional_call ignores them),
-the forward-time entries of :func:`funcadapt.transform` become the exact fallback
-(output interpolation) and the vmap-safe forwards some adapters need, and gradient
-checkpointing recomputes with the same swapped tensors (see :mod:`funcadapt.swap`).
+``call(model, params, *args, **kwargs)`` runs the model with each adapted layer's effect
+applied *just in time*: a wrapper around the layer's forward recomputes the adapter's
+tensors from the tensors the layer holds when it runs (what FSDP all-gathered, accelerate
+loaded, an enclosing context showed) and shows them to PEFT's forward until it returns
+(:func:`_jit_patches`). The forward-time instructions become the exact fallback (output
+interpolation), per-row coefficients and the vmap-safe forwards some adapters need, and
+gradient checkpointing recomputes with the same effects (see :mod:`funcadapt.swap`).
+
+A plain ``{key: tensor}`` mapping works like ``torch.func.functional_call`` (the tensors are
+swapped in at their modules for the call), with unknown or misspelled keys an error; under an
+engine that places weights itself that is refused, since the engine would override them.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from . import engines, quantized
 from .rows import rows_mismatch
 from .rules.base import Coeff, Patch, Rule, access_of, is_adapter_layer, is_number, same_coeff, under_transforms
 from .structure import Structure, active_adapters, adapters_disabled, layer_adapters, structure
-from .swap import Frame, check_thread
+from .swap import Frame, check_thread, run_undo
 from .transform import LayerEffect, Transformed
 
 
@@ -50,17 +56,21 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
     _refuse_fsdp1_under_transforms(known.engine)
     modules = {"": model, **known.modules}
     replaced = _replaced(model, modules, known, tensors, extracted)
-    touched, recipes = _touched(modules, known, tensors, replaced, effects)
+    touched, recipes, modified = _touched(modules, known, tensors, replaced, effects)
     builders: list[Callable[[], list[Patch]]] = []
     for path in {**touched, **recipes}:
         builders.extend(_layer_builders(path, modules, known, touched.get(path, {}), tuple(recipes.get(path, ()))))
     builders.append(lambda: quantized.patches(known.bnb_linears))
     builders.append(lambda: _input_grad_hooks(modules))
-    builders.append(lambda: [Patch(model, "forward", functools.partial(_thread_guarded, model), wrap=True)])
     # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
     # layers they belong to still get their patches above
     swapped = {k: v for k, v in tensors.items() if k in replaced}
-    guarded = [modules[path] for path in {**touched, **recipes}]
+    # every module whose behaviour this call changes refuses other threads: the layers with
+    # effects (the just-in-time wrapper checks itself) and the owners of swapped tensors
+    changed = {path for path, _ in modified} | {k.rpartition(".")[0] for k in swapped if k not in known.adapter_of}
+    guarded = [modules[p] for p in {*changed, *recipes}]
+    plain = [modules[p] for p in changed if p not in recipes]
+    builders.append(lambda: [Patch(m, "forward", functools.partial(_thread_guarded, m), wrap=True) for m in plain])
     return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded)
 
 
@@ -119,9 +129,10 @@ def _touched(
     tensors: Mapping[str, Tensor],
     replaced: set[str],
     effects: tuple[LayerEffect, ...],
-) -> tuple[dict[str, dict[str, dict[str, Coeff]]], dict[str, list[LayerEffect]]]:
+) -> tuple[dict[str, dict[str, dict[str, Coeff]]], dict[str, list[LayerEffect]], set[tuple[str, str]]]:
     """(layer path -> adapter -> forward args, for every layer the call touches; host layer path ->
-    the effects recomputing tensors when it runs). Every adapter whose effect changes must be live."""
+    the effects recomputing tensors when it runs; the (layer path, adapter) pairs whose effect
+    changes, each checked to be live)."""
     touched: dict[str, dict[str, dict[str, Coeff]]] = {}
     modified: set[tuple[str, str]] = set()
     recipes: dict[str, list[LayerEffect]] = {}
@@ -141,7 +152,7 @@ def _touched(
             recipes.setdefault(known.host(path), []).append(e)
     for path, adapter in modified:
         _check_live(path, modules[path], adapter)
-    return touched, recipes
+    return touched, recipes, modified
 
 
 def _layer_builders(
@@ -159,7 +170,10 @@ def _layer_builders(
         rule = rule_of(adapter)
         if rule is not None and rule.patches is not None:
             builders.append(functools.partial(rule.patches, layer, adapter, args))
-    owners = {key: _owner(modules, key) for e in recipes for key in e.spec.keys.values()}
+    owners: dict[str, list[tuple[nn.Module, str]]] = {}
+    for e in recipes:
+        for key, names in known.owners(e.spec).items():
+            owners.setdefault(key, [_owner(modules, name) for name in names if name.rpartition(".")[0] in modules])
     builders.append(functools.partial(_jit_patches, path, layer, recipes, owners))
     builders.extend(_output_builders(path, layer, per_adapter, rule_of))
     return builders
@@ -191,14 +205,14 @@ _CHAIN = "_funcadapt_jit"
 
 
 def _jit_patches(
-    path: str, layer: Any, recipes: tuple[LayerEffect, ...], owners: Mapping[str, tuple[nn.Module, str]]
+    path: str, layer: Any, recipes: tuple[LayerEffect, ...], owners: Mapping[str, list[tuple[nn.Module, str]]]
 ) -> list[Patch]:
     """The layer's effects applied just in time: when the layer runs, each effect recomputes its
     adapter tensors from the tensors the layer holds *then* (what FSDP all-gathered, accelerate
     loaded, or an enclosing frame showed), and those are shown to PEFT's forward until it returns.
     Nested frames add their effects to one chain on the layer, applied outermost first, so an
     inner context transforms what the outer one shows. The layer refuses other threads (so does
-    the model's own forward, see :func:`_thread_guarded`)."""
+    every other module the call changes, see :func:`_thread_guarded`)."""
     if not recipes:
         return []
     entry = (recipes, owners)
@@ -213,7 +227,7 @@ def _jit_patches(
 def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
     def applied(*args: Any, **kwargs: Any) -> Any:
         check_thread(layer, f"layer {path!r}")
-        chain: tuple[tuple[tuple[LayerEffect, ...], Mapping[str, tuple[nn.Module, str]]], ...]
+        chain: tuple[tuple[tuple[LayerEffect, ...], Mapping[str, list[tuple[nn.Module, str]]]], ...]
         chain = layer.__dict__.get(_CHAIN, ())
         if not any(recipes for recipes, _ in chain):
             return forward(*args, **kwargs)
@@ -224,29 +238,28 @@ def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callabl
                 for e in recipes:
                     p = {}
                     for role, key in e.spec.keys.items():
-                        if key not in shown:
-                            owner, name = owners[key]
+                        if key not in shown:  # read where this layer reaches it
+                            owner, name = owners[key][0]
                             shown[key] = engines.live(owner, name, undo)
                         p[role] = shown[key]
                     assert e.recompute is not None
                     for role, tensor in e.recompute(e.spec, p, e.coeff).params.items():
                         key = e.spec.keys[role]
                         shown[key] = tensor
-                        owner, name = owners[key]
-                        engines.put(owner, name, tensor, undo)
+                        for owner, name in owners[key]:  # under every name it has
+                            engines.put(owner, name, tensor, undo)
             return forward(*args, **kwargs)
         finally:
-            for step in reversed(undo):
-                step()
+            run_undo(undo)
 
     return applied
 
 
-def _thread_guarded(model: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
-    """The model's forward, refused from a thread other than the one whose frame modifies it."""
+def _thread_guarded(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """A module's forward, refused from a thread other than the one whose frame changes it."""
 
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        check_thread(model, f"{type(model).__name__} (the model)")
+        check_thread(module, type(module).__name__)
         return forward(*args, **kwargs)
 
     return guarded

@@ -19,7 +19,7 @@ tensors the layer holds *then*. This module knows where those tensors are:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -45,14 +45,38 @@ def local_shard(t: Tensor) -> Tensor:
 def describe(modules: Iterable[nn.Module]) -> str | None:
     """The engine that places this model's weights just in time, named for error messages."""
     for m in modules:
-        kind = type(m).__name__
-        if kind == "FullyShardedDataParallel":
-            return "FSDP (FullyShardedDataParallel)"
-        if any(c.__name__ == "FSDPModule" for c in type(m).__mro__):
-            return "FSDP2 (fully_shard)"
+        if is_fsdp_unit(m):
+            fsdp1 = type(m).__name__ == "FullyShardedDataParallel"
+            return "FSDP (FullyShardedDataParallel)" if fsdp1 else "FSDP2 (fully_shard)"
         if _offloading(m) is not None:
             return "accelerate offload (AlignDevicesHook with offload=True)"
     return None
+
+
+def is_fsdp_unit(module: nn.Module) -> bool:
+    """An FSDP1 wrapper or an FSDP2 ``fully_shard``-ed module: it gathers its parameters itself, when it runs."""
+    kind = type(module)
+    return kind.__name__ == "FullyShardedDataParallel" or any(c.__name__ == "FSDPModule" for c in kind.__mro__)
+
+
+def check_units(path: str, keys: Iterable[str], modules: Mapping[str, nn.Module]) -> None:
+    """Refuse adapter tensors that sit in an FSDP unit of their own inside the adapter layer at
+    ``path`` (PEFT's ``fsdp_auto_wrap_policy`` wraps every trainable leaf so): that unit gathers
+    them only when it runs, inside the layer, after funcadapt applied the coefficient there."""
+    for key in keys:
+        owner = key.rpartition(".")[0]
+        parts = owner.split(".")
+        depth = len(path.split(".")) if path else 0
+        for i in range(depth + 1, len(parts) + 1):
+            module = modules.get(".".join(parts[:i]))
+            if module is not None and is_fsdp_unit(module):
+                raise ValueError(
+                    f"layer {path!r}: adapter tensor {key!r} is in an FSDP unit of its own "
+                    f"({'.'.join(parts[:i])!r}), which gathers it only when that unit runs, after funcadapt "
+                    f"applies the coefficient at the layer. Shard whole blocks instead: FSDP2 fully_shard on each "
+                    f"decoder layer and the root; FSDP1 ModuleWrapPolicy({{<decoder layer class>}}) "
+                    f"(not PEFT's fsdp_auto_wrap_policy, which wraps the adapter weights separately)"
+                )
 
 
 def check_params(path: str, tensors: Iterable[Tensor]) -> None:

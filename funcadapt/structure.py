@@ -59,6 +59,9 @@ class AdapterLayer:
     entries: dict[str, dict[str, tuple[str, Tensor]]]
     rules: dict[str, Rule | None]
     quantized: str | None
+    local: dict[str, dict[str, str]] = field(default_factory=dict)
+    """adapter -> role -> the tensor's key through this layer's own path (differs from the tree key
+    only for a Parameter also registered elsewhere, which the tree keys under its first name)."""
     specs: dict[str, Any] = field(default_factory=dict)
     """adapter -> the last LayerSpec extract built (reused while its live static part is unchanged)."""
     tensors: dict[str, dict[str, Tensor]] = field(init=False)
@@ -104,6 +107,16 @@ class Structure:
         for path in sorted(self.by_path, key=len):  # outer layers first
             parent = next((p for p in _prefixes(path) if p in self.by_path), None)
             self.hosts[path] = self.hosts[parent] if parent is not None else path
+
+    def owners(self, spec: Any) -> dict[str, list[str]]:
+        """Tree key -> the keys through which the layer of ``spec`` reaches that tensor: its own path
+        first, then the tensor's other names (a Parameter tied to several modules)."""
+        info = self.by_path.get(spec.path)
+        out: dict[str, list[str]] = {}
+        for role, key in spec.keys.items():
+            mine = info.local.get(spec.adapter, {}).get(role, key) if info is not None else key
+            out[key] = list(dict.fromkeys([mine, key, *self.aliases.get(key, ())]))
+        return out
 
     def host(self, path: str) -> str:
         """Where the effect of the adapter layer at ``path`` is applied (see :attr:`hosts`)."""
@@ -254,7 +267,11 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
                 names.setdefault(id(p), []).append(_join(path, name))
         if BNB_LINEARS and isinstance(module, BNB_LINEARS):
             bnb.setdefault(id(module), module)
-        if "gradient_checkpointing" in module.__dict__ or hasattr(type(module), "gradient_checkpointing"):
+        if (
+            "gradient_checkpointing" in module.__dict__
+            or hasattr(type(module), "gradient_checkpointing")
+            or "checkpoint_fn" in module.__dict__
+        ):
             checkpointing.setdefault(id(module), module)
         if is_adapter_layer(module) and id(module) not in seen_layers:
             seen_layers.add(id(module))
@@ -265,16 +282,18 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
         present |= adapters
         # a tensor several layers share (TinyLoRA's per-group vector) is one entry, under the name
         # named_parameters() gives it (its first path), however many layers reach it
+        own = {a: adapter_entries(layer, a) for a in adapters}
         entries = {
-            a: {
-                role: (names.get(id(t), [_join(path, sub)])[0], t)
-                for role, (sub, t) in adapter_entries(layer, a).items()
-            }
+            a: {role: (names.get(id(t), [_join(path, sub)])[0], t) for role, (sub, t) in own[a].items()}
             for a in adapters
         }
+        local = {a: {role: _join(path, sub) for role, (sub, _) in own[a].items()} for a in adapters}
         engines.check_params(path, (t for e in entries.values() for _, t in e.values()))
+        engines.check_units(path, (key for e in entries.values() for key, _ in e.values()), modules)
         rules = {a: base.find_rule(layer, a) for a in adapters}
-        layers.append(AdapterLayer(path, _hold(layer, model), entries, rules, quantized_kind(base_of(layer))))
+        layers.append(
+            AdapterLayer(path, _hold(layer, model), entries, rules, quantized_kind(base_of(layer)), local=local)
+        )
     adapter_of = {key: (info.path, a) for info in layers for a, e in info.entries.items() for key, _ in e.values()}
     aliases = {n: tuple(group) for group in names.values() if len(group) > 1 for n in group}
     return Structure(

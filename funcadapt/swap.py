@@ -1,9 +1,10 @@
-"""Frames: make tensors and forward patches visible on a live model, then restore it.
+"""Frames: make patches (and tensors given outright) visible on a live model, then restore it.
 
-A :class:`Frame` is what ``torch.func.functional_call`` does internally (swap the
-tensors in ``_parameters`` / ``_buffers``, run, swap back), extended with attribute
-patches (a layer's ``forward``, a helper method) and made re-enterable: the exact
-same swap can be applied again later. That is what gradient checkpointing needs. Its
+A :class:`Frame` holds attribute patches (a layer's ``forward``: the just-in-time effects
+and the output interpolation of :mod:`funcadapt.call`; a helper method) and, for tensors
+given outright, what ``torch.func.functional_call`` does internally (swap them into
+``_parameters`` / ``_buffers``, run, swap back). It is re-enterable: the exact same
+patches can be applied again later. That is what gradient checkpointing needs. Its
 recompute runs during ``backward()``, after the call or context has exited; a plain
 functional_call then recomputes with the restored parameters and gives silently wrong
 gradients. While a frame is applied, every checkpointing layer's
@@ -116,11 +117,7 @@ class Frame:
         self._slots = [(_owner(modules, key), key.rpartition(".")[2], t) for key, t in tensors.items()]
         self._builders = builders
         candidates = modules.values() if checkpointing is None else checkpointing
-        self._checkpointing: list[Any] = [
-            m
-            for m in candidates
-            if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func")
-        ]
+        self._checkpointing = [(m, attr) for m in candidates if (attr := checkpoint_attr(m)) is not None]
         self._undo: list[Callable[[], None]] | None = None
         self._stack: list[Frame] | None = None
         self._thread = 0
@@ -147,12 +144,12 @@ class Frame:
                         continue
                     value = patch.value(getattr(patch.obj, patch.attr, None)) if patch.wrap else patch.value
                     _set(patch.obj, patch.attr, value, undo)
-            for module in self._checkpointing:
-                current: Any = module._gradient_checkpointing_func
+            for module, attr in self._checkpointing:
+                current: Any = getattr(module, attr)
                 if not getattr(current, "_funcadapt", False):
-                    _set(module, "_gradient_checkpointing_func", _replaying(current), undo)
+                    _set(module, attr, _replaying(current), undo)
         except BaseException:
-            _run(undo)
+            run_undo(undo)
             raise
         self._undo = undo
         self._thread = thread
@@ -169,7 +166,7 @@ class Frame:
             raise RuntimeError("a funcadapt context must be exited by the thread that entered it")
         stack.pop()
         undo, self._undo, self._stack = self._undo, None, None
-        _run(undo)
+        run_undo(undo)
 
     def __enter__(self) -> Frame:
         self.apply()
@@ -177,6 +174,18 @@ class Frame:
 
     def __exit__(self, *exc: object) -> None:
         self.unapply()
+
+
+def checkpoint_attr(module: Any) -> str | None:
+    """The attribute holding the checkpoint function a module runs its body through, if it
+    checkpoints: transformers' ``_gradient_checkpointing_func`` (while ``gradient_checkpointing``
+    is on), or torch's ``checkpoint_wrapper`` (``CheckpointWrapper.checkpoint_fn``, what
+    ``apply_activation_checkpointing`` and accelerate's FSDP activation checkpointing install)."""
+    if getattr(module, "gradient_checkpointing", False) is True and hasattr(module, "_gradient_checkpointing_func"):
+        return "_gradient_checkpointing_func"
+    if "checkpoint_fn" in module.__dict__ and hasattr(module, "_checkpoint_wrapped_module"):
+        return "checkpoint_fn"
+    return None
 
 
 def _owner(modules: Mapping[str, nn.Module], key: str) -> nn.Module:
@@ -220,9 +229,17 @@ def _set_item(container: Any, key: Any, value: Any, undo: list[Callable[[], None
     undo.append(restore)
 
 
-def _run(undo: list[Callable[[], None]]) -> None:
+def run_undo(undo: list[Callable[[], None]]) -> None:
+    """Every step, last first; a step that raises does not stop the others (the model is restored
+    as far as it can be), and the first error is raised at the end."""
+    error: BaseException | None = None
     for step in reversed(undo):
-        step()
+        try:
+            step()
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
 
 
 @contextlib.contextmanager
@@ -256,8 +273,14 @@ def replay(snapshot: tuple[Frame, ...], stack: list[Frame], thread: int) -> Iter
 _warned_functorch = False
 
 
+_CHECKPOINT_OPTIONS = frozenset(
+    {"use_reentrant", "context_fn", "determinism_check", "debug", "preserve_rng_state", "early_stop"}
+)
+"""Keyword arguments torch.utils.checkpoint takes for itself (the others go to the function)."""
+
+
 def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a transformers ``_gradient_checkpointing_func`` so its recompute replays the frames."""
+    """Wrap a checkpoint function (see :func:`checkpoint_attr`) so its recompute replays the frames."""
     stored = dict(getattr(checkpoint_func, "keywords", None) or {})
 
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -274,13 +297,14 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
                     stacklevel=2,
                 )
                 _warned_functorch = True
-            return function(*args)
+            return function(*args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_OPTIONS})
         options = {**stored, **kwargs}
         if options.get("use_reentrant", True) is not False:
             raise ValueError(
-                "reentrant gradient checkpointing recomputes layers without funcadapt's swapped tensors and "
+                "reentrant gradient checkpointing recomputes layers without funcadapt's effects and "
                 "would give silently wrong gradients; enable it with use_reentrant=False: "
-                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), "
+                "or checkpoint_wrapper(..., checkpoint_impl=CheckpointImpl.NO_REENTRANT)"
             )
         user_context = options.get("context_fn")
         stack, thread = _STATE.frames, _me()

@@ -73,7 +73,9 @@ class Transformed(Mapping[str, Tensor]):
     (``shift`` / ``replace``), swapped in as they are; ``effects``: one :class:`LayerEffect`
     per (layer, adapter) the transform changes. As a ``Mapping`` it reads like the old flat
     dict: every key of ``tree.params``, the transformed tensor where the op changes it and
-    the tree's own tensor elsewhere."""
+    the tree's own tensor elsewhere. Where some effect acts at forward time (output
+    interpolation, per-row coefficients, ...), iterating it (``dict(params)``) raises, since
+    the tensors alone would run c = 1 there; ``params[key]`` still reads single tensors."""
 
     tree: AdapterTree
     effects: tuple[LayerEffect, ...] = ()
@@ -105,6 +107,16 @@ class Transformed(Mapping[str, Tensor]):
         return self._values[key]
 
     def __iter__(self) -> Iterator[str]:
+        """The parameter keys; refused when some effect acts at forward time, because the natural
+        next step, ``dict(params)``, would silently drop it (``call`` on that dict runs c = 1 there)."""
+        forward = sorted({name for e in self.effects for name in e.forward})
+        if forward:
+            raise TypeError(
+                f"this Transformed has forward-time effects ({', '.join(forward)} at "
+                f"{sum(bool(e.forward) for e in self.effects)} layers) that a plain dict of tensors cannot carry; "
+                f"pass it to funcadapt.call or AdapterModifier as it is. Single tensors can still be read with "
+                f"params[key]; the keys are those of params.tree.params"
+            )
         return iter(self.tree.params)
 
     def __len__(self) -> int:
@@ -280,6 +292,12 @@ def transform(tree: AdapterTree, coeff: Any = None, op: Op = "scale", mode: Mode
                 continue  # identity, bit for bit
             plain = _plain_scaling(rule, spec, mode) if not isinstance(c, PerRow) and spec.path not in shared else None
             if plain is not None:  # ΔW linear in some tensors: nothing to validate, computed when needed
+                if not any(role in plain.roles for role in spec.keys):
+                    raise RuntimeError(
+                        f"layer {spec.path!r} adapter {spec.adapter!r}: the {rule.name!r} rule scales "
+                        f"{list(plain.roles)}, but the layer's tensors are {list(spec.keys)}; the coefficient "
+                        f"would change nothing. Please report this (layer type {spec.layer_type})"
+                    )
                 effects.append(LayerEffect(spec, plain, c))
                 continue
             recompute: Recompute = functools.partial(_scale_effect, rule, mode=mode, joint=spec.path in shared)

@@ -5,6 +5,7 @@ forward did, and only those."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,10 +38,30 @@ def _enable_activation(model: Any, reentrant: bool = False) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
 
 
+def _enable_wrapper(model: Any, reentrant: bool = False) -> None:
+    """torch's checkpoint_wrapper on each decoder layer: what apply_activation_checkpointing and
+    accelerate's FSDP ``activation_checkpointing`` install (not transformers' own mechanism)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
+    model.get_base_model().config.use_cache = False  # as transformers' own checkpointing does: no cache to re-append
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=impl),
+        check_fn=lambda m: isinstance(m, LlamaDecoderLayer),
+    )
+
+
 ENABLERS: dict[str, Callable[..., None]] = {
     "peft-gradient": _enable_peft,
     "base-gradient": _enable_base,
     "activation": _enable_activation,
+    "torch-checkpoint-wrapper": _enable_wrapper,
 }
 
 
@@ -48,7 +69,7 @@ def checkpointed(case_id: str, enable: Callable[..., None] = _enable_peft, **kw:
     model = build(case(case_id))
     model.train()  # checkpointing only runs in training mode; all dropouts here are 0
     enable(model, **kw)
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    layers = [m for m in model.modules() if swap.checkpoint_attr(m) is not None]
     assert len(layers) >= 2, "checkpointing was not enabled on the decoder layers"
     return model
 
@@ -179,11 +200,13 @@ def test_enabling_api(case_id, enabler):
     params = trainable(tree)
     ref = grads_of(loss_call(model, tree, -1.0), params)
     enabler(model)
+    tree = funcadapt.extract(model)  # checkpoint_wrapper inserts a module (and so renames the keys)
+    params = trainable(tree)
     for path in (loss_call, loss_modifier):
         with count_mlp_forwards(model) as count:
             got = grads_of(path(model, tree, -1.0), params)
         assert count[0] == 2, "checkpointing is not active"
-        assert_grads_close(got, ref)
+        assert_grads_close({k.replace("_checkpoint_wrapped_module.", ""): g for k, g in got.items()}, ref)
 
 
 @pytest.mark.parametrize("case_id", ["lora", "dora"])

@@ -203,3 +203,45 @@ def test_params_apply_to_the_weights_the_layer_holds_when_it_runs(case_id, mode)
         want_minus = output(funcadapt.call(model, funcadapt.transform(fresh, -1.0, mode=mode), **inputs()))
         torch.testing.assert_close(output(funcadapt.call(model, minus, **inputs())), want_minus, rtol=0, atol=0)
         torch.testing.assert_close(output(funcadapt.call(model, one, **inputs())), output(model(**inputs())))
+
+
+def test_a_failing_restore_step_does_not_stop_the_others():
+    """If one undo step raises, every other step still runs (the model is restored as far as it can
+    be) and the error is raised after them."""
+    from funcadapt.swap import run_undo
+
+    ran: list[int] = []
+
+    def fail() -> None:
+        ran.append(1)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_undo([lambda: ran.append(0), fail, lambda: ran.append(2)])
+    assert ran == [2, 1, 0]
+
+
+def test_adapter_parameter_tied_across_layers_follows_the_coefficient_everywhere():
+    """One Parameter registered under two adapter layers (tied by hand) is keyed once in the tree;
+    each layer, when it runs, must still compute with the transformed tensor under its own name."""
+    model = build(case("lora"))
+    layers = model.base_model.model.model.layers
+    shared = layers[0].self_attn.q_proj.lora_B["default"].weight
+    layers[1].self_attn.q_proj.lora_B["default"].weight = shared
+    tree = funcadapt.extract(model)
+    assert sum(t is shared for t in tree.params.values()) == 1
+    before = snapshot(model)
+    with torch.no_grad():
+        got = output(funcadapt.call(model, funcadapt.transform(tree, -1.0), **inputs()))
+        with funcadapt.AdapterModifier(model, "scale", -1.0):
+            got_modifier = output(model(**inputs()))
+        for p in tree.params.values():  # the reference: ΔW ↦ −ΔW written into every B itself
+            if ".lora_B." in next(k for k, v in tree.params.items() if v is p):
+                p.neg_()
+        want = output(model(**inputs()))
+        for p in tree.params.values():
+            if ".lora_B." in next(k for k, v in tree.params.items() if v is p):
+                p.neg_()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_modifier, want, rtol=1e-5, atol=1e-6)
+    assert_unchanged(model, before)

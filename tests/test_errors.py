@@ -446,3 +446,16 @@ def test_misuse_messages_name_the_problem_and_the_fix():
     with pytest.raises(ValueError, match="positive int"):
         funcadapt.tile(inputs(), 0)
     assert_unchanged(model, before)
+
+
+def test_transformed_with_forward_effects_is_not_a_plain_dict():
+    """dict(params) of a Transformed whose effect acts at forward time would drop it (a call on the dict
+    runs c = 1 at those layers): refused, naming the effects; single tensors can still be read."""
+    model = build(case("dora"))
+    tree = funcadapt.extract(model)
+    params = funcadapt.transform(tree, -1.0)
+    with pytest.raises(TypeError, match=r"forward-time effects \(interp at \d+ layers\).*funcadapt.call"):
+        dict(params)
+    assert all(params[k] is v for k, v in tree.params.items())
+    lora = funcadapt.extract(build(case("lora")))
+    assert dict(funcadapt.transform(lora, -1.0)).keys() == lora.params.keys()  # no forward-time effect: fine
