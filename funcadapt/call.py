@@ -169,6 +169,12 @@ def _layer_builders(
     for adapter, args in per_adapter.items():
         rule = rule_of(adapter)
         if rule is not None and rule.patches is not None:
+            if "_hf_hook" in layer.__dict__:
+                raise ValueError(
+                    f"layer {path!r} carries an accelerate hook of its own (a device_map that names this layer), "
+                    f"and the {rule.doc.adapter} rule runs its own forward there, which would bypass that hook. "
+                    f"Give the device_map whole blocks (e.g. decoder layers) instead of single adapter layers"
+                )
             builders.append(functools.partial(rule.patches, layer, adapter, args))
     owners: dict[str, list[tuple[nn.Module, str]]] = {}
     for e in recipes:

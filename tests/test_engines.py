@@ -17,7 +17,7 @@ import threading
 import distributed_worker as dw
 import pytest
 import torch
-from cases import VOCAB, assert_unchanged, build, case, inputs, output, snapshot
+from cases import assert_unchanged, build, case, inputs, output, snapshot
 
 import funcadapt
 from funcadapt import AdapterModifier
@@ -64,7 +64,8 @@ def test_distributed_equals_one_process(distributed, engine, adapter, warm, chec
         if want is None:
             assert result is None, f"rank {rank}: {result}"
         else:
-            assert result is not None and want in result, f"rank {rank}: expected a refusal naming {want!r}, got {result}"
+            message = f"rank {rank}: expected a refusal naming {want!r}, got {result}"
+            assert result is not None and want in result, message
 
 
 # ----------------------------------------------------------------------------------------
@@ -261,12 +262,26 @@ def test_zero3_partitioned_parameters_refused():
     """ZeRO-3 marks its partitioned parameters with ``ds_id`` (DeepSpeed is not installed here; the
     detection is what is tested)."""
     model = _lora_model()
-    key = next(k for k in funcadapt.extract(model).params if ".lora_A." in k)
-    dict(model.named_parameters())[key].ds_id = 0
-    funcadapt.structure.structure.__globals__["_CACHE"].clear()
-    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3.*FSDP2"):
+    next(p for k, p in model.named_parameters() if ".lora_A." in k).ds_id = 0
+    with pytest.raises(ValueError, match=r"DeepSpeed ZeRO-3.*FSDP2"):
         funcadapt.extract(model)
     with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"), AdapterModifier(model, "scale", -1.0):
         pytest.fail("must not enter")
 
 
+
+
+def test_accelerate_hook_on_a_layer_with_its_own_forward_refused():
+    """A rule that runs its own forward for a layer (C3A) would bypass an accelerate hook placed on
+    that very layer: refused, naming the layer, instead of running with the hook skipped."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = build(case("c3a"))
+    tree = funcadapt.extract(model)
+    path = tree.layers[0].path
+    add_hook_to_module(model.get_submodule(path), ModelHook())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"layer '{path}' carries an accelerate hook"):
+        funcadapt.call(model, funcadapt.transform(tree, -1.0), **inputs())
+    assert not funcadapt.swap.active_frames()
+    assert_unchanged(model, before)

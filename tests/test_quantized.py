@@ -24,7 +24,6 @@ import pytest
 import torch
 from cases import (
     VOCAB,
-    assert_unchanged,
     inputs,
     output,
     randomize_adapters,
