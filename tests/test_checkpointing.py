@@ -344,3 +344,40 @@ def test_nested_contexts_under_checkpointing(case_id):
     assert count[0] == 1, "the layers were not recomputed"
     assert_grads_close(got, ref, atol=1e-5)
     assert_unchanged(model, before)
+
+
+def test_recompute_on_another_thread_replays_the_forward_threads_effects():
+    """On CUDA the autograd engine recomputes checkpointed layers on its own worker thread; the
+    replay then acts for the thread that ran the forward (its frames, its ownership). Simulated
+    here by running backward() on a second thread, inside and after the context."""
+    import threading
+
+    model = checkpointed("lora")
+    tree = funcadapt.extract(model)
+    params = trainable(tree)
+    ref = grads_of(loss_call(model, tree, -1.0), params)
+    for inside in (False, True):
+        got: dict[str, torch.Tensor] = {}
+        errors: list[BaseException] = []
+
+        def backward(loss: torch.Tensor, got=got, errors=errors) -> None:
+            try:
+                got.update(grads_of(loss, params))
+            except BaseException as e:
+                errors.append(e)
+
+        with count_mlp_forwards(model) as count:
+            with AdapterModifier(model, "scale", -1.0):
+                loss = model(**BATCH, labels=POS).loss
+                if inside:
+                    t = threading.Thread(target=backward, args=(loss,))
+                    t.start()
+                    t.join()
+            if not inside:
+                t = threading.Thread(target=backward, args=(loss,))
+                t.start()
+                t.join()
+        assert not errors, errors
+        assert count[0] == 2, "checkpointing is not active"
+        assert_grads_close(got, ref)
+    assert not swap.active_frames()
