@@ -34,7 +34,7 @@ ENGINES = (
     "fsdp1-peft-policy",  # PEFT's fsdp_auto_wrap_policy: every trainable leaf (lora_A/B) its own unit: refused
     "fsdp2-leaves",  # fully_shard on each adapter leaf too: refused
 )
-CHECKS = ("call", "modifier", "two_pass", "vmap", "per_row", "checkpointing")
+CHECKS = ("call", "modifier", "two_pass", "vmap", "vmap_modifier", "per_row", "checkpointing")
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
@@ -157,6 +157,18 @@ def _checks(model: torch.nn.Module, engine: str) -> dict[str, Callable[[], Any]]
         losses.sum().backward()
         return {"loss": losses.detach(), **_grads(model, engine)}
 
+    def vmap_modifier() -> Any:
+        """vmap over a function that enters the context and calls the (wrapped) model itself."""
+        _zero(model)
+
+        def loss(c: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            with funcadapt.AdapterModifier(model, "scale", c):
+                return model(**batch, labels=labels).loss
+
+        losses = funcadapt.vmap(loss)(torch.tensor([1.0, -1.0]), torch.stack([pos, neg]))
+        losses.sum().backward()
+        return {"loss": losses.detach(), **_grads(model, engine)}
+
     def per_row() -> Any:
         _zero(model)
         coeffs = funcadapt.per_row([1.0, -1.0], repeat=2)
@@ -168,7 +180,14 @@ def _checks(model: torch.nn.Module, engine: str) -> dict[str, Callable[[], Any]]
         loss.backward()
         return {"logits": logits.detach(), **_grads(model, engine)}
 
-    checks = {"call": call, "modifier": modifier, "two_pass": two_pass, "vmap": vmap, "per_row": per_row}
+    checks = {
+        "call": call,
+        "modifier": modifier,
+        "two_pass": two_pass,
+        "vmap": vmap,
+        "vmap_modifier": vmap_modifier,
+        "per_row": per_row,
+    }
     return checks
 
 

@@ -42,9 +42,9 @@ def expected_error(engine: str, adapter: str, check: str) -> str | None:
     block's unit, so IA3 is exact there like under the block layouts."""
     if engine in dw.REFUSED and adapter != "ia3":
         return OWN_UNIT
-    if check == "vmap" and engine.startswith("fsdp1"):
+    if check in ("vmap", "vmap_modifier") and engine.startswith("fsdp1"):
         return FSDP1_VMAP
-    if check == "vmap" and engine == "ddp-find-unused":
+    if check in ("vmap", "vmap_modifier") and engine == "ddp-find-unused":
         return DDP_VMAP
     return None
 
@@ -285,3 +285,19 @@ def test_accelerate_hook_on_a_layer_with_its_own_forward_refused():
         funcadapt.call(model, funcadapt.transform(tree, -1.0), **inputs())
     assert not funcadapt.swap.active_frames()
     assert_unchanged(model, before)
+
+
+def test_ddp_vmap_refusal_names_each_option():
+    """The DDP refusal names the option actually set (static_graph as well as find_unused_parameters);
+    without either, DDP runs under vmap and nothing is refused (the distributed run checks both paths)."""
+    from funcadapt import engines
+
+    class DistributedDataParallel:  # the name is what is checked, as for torch's class
+        def __init__(self, **options: bool) -> None:
+            self.__dict__.update(options)
+
+    assert engines.ddp_vmap_error(DistributedDataParallel()) is None
+    error = engines.ddp_vmap_error(DistributedDataParallel(static_graph=True))
+    assert error is not None and "static_graph=True" in str(error) and "per_row" in str(error)
+    error = engines.ddp_vmap_error(DistributedDataParallel(find_unused_parameters=True, static_graph=True))
+    assert error is not None and "find_unused_parameters=True and static_graph=True" in str(error)
