@@ -245,3 +245,20 @@ def test_adapter_parameter_tied_across_layers_follows_the_coefficient_everywhere
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_modifier, want, rtol=1e-5, atol=1e-6)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("case_id", ["lora", "dora"])  # a recomputed tensor; an effect at forward time
+def test_torch_compile_follows_the_coefficient(case_id):
+    """A model compiled before the context is entered runs the context's coefficient (Dynamo guards
+    on the patched forwards and recompiles), and c = 1 again after exit: exact, never a stale graph.
+    The 'eager' backend exercises Dynamo's capture and guards, where a coefficient could be lost."""
+    model = build(case(case_id))
+    tree = funcadapt.extract(model)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        want = {c: output(funcadapt.call(model, funcadapt.transform(tree, c), **inputs())) for c in (1.0, -1.0, 0.5)}
+        torch.testing.assert_close(output(compiled(**inputs())), want[1.0], rtol=1e-5, atol=1e-6)
+        for c in (-1.0, 0.5):
+            with funcadapt.AdapterModifier(model, "scale", c):
+                torch.testing.assert_close(output(compiled(**inputs())), want[c], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(output(compiled(**inputs())), want[1.0], rtol=1e-5, atol=1e-6)
