@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import fsdp_contrastive as example  # noqa: E402
+import fsdp_contrastive as example
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:

