@@ -349,7 +349,6 @@ def save_plot(sweep: funcadapt.Sweep, out: Path, args: argparse.Namespace) -> st
     ax = sweep.plot()
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_title(f"{'tiny random model' if args.quick else 'SmolLM2-135M'} · {args.adapter}, held-out prompts")
-    ax.figure.tight_layout()
     path = out / f"sweep_{args.adapter}{'_quick' if args.quick else ''}.png"
     ax.figure.savefig(path, dpi=120)
     plt.close(ax.figure)

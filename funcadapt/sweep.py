@@ -9,14 +9,17 @@ Methods: ``"vmap"`` (one ``funcadapt.vmap`` forward per chunk of coefficients),
 per row: :func:`funcadapt.per_row`; linear mode only), ``"loop"`` (one forward per
 coefficient). ``"auto"`` tries vmap; if the model or the metric cannot run under vmap
 (a data-dependent op, ``.item()``, ...) it tries rows (linear mode, when no adapter
-couples the rows of a batch) and then the loop, warning with each reason. All three
-give the same values up to float rounding; the tests check it.
+couples the rows of a batch) and then the loop, warning with each reason. Only those
+refusals move it on: any other error (the metric's own, a shape error in the batch)
+propagates as raised, from the first method that met it. All three give the same values
+up to float rounding; the tests check it.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +63,14 @@ class Sweep:
 
     def plot(self, ax: Any = None, label: str | None = None, **line_kwargs: Any) -> Any:
         """A line of the metric over c (per-example metrics: the mean, with a ±1 std band).
-        Marks c = 0 (base model) and c = 1 (trained adapter). Returns the matplotlib Axes."""
+        Marks c = 0 (base model) and c = 1 (trained adapter). Returns the matplotlib Axes.
+
+        Without ``ax`` it draws on a new figure with a constrained layout, so the axis labels
+        stay inside the figure when it is saved; a given ``ax``'s figure is left as it is."""
         import matplotlib.pyplot as plt
 
         if ax is None:
-            _, ax = plt.subplots(figsize=(5, 3.2))
+            _, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
         x = self.coeffs.float().numpy()
         v = self.values.float().reshape(len(x), -1)
         mean = v.mean(dim=1).numpy()
@@ -136,31 +142,117 @@ def sweep(
     return Sweep(cs.cpu(), torch.cat(values).cpu(), used, name or _name(metric))
 
 
-_FALLBACK_ERRORS = (RuntimeError, NotImplementedError, ValueError)
-"""What vmap (or a coefficient batch) raises when the model or metric cannot run that way; other
-errors (a metric returning a non-tensor, a typo) are the caller's and propagate at once."""
-
-
 def _auto(
     model: nn.Module, tree: AdapterTree, metric: Callable[[Any], Tensor], chunk: Tensor, batch: dict, mode: Mode
 ) -> tuple[str, Tensor]:
-    """vmap; else coefficient batches (linear mode, rows independent); else a loop."""
-    rows_ok = mode == "linear" and not any(rule_named(s.rule).rows_coupled for s in tree.layers)
-    candidates = ["vmap", "rows", "loop"] if rows_ok else ["vmap", "loop"]
-    for method in candidates[:-1]:
-        # after vmap failed for a reason of its own, rows can still fail on what the metric reads
-        # (a batch-mean loss is not split per coefficient): any error there moves on to the loop
-        expected = _FALLBACK_ERRORS if method == "vmap" else (Exception,)
-        try:
-            return method, _run(method, model, tree, metric, chunk, batch, mode)
-        except expected as e:
-            following = candidates[candidates.index(method) + 1]
-            warnings.warn(
-                f"funcadapt.sweep: method={method!r} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                f"trying method={following!r}",
-                stacklevel=3,
-            )
-    return candidates[-1], _run(candidates[-1], model, tree, metric, chunk, batch, mode)
+    """vmap; where vmap cannot run the model or the metric, coefficient batches (linear mode, rows
+    independent, a batched input); where those cannot be used either, a loop. Any other error is
+    the caller's and propagates as raised, without another try."""
+    following = "rows" if _rows_apply(tree, batch, mode) else "loop"
+    try:
+        return "vmap", _run("vmap", model, tree, metric, chunk, batch, mode)
+    except Exception as e:
+        if not vmap_cannot_run(e, len(chunk)):
+            raise
+        _warn_fallback("vmap", f"failed ({_summary(e)})", following)
+    if following == "rows":
+        values = _rows_or_refusal(model, tree, metric, chunk, batch, mode)
+        if isinstance(values, Tensor):
+            return "rows", values
+        _warn_fallback("rows", values, "loop")
+    return "loop", _run("loop", model, tree, metric, chunk, batch, mode)
+
+
+def _warn_fallback(method: str, why: str, following: str) -> None:
+    # stacklevel: this function, _auto, sweep, the caller of sweep
+    warnings.warn(f"funcadapt.sweep: method={method!r} {why}; trying method={following!r}", stacklevel=4)
+
+
+def _summary(error: BaseException) -> str:
+    """The error's type and the start of its first line."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _rows_apply(tree: AdapterTree, batch: dict[str, Any], mode: Mode) -> bool:
+    """Whether coefficient batches are defined here: linear mode, no adapter that couples the rows
+    of a batch, and a batched tensor to tile."""
+    coupled = any(rule_named(s.rule).rows_coupled for s in tree.layers)
+    return mode == "linear" and not coupled and batch_size(batch) is not None
+
+
+_VMAP_REFUSALS = (
+    "vmap",  # torch.func's own: "vmap: It looks like you're calling .item() ...", "... data-dependent control
+    # flow", "vmap: inplace arithmetic ...", "vmap: We do not support batching operators that can output dynamic
+    # shape", "vmap over torch.allclose ...", "You tried to vmap over <autograd.Function> ...", and funcadapt's DDP
+    "atching rule",  # "Batching rule not implemented for aten::equal. We could not generate a fallback."
+    "functorch transforms",  # an autograd.Function without setup_context
+    "torch.func transforms",  # funcadapt's own: FSDP1, a trainable parameter inside a quantized layer
+    "BatchedTensor",  # "Cannot access storage of BatchedTensorImpl"
+    "doesn't have storage",  # .tolist(), .numpy(), .data_ptr() of a batched tensor
+    "Can't detach views in-place",  # torch.tensor(t) of a batched tensor
+)
+"""Substrings of the messages torch 2.13 (and funcadapt) raise when vmap cannot run a function."""
+
+_INPLACE_BROADCAST = re.compile(r"output with shape \[(.*?)\] doesn't match the broadcast shape \[(.*?)\]")
+
+
+def vmap_cannot_run(error: BaseException, size: int) -> bool:
+    """Whether ``error``, raised under a vmap over ``size`` coefficients, is vmap's inability to run
+    the function (which another method avoids) rather than an error of the function itself.
+
+    Decided from torch's messages (:data:`_VMAP_REFUSALS`, and an in-place add of a batched
+    tensor into an unbatched one), on the error and the errors it was raised from."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, (RuntimeError, NotImplementedError, ValueError)):
+            message = str(cause)
+            if any(s in message for s in _VMAP_REFUSALS) or _inplace_into_unbatched(message, size):
+                return True
+        cause = cause.__cause__
+    return False
+
+
+def _inplace_into_unbatched(message: str, size: int) -> bool:
+    """torch's message for ``t += batched`` with ``t`` not batched (``add_`` has no vmap-specific
+    one): the broadcast shape is the output's with the vmapped dimension, ``size``, in front.
+    The same words for a real shape error name other shapes."""
+    match = _INPLACE_BROADCAST.search(message)
+    if match is None:
+        return False
+    out, broadcast = match.groups()
+    return broadcast == ", ".join(filter(None, [str(size), out]))
+
+
+_ROWS_REFUSALS = (
+    "per-row coefficient",  # a layer whose output has no row per coefficient, a rule that refuses rows
+    "coefficient groups",  # untile: an output that does not split per coefficient
+)
+"""Substrings of funcadapt's messages for a model or output that coefficient batches cannot serve."""
+
+
+def rows_refused(error: BaseException) -> bool:
+    """Whether ``error`` is funcadapt's refusal of a coefficient batch (which the loop avoids)."""
+    return isinstance(error, (ValueError, TypeError)) and any(s in str(error) for s in _ROWS_REFUSALS)
+
+
+def _rows_or_refusal(
+    model: nn.Module, tree: AdapterTree, metric: Callable[[Any], Tensor], chunk: Tensor, batch: dict, mode: Mode
+) -> Tensor | str:
+    """The values by coefficient batches, or why those cannot give them here: a layer or untile
+    refuses, or the output has tensors with no row per input (a batch-mean ``loss``), which the
+    metric, seeing one coefficient's part, would not get. The metric only runs when neither
+    holds; its errors, and any other, propagate."""
+    try:
+        parts, unsplit = _rows_parts(model, tree, chunk, batch, mode)
+    except (ValueError, TypeError) as e:
+        if not rows_refused(e):
+            raise
+        return f"failed ({_summary(e)})"
+    if unsplit:
+        names = ", ".join(repr(n) for n in unsplit)
+        return f"cannot be used (the output's {names}: one value over all coefficients' rows, not one per coefficient)"
+    return _metric_per_part(metric, parts)
 
 
 def _name(metric: Callable[..., Any]) -> str:
@@ -176,8 +268,7 @@ def _run(
     batch: dict[str, Any],
     mode: Mode,
 ) -> Tensor:
-    device = next(iter(tree.params.values())).device
-    chunk = chunk.to(device)
+    chunk = _on_adapter_device(tree, chunk)
 
     def at(c: Tensor) -> Tensor:
         return _as_tensor(metric(call(model, transform(tree, c, mode=mode), **batch)))
@@ -186,9 +277,34 @@ def _run(
         return vmap(at)(chunk)
     if method == "loop":
         return torch.stack([at(c) for c in chunk])
-    rows = _batch_rows(batch)
-    out = call(model, transform(tree, per_row(chunk, repeat=rows), mode=mode), **tile(batch, len(chunk)))
-    return torch.stack([_as_tensor(metric(part)) for part in untile(out, len(chunk))])
+    parts, _ = _rows_parts(model, tree, chunk, batch, mode)
+    return _metric_per_part(metric, parts)
+
+
+def _rows_parts(
+    model: nn.Module, tree: AdapterTree, chunk: Tensor, batch: dict[str, Any], mode: Mode
+) -> tuple[list[Any], list[str]]:
+    """The output on the batch tiled once per coefficient (coefficient ``i`` on copy ``i``), split
+    back into one part per coefficient; and the names of its tensors that do not split (a batch
+    mean), which the parts leave out."""
+    k = len(chunk)
+    coeffs = per_row(_on_adapter_device(tree, chunk), repeat=_batch_rows(batch))
+    out = call(model, transform(tree, coeffs, mode=mode), **tile(batch, k))
+    return untile(out, k), _unsplit_tensors(out, k)
+
+
+def _on_adapter_device(tree: AdapterTree, chunk: Tensor) -> Tensor:
+    return chunk.to(next(iter(tree.params.values())).device)
+
+
+def _unsplit_tensors(out: Any, k: int) -> list[str]:
+    if not isinstance(out, Mapping):
+        return []  # a tensor or tuple output that does not split makes untile raise instead
+    return [name for name, v in out.items() if isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] % k)]
+
+
+def _metric_per_part(metric: Callable[[Any], Tensor], parts: list[Any]) -> Tensor:
+    return torch.stack([_as_tensor(metric(part)) for part in parts])
 
 
 def _as_tensor(v: Any) -> Tensor:

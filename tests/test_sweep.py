@@ -1,17 +1,22 @@
 """funcadapt.sweep: the three methods agree with separate calls, auto falls back when vmap
-cannot run, the result is tidy and plots, and the model is unchanged."""
+cannot run (and only then), the result is tidy and plots, and the model is unchanged."""
 
 from __future__ import annotations
+
+import warnings
 
 import matplotlib
 import pytest
 import torch
 from cases import assert_unchanged, build, case, inputs, output, snapshot
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
 import funcadapt
+from funcadapt.rows import rows_mismatch
+from funcadapt.sweep import rows_refused, vmap_cannot_run
 
 matplotlib.use("Agg")
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 COEFFS = torch.linspace(-2, 2, 5)
 
@@ -138,8 +143,10 @@ def test_auto_falls_back_to_the_loop_for_a_batch_mean_loss():
     def loss_item(out):
         return torch.tensor(out.loss.item())
 
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning) as caught:
         result = funcadapt.sweep(model, loss_item, COEFFS, batch)
+    # rows is left before the metric runs: it would not see out.loss
+    assert any("method='rows' cannot be used (the output's 'loss'" in str(w.message) for w in caught)
     assert result.method == "loop"
     torch.testing.assert_close(result.values, expected(model, lambda out: out.loss, COEFFS, batch))
 
@@ -169,3 +176,242 @@ def test_values_carry_no_graph_and_pandas_frame():
     else:
         frame = result.to_pandas()
         assert frame.to_dict("records") == result.records()
+
+
+# ----------------------------------------------------------------------------
+# auto falls back on vmap's (and rows') own refusals only
+
+
+def fallback_warnings(caught):
+    return [str(w.message) for w in caught if "funcadapt.sweep" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [KeyError("logits_typo"), ValueError("the metric's own check failed"), RuntimeError("the metric's own failure")],
+    ids=["KeyError", "ValueError", "RuntimeError"],
+)
+def test_auto_propagates_an_error_of_the_metric_once(error):
+    """An error unrelated to vmap is the caller's: raised as is, the metric called once, no fallback."""
+    model = build(case("lora"))
+    calls = []
+
+    def failing(out):
+        calls.append(1)
+        raise error
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(type(error)) as raised:
+            funcadapt.sweep(model, failing, COEFFS, inputs(batch=2))
+    assert raised.value is error
+    assert len(calls) == 1
+    assert fallback_warnings(caught) == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ({"position_ids": torch.arange(5)[None]}, RuntimeError),  # 5 positions for 8 tokens
+        ({"labels": inputs(batch=2)["input_ids"][:, :5]}, ValueError),  # labels of another length
+    ],
+    ids=["position_ids", "labels"],
+)
+def test_auto_propagates_a_shape_error_in_the_batch(bad, error):
+    model = build(case("lora"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(error):
+            funcadapt.sweep(model, mean_logit, COEFFS, {**inputs(batch=2), **bad})
+    assert fallback_warnings(caught) == []
+
+
+@pytest.mark.filterwarnings("ignore:funcadapt.sweep. method='vmap' failed")
+def test_auto_propagates_the_metrics_error_from_rows_without_a_loop():
+    """vmap cannot run .item(), so auto moves on to rows; there the metric's own error is raised,
+    not retried in a loop."""
+    model = build(case("ia3"))
+    calls = []
+
+    def item_then_error(out):
+        calls.append(1)
+        output(out).mean().item()
+        raise ValueError("the metric's own check failed")
+
+    with pytest.raises(ValueError, match="own check"):
+        funcadapt.sweep(model, item_then_error, COEFFS, inputs(batch=2))
+    assert len(calls) == 2  # once under vmap (stopped at .item()), once on the first coefficient's rows
+
+
+class SequenceMajor(nn.Module):
+    """Runs its Linear on the (T, B, d) layout: the first axis of the adapted layer's output is
+    not the batch, so per-row coefficients cannot be matched to rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x.transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.filterwarnings("ignore:funcadapt.sweep. method='vmap' failed")
+def test_auto_falls_back_to_the_loop_where_a_layer_refuses_rows():
+    torch.manual_seed(0)
+    model = get_peft_model(SequenceMajor(), LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False)).eval()
+    batch = {"x": torch.randn(2, 3, 4)}
+
+    def item_metric(out):
+        return torch.tensor(out.mean().item())
+
+    with pytest.warns(UserWarning, match=r"method='rows' failed \(ValueError: .*per-row coefficients.*'loop'"):
+        result = funcadapt.sweep(model, item_metric, COEFFS, batch)
+    assert result.method == "loop"
+    torch.testing.assert_close(result.values, expected(model, lambda out: out.mean(), COEFFS, batch))
+
+
+def captured():
+    return torch.zeros(2, 5)
+
+
+VMAP_CANNOT_RUN = {
+    ".item()": lambda t: torch.tensor(t.sum().item()),
+    "data-dependent if": lambda t: t if t.sum() > 0 else -t,
+    ".tolist()": lambda t: torch.tensor(t.tolist()),
+    "torch.tensor(t)": lambda t: torch.tensor(t),
+    "+= into a captured tensor": lambda t: captured().add_(t),
+    "mul_ of a captured tensor": lambda t: captured().mul_(t),
+    "copy_ into a captured tensor": lambda t: captured().copy_(t),
+    "dynamic shape (nonzero)": lambda t: torch.nonzero(t),
+    "boolean mask": lambda t: t[t > 0],
+    "no batching rule": lambda t: torch.tensor(torch.equal(t, t)),
+    "out=": lambda t: torch.add(t, 1, out=captured()),
+    "allclose": lambda t: torch.tensor(torch.allclose(t, t)),
+    "storage": lambda t: torch.tensor(t.untyped_storage().size()),
+}
+
+NOT_VMAP = {
+    "shape error": lambda t: t @ torch.ones(4, 2),
+    "broadcast error of the function itself": lambda t: captured().add_(torch.ones(4, 2, 5)),
+    "KeyError": lambda t: {}["logits"],
+    "ValueError": lambda t: int("not a number"),
+    "RuntimeError": lambda t: torch.ones(2).view(3),
+}
+
+
+def vmap_error(fn):
+    with pytest.raises(Exception) as raised:
+        torch.func.vmap(fn, randomness="different")(torch.randn(3, 2, 5))
+    return raised.value
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")
+@pytest.mark.parametrize("name", list(VMAP_CANNOT_RUN))
+def test_what_torch_raises_when_vmap_cannot_run_is_recognised(name):
+    """The classifier reads torch's actual messages (torch 2.13): each of these moves auto on."""
+    assert vmap_cannot_run(vmap_error(VMAP_CANNOT_RUN[name]), size=3)
+
+
+@pytest.mark.parametrize("name", list(NOT_VMAP))
+def test_errors_of_the_function_itself_are_not_taken_for_vmaps(name):
+    assert not vmap_cannot_run(vmap_error(NOT_VMAP[name]), size=3)
+
+
+def test_a_vmap_refusal_reraised_by_other_code_is_recognised():
+    outer = ValueError("the model could not run")
+    outer.__cause__ = vmap_error(VMAP_CANNOT_RUN[".item()"])
+    assert vmap_cannot_run(outer, size=3)
+
+
+def test_rows_refusals_are_recognised():
+    assert rows_refused(rows_mismatch("layer 'proj'", 3, 10))
+    with pytest.raises(ValueError) as untile_error:
+        funcadapt.untile(torch.tensor(1.0), 2)
+    assert rows_refused(untile_error.value)
+    assert not rows_refused(ValueError("the metric's own check failed"))
+    assert not rows_refused(KeyError("per-row coefficient"))  # only funcadapt's ValueError / TypeError
+
+
+# ----------------------------------------------------------------------------
+# plot layout
+
+
+def test_plot_on_its_own_figure_keeps_the_labels_inside_when_saved(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    wide = funcadapt.Sweep(COEFFS, torch.tensor([-12345.5, -20000.0, 3.0, 15000.0, 25000.5]), "loop", "metric")
+    ax = wide.plot()
+    fig = ax.figure
+    try:
+        assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+        fig.savefig(tmp_path / "sweep.png")  # the default bbox: the figure as it is
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        inside = fig.bbox
+        for label in (ax.xaxis.label, ax.yaxis.label):
+            box = label.get_window_extent(renderer)
+            assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, (
+                label.get_text(),
+                box,
+            )
+    finally:
+        plt.close(fig)
+
+
+def test_plot_on_a_given_axes_leaves_its_figure_alone():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    try:
+        before = fig.get_layout_engine()
+        assert funcadapt.Sweep(COEFFS, COEFFS, "loop").plot(ax=ax) is ax
+        assert fig.get_layout_engine() is before
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# the row order docs/coefficient-batches.md states
+
+
+def test_tiled_rows_are_coefficient_major_as_documented():
+    """k coefficients, n inputs: row i·n + j of the tiled batch is input j at coefficient i;
+    untile(out, k)[i][j] is that row; per_row(coeffs, repeat=n) gives row i·n + j coefficient i."""
+    k, n = 3, 2
+    coeffs = torch.tensor([-1.0, 0.5, 2.0])
+    batch = {"input_ids": torch.tensor([[11, 12, 13, 14], [21, 22, 23, 24]])}
+    tiled = funcadapt.tile(batch, k)["input_ids"]
+    rows = funcadapt.per_row(coeffs, repeat=n).values
+    assert tiled.shape[0] == len(rows) == k * n
+    for i in range(k):
+        for j in range(n):
+            assert torch.equal(tiled[i * n + j], batch["input_ids"][j])
+            assert rows[i * n + j] == coeffs[i]
+    parts = funcadapt.untile(tiled, k)
+    assert len(parts) == k and all(torch.equal(part, batch["input_ids"]) for part in parts)
+    assert torch.equal(torch.stack(parts), tiled.unflatten(0, (k, n)))
+    # input-major, built by hand: row j·k + i is input j, so the coefficients go as coeffs.repeat(n)
+    by_input = batch["input_ids"].repeat_interleave(k, 0)
+    by_input_rows = funcadapt.per_row(coeffs.repeat(n)).values
+    for i in range(k):
+        for j in range(n):
+            assert torch.equal(by_input[j * k + i], batch["input_ids"][j]) and by_input_rows[j * k + i] == coeffs[i]
+    # generate() with m beams / return sequences: m consecutive copies of each tiled row
+    m = 2
+    assert torch.equal(funcadapt.per_row(coeffs, repeat=n * m).values, rows.repeat_interleave(m))
+
+    model = build(case("lora"))
+    tree = funcadapt.extract(model)
+    batch = inputs(batch=n)
+    with torch.no_grad():
+        out = funcadapt.call(
+            model, funcadapt.transform(tree, funcadapt.per_row(coeffs, repeat=n)), **funcadapt.tile(batch, k)
+        )
+        logits = torch.stack([part.logits for part in funcadapt.untile(out, k)])  # [k, n, T, V]
+        for i, c in enumerate(coeffs):
+            alone = funcadapt.call(model, funcadapt.transform(tree, c), **batch).logits
+            for j in range(n):
+                torch.testing.assert_close(out.logits[i * n + j], alone[j], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(logits[i, j], alone[j], rtol=1e-5, atol=1e-5)
