@@ -12,6 +12,7 @@ from .call import call, vmap
 from .modifier import AdapterModifier
 from .rows import PerRow, per_row, tile, untile
 from .rules.base import RULES, Rule
+from .swap import ActiveContext, OpenContextWarning, active_contexts
 from .sweep import Sweep, sweep
 from .transform import MODES, OPS, LayerEffect, Mode, Op, Transformed, transform
 from .tree import AdapterTree, LayerSpec, extract
@@ -22,16 +23,19 @@ __all__ = [
     "MODES",
     "OPS",
     "RULES",
+    "ActiveContext",
     "AdapterModifier",
     "AdapterTree",
     "LayerEffect",
     "LayerSpec",
     "Mode",
     "Op",
+    "OpenContextWarning",
     "PerRow",
     "Rule",
     "Sweep",
     "Transformed",
+    "active_contexts",
     "call",
     "extract",
     "per_row",

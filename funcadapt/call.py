@@ -77,10 +77,11 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
 def _unpack(
     params: Transformed | Mapping[str, Tensor],
 ) -> tuple[dict[str, Tensor], tuple[LayerEffect, ...], set[str]]:
-    """(tensors to show by key, layer effects, keys whose tensor is what ``extract`` found)."""
+    """(tensors to show by key, layer effects, keys whose tensor is what ``extract`` found on the model
+    that ``params`` came from: each must be the called model's own, see :func:`_check_keys`)."""
     if isinstance(params, Transformed):
-        extracted = set(params.tree.params) - set(params.explicit)
-        return {**params.tree.params, **params.explicit}, params.effects, extracted
+        extracted = set(params.tree.params) if params.tree.own else set()
+        return dict(params.tree.params), params.effects, extracted
     tensors = {}
     for key, value in params.items():
         if not isinstance(value, Tensor):
@@ -117,8 +118,10 @@ def _replaced(
         raise ValueError(
             f"params gives tensor {key!r} outright, but this model runs under {known.engine}, which puts its own "
             f"tensors on each layer when it runs and would override it. Under such engines funcadapt applies "
-            f"coefficients when each layer runs: use op='scale' / 'invert' / 'disable' on the model's own "
-            f"parameters (shift, replace and tensors of your own need an unsharded, non-offloaded model)"
+            f"each effect when its layer runs: give adapter tensors of your own with "
+            f"transform(extract(model), {{key: tensor}}, op='replace') (or op='shift' for an increment); a "
+            f"plain {{key: tensor}} dict, and tensors that are not adapter parameters, need an unsharded, "
+            f"non-offloaded model"
         )
     return replaced
 
@@ -241,13 +244,16 @@ def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callabl
         try:
             shown: dict[str, Tensor] = {}
             for recipes, owners in chain:
+                # one frame transforms what the frames outside it show, each of its effects reading the
+                # same tensors (a tensor several layers share is transformed once, not once per layer)
+                outer: dict[str, Tensor] = dict(shown)
                 for e in recipes:
                     p = {}
                     for role, key in e.spec.keys.items():
-                        if key not in shown:  # read where this layer reaches it
+                        if key not in outer:  # read where this layer reaches it
                             owner, name = owners[key][0]
-                            shown[key] = engines.live(owner, name, undo)
-                        p[role] = shown[key]
+                            outer[key] = shown[key] = engines.live(owner, name, undo)
+                        p[role] = outer[key]
                     assert e.recompute is not None
                     for role, tensor in e.recompute(e.spec, p, e.coeff).params.items():
                         key = e.spec.keys[role]
@@ -348,8 +354,17 @@ def _check_keys(
             raise ValueError(f"params has key {key!r}, which is not a parameter or buffer of the model{hint}")
         if value.shape != current.shape:
             raise ValueError(f"params[{key!r}] has shape {tuple(value.shape)}, the model's has {tuple(current.shape)}")
-        if value is not current and not (key in extracted and _both_meta(value, current)):
-            replaced.add(key)
+        if value is current or (key in extracted and _both_meta(value, current)):
+            continue
+        if key in extracted:
+            raise ValueError(
+                f"params come from a tree extracted from another model: {key!r} is not this model's own "
+                f"Parameter (or this model's adapter was re-created, e.g. by load_adapter, since extract). "
+                f"Extract from this model: funcadapt.transform(funcadapt.extract(model), ...). To run this "
+                f"model on another model's adapter tensors on purpose, give them with op='replace' "
+                f"(transform(extract(model), other_tree.params, op='replace'))"
+            )
+        replaced.add(key)
     return replaced
 
 

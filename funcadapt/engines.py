@@ -37,6 +37,12 @@ def is_sharded(t: Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def flat_shard(t: Tensor) -> bool:
+    """An FSDP1 (``use_orig_params``) parameter outside a forward: a 1-d view of this rank's part of
+    the flat parameter, so its shape is not the parameter's (the full tensor shows only in forward)."""
+    return bool(getattr(t, "_fsdp_flattened", False))
+
+
 def local_shard(t: Tensor) -> Tensor:
     """This rank's shard of an FSDP2 ``DTensor`` parameter (no graph under ``no_grad``); any other tensor as it is."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t

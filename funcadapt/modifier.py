@@ -63,6 +63,7 @@ class AdapterModifier:
         tree = extract(self.model, self.adapter_names)
         params = transform(tree, self.value, self.op, self.mode)
         f = frame(self.model, params)
+        f.watch(repr(self).replace(", inactive)", ")"), skip=("funcadapt", "contextlib"))
         f.apply()
         self.tree, self._frame = tree, f
         return self
@@ -70,8 +71,11 @@ class AdapterModifier:
     def __exit__(self, *exc: object) -> None:
         if self._frame is not None:
             self._frame.unapply()  # raises, leaving this context active, when exited out of order
+            self._frame.entered_in = None  # a graph may keep the frame (checkpoint replay), not the caller's locals
             self._frame = None
 
     def __repr__(self) -> str:
         state = "active" if self._frame is not None else "inactive"
-        return f"AdapterModifier(op={self.op!r}, value={self.value!r}, mode={self.mode!r}, {state})"
+        value = repr(self.value)
+        value = value if len(value) <= 80 else value[:77] + "..."
+        return f"AdapterModifier(op={self.op!r}, value={value}, mode={self.mode!r}, {state})"

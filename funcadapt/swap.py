@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -86,9 +90,14 @@ def _release(modules: list[Any], thread: int) -> None:
 
 
 def check_thread(module: Any, what: str) -> None:
-    """Refuse to run ``module`` (patched by a frame) from a thread that does not own that frame."""
+    """Refuse to run ``module`` (patched by a frame) from a thread that does not own that frame;
+    warn once per frame whose ``with`` block was left without exiting it (see :func:`_warn_if_orphaned`)."""
     owner = _OWNERS.get(id(module))
-    if owner is None or owner[0] == _me():
+    if owner is None:
+        return
+    if owner[0] == _me():
+        if _STATE.frames and _STATE.acting_for is None and not torch.compiler.is_compiling():
+            _warn_if_orphaned(module)
         return
     raise RuntimeError(
         f"{what} is being modified by funcadapt in another thread (thread {owner[0]}), so running it from this "
@@ -97,9 +106,32 @@ def check_thread(module: Any, what: str) -> None:
     )
 
 
+class OpenContextWarning(UserWarning):
+    """A funcadapt context is still active although the code that entered it has returned."""
+
+
+@dataclass(frozen=True)
+class ActiveContext:
+    """An applied frame, as :func:`funcadapt.active_contexts` reports it."""
+
+    what: str
+    """What it applies, e.g. ``AdapterModifier(op='scale', value=-1.0, mode='linear')``."""
+    where: str
+    """Where it was entered (``file:line``), or ``""`` when unknown."""
+    thread: int
+    model: nn.Module = field(repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.what} entered at {self.where or 'an unknown place'} (thread {self.thread})"
+
+
 class Frame:
     """Tensors to show under their ``named_parameters``/``named_buffers`` keys, and
-    patch builders (called at apply time, so a wrapper wraps what is there then)."""
+    patch builders (called at apply time, so a wrapper wraps what is there then).
+
+    ``label`` names it in errors and in :func:`funcadapt.active_contexts`; ``entered_in``, the
+    Python frame whose ``with`` block applied it (None: not watched), is watched so that a
+    forward running after that function returned, with this frame still applied, warns."""
 
     def __init__(
         self,
@@ -109,9 +141,15 @@ class Frame:
         modules: Mapping[str, nn.Module] | None = None,
         checkpointing: Iterable[nn.Module] | None = None,
         guarded: Iterable[nn.Module] = (),
+        label: str = "funcadapt.call",
     ) -> None:
         self.root = root
+        self.label = label
+        self.entered_in: FrameType | None = None
+        self.where = ""
+        self._warned = False
         self._guarded = [root, *guarded]
+        self._guarded_ids = {id(m) for m in self._guarded}
         if modules is None:
             modules = dict(root.named_modules(remove_duplicate=False))
         self._slots = [(_owner(modules, key), key.rpartition(".")[2], t) for key, t in tensors.items()]
@@ -155,18 +193,44 @@ class Frame:
         self._thread = thread
         self._stack = _STATE.frames
         self._stack.append(self)
+        with _OWNERS_LOCK:
+            _APPLIED[id(self)] = self
 
     def unapply(self) -> None:
         if self._undo is None or self._stack is None:
             raise RuntimeError("this funcadapt frame is not applied")
         stack = self._stack
         if not stack or stack[-1] is not self:
-            raise RuntimeError("funcadapt contexts must be exited in the reverse order they were entered")
+            inner = stack[-1] if stack else None
+            raise RuntimeError(
+                f"funcadapt contexts must be exited in the reverse order they were entered: {self.describe()} "
+                f"cannot exit while {inner.describe() if inner else 'another context'} is still open inside it; "
+                f"exit that one first"
+            )
         if self._thread != _me():
             raise RuntimeError("a funcadapt context must be exited by the thread that entered it")
         stack.pop()
+        with _OWNERS_LOCK:
+            _APPLIED.pop(id(self), None)
         undo, self._undo, self._stack = self._undo, None, None
         run_undo(undo)
+
+    def describe(self) -> str:
+        return f"{self.label} (entered at {self.where})" if self.where else self.label
+
+    def watch(self, label: str, skip: Iterable[str]) -> None:
+        """Name this frame ``label`` and watch the first caller outside the modules ``skip``
+        (funcadapt's own, contextlib): ``file:line`` for messages, and its Python frame unless it is
+        a generator or coroutine (suspended there is not returned, so it cannot be watched)."""
+        self.label = label
+        caller: FrameType | None = sys._getframe(1)
+        while caller is not None and caller.f_globals.get("__name__", "").split(".")[0] in skip:
+            caller = caller.f_back
+        if caller is None:
+            return
+        self.where = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+        suspendable = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+        self.entered_in = None if caller.f_code.co_flags & suspendable else caller
 
     def __enter__(self) -> Frame:
         self.apply()
@@ -327,6 +391,59 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
 
     run._funcadapt = True  # type: ignore[attr-defined]
     return run
+
+
+_APPLIED: dict[int, Frame] = {}
+"""Every applied frame, of every thread (for :func:`active_contexts`); guarded by ``_OWNERS_LOCK``."""
+
+
+def _on_stack(target: FrameType) -> bool:
+    f: FrameType | None = sys._getframe(2)
+    while f is not None:
+        if f is target:
+            return True
+        f = f.f_back
+    return False
+
+
+def _warn_if_orphaned(module: Any) -> None:
+    """Warn once per frame of this thread that changes ``module`` and whose ``with`` block was
+    left without exiting it (``__enter__`` called by hand and never ``__exit__``)."""
+    for frame in _STATE.frames:
+        target = frame.entered_in
+        if target is None or frame._warned or id(module) not in frame._guarded_ids or _on_stack(target):
+            continue
+        frame._warned = True
+        warnings.warn(
+            f"{frame.describe()} is still active, but the function that entered it has returned: every forward "
+            f"of this model still runs with it. Exit it (use a `with` block, or call __exit__); "
+            f"funcadapt.active_contexts(model) lists the contexts that are open",
+            OpenContextWarning,
+            stacklevel=_user_stacklevel(),
+        )
+
+
+_LIBRARIES = frozenset({"funcadapt", "torch", "transformers", "peft", "accelerate", "bitsandbytes"})
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside these libraries."""
+    level, f = 2, sys._getframe(2)
+    frame: FrameType | None = f
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARIES:
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def active_contexts(model: nn.Module | None = None) -> list[ActiveContext]:
+    """The funcadapt contexts and calls active now, in every thread, outermost first per thread
+    (those touching ``model`` only, when given)."""
+    with _OWNERS_LOCK:
+        frames = list(_APPLIED.values())
+    if model is not None:
+        modules = {id(m) for m in model.modules()}
+        frames = [f for f in frames if id(f.root) in modules or any(i in modules for i in f._guarded_ids)]
+    return [ActiveContext(f.label, f.where, f._thread, f.root) for f in frames]
 
 
 def active_frames() -> tuple[Frame, ...]:

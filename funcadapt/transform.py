@@ -1,18 +1,23 @@
 """Pure transforms of an :class:`AdapterTree`'s parameters.
 
 ``transform(tree, coeff, op, mode)`` returns a :class:`Transformed`: a typed, registered
-pytree holding the source tree, the tensors given outright (``shift`` / ``replace``) and,
-per adapted layer, a :class:`LayerEffect`: how that layer's adapter tensors follow from
-the tensors it holds (``recompute``, with its coefficient) and the forward-time
+pytree holding the source tree and, per adapted layer, a :class:`LayerEffect`: how that
+layer's adapter tensors follow from the tensors it holds (``recompute``, with its
+coefficient, the amount shifted or the tensors given by ``replace``) and the forward-time
 instructions (``forward``: the exact fallback's output interpolation, per-row
 coefficients, a rule's own forward arguments). Nothing is mutated and nothing is
 computed that the call does not need: :func:`funcadapt.call` applies each layer's effect
 *when that layer runs*, to whatever tensors it holds then (what FSDP all-gathered or
 accelerate loaded), so the coefficient is exact under any engine that places weights
 just in time. A ``Transformed`` is also a read-only ``Mapping`` from parameter keys to
-the transformed tensors (computed from the tree's tensors on first access), for
-inspection; it is not a ``dict``, so ``torch.func.functional_call``, which would drop the
-forward-time instructions, refuses it loudly.
+the transformed tensors (computed on first read, from the tree's tensors as they are then;
+a read after they changed in place raises), for inspection; it is not a ``dict``, so
+``torch.func.functional_call``, which would drop the forward-time instructions, refuses it
+loudly.
+
+A ``Transformed`` describes an effect, not a snapshot of tensors: params computed before
+an ``optimizer.step()`` apply to the stepped weights when called, for every op (the
+tensors a ``replace`` gives do not depend on the weights).
 
 Ops (``mode`` applies to ``scale``):
 
@@ -27,6 +32,8 @@ Ops (``mode`` applies to ``scale``):
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -35,7 +42,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from .engines import is_sharded, local_shard
+from .engines import flat_shard, is_sharded, local_shard
 from .rows import PerRow
 from .rules.base import Coeff, Effect, Rule, Scaling, is_number, rule_named, same_coeff
 from .tree import AdapterTree, LayerSpec
@@ -69,9 +76,8 @@ class LayerEffect:
 class Transformed(Mapping[str, Tensor]):
     """The result of :func:`transform`: what :func:`funcadapt.call` runs a model on.
 
-    ``tree``: the source :class:`AdapterTree`; ``explicit``: tensors given outright by key
-    (``shift`` / ``replace``), swapped in as they are; ``effects``: one :class:`LayerEffect`
-    per (layer, adapter) the transform changes. As a ``Mapping`` it reads like the old flat
+    ``tree``: the source :class:`AdapterTree`; ``effects``: one :class:`LayerEffect` per
+    (layer, adapter) the transform changes. As a ``Mapping`` it reads like the old flat
     dict: every key of ``tree.params``, the transformed tensor where the op changes it and
     the tree's own tensor elsewhere. Where some effect acts at forward time (output
     interpolation, per-row coefficients, ...), iterating it (``dict(params)``) raises, since
@@ -79,28 +85,48 @@ class Transformed(Mapping[str, Tensor]):
 
     tree: AdapterTree
     effects: tuple[LayerEffect, ...] = ()
-    explicit: Mapping[str, Tensor] = field(default_factory=dict)
     _eager: Mapping[str, Tensor] = field(default_factory=dict, repr=False)
     """Tensors a rule already computed while validating (so the Mapping view does not recompute them)."""
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    @functools.cached_property
+    @property
     def _values(self) -> dict[str, Tensor]:
-        out = dict(self.tree.params)
-        out.update(self.explicit)
-        out.update(self._eager)
+        """The Mapping view: computed from the tree's tensors on first read, all keys at once. A
+        read after one of them changed in place (an optimizer step, or writing values into the model
+        key by key) raises instead of mixing old and new; the call always recomputes from what each
+        layer holds when it runs, so it never needs this."""
+        versions = tuple(_version(t) for t in self.tree.params.values())
+        values = self._cache.get("values")
+        if values is not None:
+            if self._cache["versions"] != versions:
+                raise RuntimeError(
+                    "the tree's tensors changed in place since these transformed values were read (an optimizer "
+                    "step, or values written into the model one key at a time); take them again from a new "
+                    "funcadapt.transform(...), and read every value before writing any "
+                    "({k: params[k] for k in params.tree.params}). funcadapt.call always uses the current tensors"
+                )
+            return values
+        eager = self._eager if self._cache.get("eager_versions") == versions else {}
+        values = self._computed(eager)
+        self._cache.update(versions=versions, values=values)
+        return values
+
+    def _computed(self, eager: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        source = self.tree.params
+        out = {**source, **eager}
         batched: dict[float, list[str]] = {}  # number c -> keys of tensors to multiply by c
         for e in self.effects:
-            if e.recompute is None or any(key in self._eager for key in e.spec.keys.values()):
+            if e.recompute is None or any(key in eager for key in e.spec.keys.values()):
                 continue
             if isinstance(e.recompute, Scaling) and isinstance(e.coeff, float):
                 keys = [key for role, key in e.spec.keys.items() if role in e.recompute.roles]
                 batched.setdefault(e.coeff, []).extend(keys)
                 continue
-            p = {role: out[key] for role, key in e.spec.keys.items()}
+            p = {role: source[key] for role, key in e.spec.keys.items()}  # each effect reads the tree's tensors
             for role, tensor in e.recompute(e.spec, p, e.coeff).params.items():
                 out[e.spec.keys[role]] = tensor
         for number, keys in batched.items():  # one foreach op instead of a multiply per layer; same values
-            out.update(zip(keys, torch._foreach_mul([out[k] for k in keys], number), strict=True))
+            out.update(zip(keys, torch._foreach_mul([source[k] for k in keys], number), strict=True))
         return out
 
     def __getitem__(self, key: str) -> Tensor:
@@ -134,48 +160,105 @@ class Transformed(Mapping[str, Tensor]):
         recomputed = sum(e.recompute is not None for e in self.effects)
         return (
             f"Transformed({len(self.effects)} layer effects: {recomputed} recompute tensors, forward-time "
-            f"{kinds or 'none'}; {len(self.explicit)} explicit tensors)"
+            f"{kinds or 'none'})"
         )
 
 
+def _version(t: Tensor) -> int:
+    """Autograd's in-place version counter (−1 where a tensor has none: inference or wrapped tensors)."""
+    try:
+        return int(t._version)
+    except (RuntimeError, AttributeError):
+        return -1
+
+
 def _flatten(t: Transformed) -> tuple[list[Any], Any]:
-    children = [t.tree, dict(t.explicit), [e.coeff for e in t.effects], [dict(e.forward) for e in t.effects]]
+    children = [t.tree, [e.coeff for e in t.effects], [dict(e.forward) for e in t.effects]]
     return children, tuple((e.spec, e.recompute) for e in t.effects)
 
 
 def _unflatten(children: Any, context: Any) -> Transformed:
-    tree, explicit, coeffs, forwards = children
+    tree, coeffs, forwards = children
     effects = tuple(
         LayerEffect(spec, recompute, c, f) for (spec, recompute), c, f in zip(context, coeffs, forwards, strict=True)
     )
-    return Transformed(tree, effects, explicit)
+    return Transformed(tree, effects)
 
 
 pytree.register_pytree_node(Transformed, _flatten, _unflatten, serialized_type_name="funcadapt.Transformed")
 
 
+_SEVERAL = (
+    "to evaluate several coefficients at once, torch.func.vmap over a 1-d tensor of them (funcadapt.vmap), "
+    "give one coefficient per batch row with funcadapt.per_row(...), or use funcadapt.sweep"
+)
+
+
 def _check_coeff(c: Any, where: str) -> Coeff | PerRow:
     if isinstance(c, PerRow):
+        _check_finite(c.values, where)
         return c
     if is_number(c):
+        if torch.compiler.is_compiling():
+            _warn_compiled_number()
+        _check_finite(c, where)
         return float(c)
     if isinstance(c, Tensor):
         if c.dim() != 0:
             raise ValueError(
-                f"coefficient{where} must be a number or a 0-d tensor, got shape {tuple(c.shape)}; to evaluate "
-                f"several coefficients at once, torch.func.vmap over them (see funcadapt.vmap), or give one "
-                f"coefficient per batch row with funcadapt.per_row(...)"
+                f"coefficient{where} must be a number or a 0-d tensor, got shape {tuple(c.shape)}; {_SEVERAL}"
             )
         if not c.is_floating_point():
             c = c.to(torch.get_default_dtype())
+        _check_finite(c, where)
         return c
+    if isinstance(c, (list, tuple)):
+        raise TypeError(f"coefficient{where} must be a number or a 0-d tensor, got a {type(c).__name__}; {_SEVERAL}")
     raise TypeError(f"coefficient{where} must be a number or a 0-d tensor, got {type(c).__name__}")
+
+
+_WARNED_COMPILED_NUMBER = False
+
+
+def _warn_compiled_number() -> None:
+    global _WARNED_COMPILED_NUMBER
+    if not _WARNED_COMPILED_NUMBER:
+        _WARNED_COMPILED_NUMBER = True
+        warnings.warn(
+            "funcadapt.transform got a Python number as its coefficient inside a torch.compile'd function: "
+            "Dynamo specialises on its value, so every new coefficient compiles again (until the recompile "
+            "limit, then it runs uncompiled). Pass a 0-d tensor instead (torch.tensor(c)): it compiles once",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _check_finite(c: Any, where: str) -> None:
+    """NaN or ±inf turns every output NaN; refused wherever the value can be read. Under torch.func
+    transforms (vmap, grad) and while torch.compile traces, the value is symbolic and not checked."""
+    if torch.compiler.is_compiling():
+        return
+    if isinstance(c, Tensor):
+        if torch._C._functorch.is_functorch_wrapped_tensor(c) or c.device.type == "meta":
+            return
+        finite = bool(torch.isfinite(c.detach()).all())
+    else:
+        finite = math.isfinite(c)
+    if not finite:
+        shown = c.detach().tolist() if isinstance(c, Tensor) else c
+        raise ValueError(
+            f"coefficient{where} is not finite ({shown}): NaN or ±inf would make every output NaN; give a "
+            f"finite coefficient"
+        )
 
 
 def _per_adapter(tree: AdapterTree, coeff: Any) -> Callable[[str], Coeff | PerRow | None]:
     """adapter name -> its coefficient (None: leave that adapter unchanged)."""
     if isinstance(coeff, Mapping):
         unknown = sorted(set(coeff) - set(tree.adapters))
+        for name in unknown:
+            if name in tree.left_out:
+                raise ValueError(f"coefficient given for adapter {name!r}, which is {tree.left_out[name]}")
         if unknown:
             raise ValueError(f"coefficients given for unknown adapter(s) {unknown}; the tree has {list(tree.adapters)}")
         converted: dict[int, Coeff | PerRow] = {}  # one object given for several adapters stays one object
@@ -227,34 +310,89 @@ def _inverted(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     return rule.geometric(spec, p, -1.0)
 
 
-def _raw_updates(tree: AdapterTree, value: Any, op: str) -> dict[str, Tensor]:
-    """Per-key updates for shift / replace, validated against the tree."""
-    if op == "replace" or (isinstance(value, Mapping) and value and set(value) <= set(tree.params)):
-        if not isinstance(value, Mapping):
-            raise TypeError("op='replace' takes a dict {parameter key: tensor} (a subset of tree.params)")
-        unknown = sorted(set(value) - set(tree.params))
-        if unknown:
-            raise ValueError(f"{op}: unknown parameter key(s) {unknown[:3]}; keys must come from tree.params")
-        out = {}
-        for key, v in value.items():
-            old = tree.params[key]
-            v = torch.as_tensor(v, device=old.device) if not isinstance(v, Tensor) else v
-            if op == "replace" and v.shape != old.shape:
-                raise ValueError(f"replace: {key!r} has shape {tuple(old.shape)}, got {tuple(v.shape)}")
-            out[key] = v.to(old.dtype) if op == "replace" else (old + v.to(old.dtype))
-        return out
-    per_adapter = _per_adapter(tree, value)
-    out = {}
+def _replacements(tree: AdapterTree, value: Any) -> list[LayerEffect]:
+    """``replace``: the given tensors in place of the tree's, one effect per layer, shown when the
+    layer runs (a key shared by several layers wherever it is used)."""
+    if not isinstance(value, Mapping):
+        raise TypeError("op='replace' takes a dict {parameter key: tensor} (a subset of tree.params)")
+    _check_known_keys(tree, value, "replace")
+    given = {}
+    for key, v in value.items():
+        old = tree.params[key]
+        given[key] = v = torch.as_tensor(v, device=old.device) if not isinstance(v, Tensor) else v
+        if not flat_shard(old):  # an FSDP1 shard's shape is checked when the layer shows the full tensor
+            _check_shape("replace", key, old.shape, v.shape, broadcast=False)
+    effects = []
     for spec in tree.layers:
-        d = per_adapter(spec.adapter)
-        if d is None:
-            continue
-        if isinstance(d, PerRow):
-            raise ValueError("op='shift' changes raw parameters, which all rows share; per_row is for op='scale'")
-        for key in spec.keys.values():
+        new = {role: given[key] for role, key in spec.keys.items() if key in given}
+        if new:
+            effects.append(LayerEffect(spec, _replacing, new))
+    return effects
+
+
+def _replacing(spec: LayerSpec, p: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> Effect:
+    """The given tensors, in the held tensors' dtype (and device)."""
+    for role, t in new.items():
+        _check_shape("replace", spec.keys[role], p[role].shape, t.shape, broadcast=False)
+    return Effect(params={role: t.to(device=p[role].device, dtype=p[role].dtype) for role, t in new.items()})
+
+
+def _check_known_keys(tree: AdapterTree, value: Mapping[str, Any], op: str) -> None:
+    unknown = sorted(set(value) - set(tree.params))
+    if unknown:
+        raise ValueError(f"{op}: unknown parameter key(s) {unknown[:3]}; keys must come from tree.params")
+
+
+def _shifts(tree: AdapterTree, value: Any) -> list[LayerEffect]:
+    """``shift``: W ↦ W + δ for the chosen tensors, one effect per layer, applied when the layer
+    runs (to the tensors it holds then), like every other op. ``value``: a number or 0-d tensor
+    for every adapter tensor, ``{adapter: δ}``, or ``{parameter key: tensor}`` (broadcast to the
+    tensor's shape). A key shared by several layers is shifted wherever it is used."""
+    if isinstance(value, Mapping) and value and set(value) <= set(tree.params):
+        by_key = dict(value)
+        for key, v in by_key.items():
             old = tree.params[key]
-            out[key] = old + (d.to(device=old.device, dtype=old.dtype) if isinstance(d, Tensor) else d)
-    return out
+            if isinstance(v, Tensor) and not flat_shard(old):
+                _check_shape("shift", key, old.shape, v.shape, broadcast=True)
+        deltas = lambda spec: {role: by_key[k] for role, k in spec.keys.items() if k in by_key}  # noqa: E731
+    else:
+        if isinstance(value, Mapping) and any(k in tree.params for k in value):
+            _check_known_keys(tree, value, "shift")
+        per_adapter = _per_adapter(tree, value)
+
+        def deltas(spec: LayerSpec) -> dict[str, Any]:
+            d = per_adapter(spec.adapter)
+            if isinstance(d, PerRow):
+                raise ValueError("op='shift' changes raw parameters, which all rows share; per_row is for op='scale'")
+            return {} if d is None else dict.fromkeys(spec.keys, d)
+
+    effects = []
+    for spec in tree.layers:
+        d = deltas(spec)
+        if d:
+            effects.append(LayerEffect(spec, _shifted, d))
+    return effects
+
+
+def _shifted(spec: LayerSpec, p: Mapping[str, Tensor], deltas: Mapping[str, Any]) -> Effect:
+    """W + δ, in W's dtype and on its device."""
+    out = {}
+    for role, d in deltas.items():
+        if isinstance(d, Tensor):
+            _check_shape("shift", spec.keys[role], p[role].shape, d.shape, broadcast=True)
+            d = d.to(device=p[role].device, dtype=p[role].dtype)
+        out[role] = p[role] + d
+    return Effect(params=out)
+
+
+def _check_shape(op: str, key: str, held: torch.Size, given: torch.Size, broadcast: bool) -> None:
+    try:
+        fits = (torch.broadcast_shapes(held, given) if broadcast else given) == held
+    except RuntimeError:
+        fits = False
+    if not fits:
+        how = "does not broadcast to it" if broadcast else "must have that shape"
+        raise ValueError(f"{op}: {key!r} has shape {tuple(held)}; the tensor given, of shape {tuple(given)}, {how}")
 
 
 def transform(tree: AdapterTree, coeff: Any = None, op: Op = "scale", mode: Mode = "linear") -> Transformed:
@@ -273,7 +411,8 @@ def transform(tree: AdapterTree, coeff: Any = None, op: Op = "scale", mode: Mode
     if op in ("shift", "replace"):
         if coeff is None:
             raise ValueError(f"op={op!r} needs a value")
-        return Transformed(tree, explicit=_raw_updates(tree, coeff, op))
+        given = _replacements(tree, coeff) if op == "replace" else _shifts(tree, coeff)
+        return Transformed(tree, tuple(given))
     if op == "scale":
         if coeff is None:
             raise ValueError("op='scale' needs a coefficient")
@@ -318,7 +457,10 @@ def transform(tree: AdapterTree, coeff: Any = None, op: Op = "scale", mode: Mode
             effect = recompute(spec, p, operand)
             eager.update((spec.keys[role], t) for role, t in effect.params.items())
         effects.append(LayerEffect(spec, recompute if effect.params else None, operand, dict(effect.forward)))
-    return Transformed(tree, tuple(effects), _eager=eager)
+    if torch.compiler.is_compiling():  # the Mapping view is not read in compiled code
+        return Transformed(tree, tuple(effects))
+    versions = tuple(_version(t) for t in tree.params.values())
+    return Transformed(tree, tuple(effects), _eager=eager, _cache={"eager_versions": versions})
 
 
 def _inverted_effect(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], _: Any) -> Effect:

@@ -37,8 +37,18 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class AdapterTree:
+    """``params``: the adapter tensors by ``named_parameters()`` key; ``layers``: the static specs.
+
+    ``left_out``: adapters the model holds that this tree does not, with the reason (loaded
+    but not active, or not named in ``adapter_names``), so a coefficient given for one of them
+    is refused with that reason. ``own``: the tensors are exactly the Parameters ``extract``
+    found (False after ``with_params`` or a torch.func transform re-created the tree);
+    :func:`funcadapt.call` then checks they are the called model's own."""
+
     params: dict[str, Tensor]
     layers: tuple[LayerSpec, ...]
+    left_out: Mapping[str, str] = field(default_factory=dict)
+    own: bool = field(default=False, compare=False)
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -49,7 +59,7 @@ class AdapterTree:
         if set(params) != set(self.params):
             missing, extra = set(self.params) - set(params), set(params) - set(self.params)
             raise ValueError(f"params do not match the tree: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
-        return replace(self, params=dict(params))
+        return replace(self, params=dict(params), own=False)
 
     def __repr__(self) -> str:
         rules = sorted({s.rule for s in self.layers})
@@ -61,12 +71,12 @@ class AdapterTree:
 
 def _flatten(tree: AdapterTree) -> tuple[list[Tensor], Any]:
     keys = list(tree.params)
-    return [tree.params[k] for k in keys], (tuple(keys), tree.layers)
+    return [tree.params[k] for k in keys], (tuple(keys), tree.layers, tree.left_out)
 
 
 def _unflatten(values: Iterable[Tensor], context: Any) -> AdapterTree:
-    keys, layers = context
-    return AdapterTree(dict(zip(keys, values, strict=False)), layers)
+    keys, layers, left_out = context
+    return AdapterTree(dict(zip(keys, values, strict=False)), layers, left_out)
 
 
 pytree.register_pytree_node(
@@ -112,11 +122,13 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
     params: dict[str, Tensor] = {}
     layers: list[LayerSpec] = []
     found = structure(model)
+    active_somewhere: set[str] = set()
     for info in found.layers:
         path, layer = info.path, info.layer
         if adapters_disabled(layer):
             continue  # inside ``with model.disable_adapter()``: no adapter has an effect here
         active = active_adapters(layer, info.entries)
+        active_somewhere.update(active)
         if wanted is None:
             chosen = [a for a in active if a in info.entries]
         else:
@@ -187,4 +199,21 @@ def extract(model: nn.Module, adapter_names: str | Iterable[str] | None = None) 
         raise ValueError(
             "no adapter is active on any layer (adapters disabled, e.g. inside `with model.disable_adapter()`?)"
         )
-    return AdapterTree(params, tuple(layers))
+    left_out = _left_out(found.present | set(configured), active_somewhere, layers)
+    return AdapterTree(params, tuple(layers), left_out, own=True)
+
+
+def _left_out(loaded: set[str], active: set[str], layers: Iterable[LayerSpec]) -> dict[str, str]:
+    """Adapters the model holds outside the tree -> why (for the error a coefficient for one gets)."""
+    chosen = {spec.adapter for spec in layers}
+    why = {}
+    for name in sorted(loaded - chosen):
+        if name in active:
+            why[name] = "active, but left out of this tree by extract(adapter_names=...); include it there"
+        else:
+            why[name] = (
+                f"loaded but not active, so PEFT's forward ignores it and a coefficient would change nothing; "
+                f"activate it (model.set_adapter({name!r}), or model.base_model.set_adapter([...]) for several) "
+                f"and extract again"
+            )
+    return why

@@ -34,7 +34,7 @@ ENGINES = (
     "fsdp1-peft-policy",  # PEFT's fsdp_auto_wrap_policy: every trainable leaf (lora_A/B) its own unit: refused
     "fsdp2-leaves",  # fully_shard on each adapter leaf too: refused
 )
-CHECKS = ("call", "modifier", "two_pass", "vmap", "vmap_modifier", "per_row", "checkpointing")
+CHECKS = ("call", "modifier", "two_pass", "vmap", "vmap_modifier", "per_row", "shift_replace", "checkpointing")
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
@@ -123,8 +123,11 @@ def _wrap(model: torch.nn.Module, engine: str) -> torch.nn.Module:
     return DDP(model, find_unused_parameters=engine == "ddp-find-unused")
 
 
-def _checks(model: torch.nn.Module, engine: str) -> dict[str, Callable[[], Any]]:
-    """check name -> a function computing what is compared (outputs and/or full gradients)."""
+def _checks(
+    model: torch.nn.Module, engine: str, ref_params: dict[str, torch.Tensor]
+) -> dict[str, Callable[[], Any]]:
+    """check name -> a function computing what is compared (outputs and/or full gradients).
+    ``ref_params``: the one-process model's parameters by name (full tensors to give ``replace``)."""
     import funcadapt
 
     batch, pos, neg = _batch()
@@ -180,6 +183,20 @@ def _checks(model: torch.nn.Module, engine: str) -> dict[str, Callable[[], Any]]
         loss.backward()
         return {"logits": logits.detach(), **_grads(model, engine)}
 
+    def shift_replace() -> Any:
+        """op='shift' and op='replace' apply when each layer runs too, with gradients through the shift."""
+        _zero(model)
+        tree = funcadapt.extract(model)
+        key = sorted(tree.params)[0]
+        full = dict(ref_params)[_clean(key)].detach()
+        # the no-grad forward first: FSDP2 (root unit) drops the gradients of a backward before it, plain PEFT too
+        with torch.no_grad():
+            replaced = funcadapt.call(model, funcadapt.transform(tree, {key: 0.5 * full}, op="replace"), **batch)
+        with funcadapt.AdapterModifier(model, "shift", 0.05):
+            loss = model(**batch, labels=pos).loss
+        loss.backward()
+        return {"loss": loss.detach(), "replaced": replaced.logits, **_grads(model, engine)}
+
     checks = {
         "call": call,
         "modifier": modifier,
@@ -187,6 +204,7 @@ def _checks(model: torch.nn.Module, engine: str) -> dict[str, Callable[[], Any]]
         "vmap": vmap,
         "vmap_modifier": vmap_modifier,
         "per_row": per_row,
+        "shift_replace": shift_replace,
     }
     return checks
 
@@ -220,8 +238,9 @@ def _run_scenario(engine: str, adapter: str, warm: bool) -> dict[str, str | None
         if checkpointing:
             _enable_checkpointing(ref_model)
         wrapped = _wrap(copy.deepcopy(ref_model), engine)
-        refs = _checks(ref_model, "none")
-        gots = _checks(wrapped, engine)
+        ref_params = {_clean(n): p for n, p in ref_model.named_parameters()}
+        refs = _checks(ref_model, "none", ref_params)
+        gots = _checks(wrapped, engine, ref_params)
         if warm:
             with torch.no_grad():
                 wrapped(**batch)

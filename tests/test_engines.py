@@ -168,14 +168,21 @@ def test_offload_generate_per_row(how, tmp_path):
             assert torch.equal(batched[2 * k : 2 * k + 2], alone), f"c = {c}"
 
 
-def test_offload_refuses_explicit_tensors(tmp_path):
-    model = _offloaded(_lora_model(), "cpu_offload", tmp_path)
-    key = next(k for k in funcadapt.extract(model).params if ".lora_B." in k)
-    shape = dict(_lora_model().named_parameters())[key].shape
-    with pytest.raises(ValueError, match=r"accelerate offload.*op='scale'"):
-        funcadapt.call(model, {key: torch.zeros(shape, device="meta")}, **inputs())
-    with pytest.raises(ValueError, match=r"accelerate offload.*op='scale'"):
-        funcadapt.call(model, funcadapt.transform(funcadapt.extract(model), op="shift", coeff=0.1), **inputs())
+@pytest.mark.parametrize("how", OFFLOADS)
+def test_offload_shift_and_replace_exact_plain_dict_refused(how, tmp_path):
+    """shift and replace apply when each layer runs, to the weights accelerate just loaded; a plain
+    {key: tensor} dict (swapped in at the root, where the hook would override it) is refused."""
+    reference = _lora_model()
+    model = _offloaded(copy.deepcopy(reference), how, tmp_path)
+    tree, offloaded_tree = funcadapt.extract(reference), funcadapt.extract(model)
+    key = next(k for k in tree.params if ".lora_B." in k)
+    new = torch.randn(tree.params[key].shape)
+    for op, value in (("shift", 0.1), ("shift", {key: new}), ("replace", {key: new})):
+        want = _logits(reference, funcadapt.transform(tree, value, op=op))
+        got = _logits(model, funcadapt.transform(offloaded_tree, value, op=op))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"accelerate offload.*op='replace'"):
+        funcadapt.call(model, {key: torch.zeros(new.shape, device="meta")}, **inputs())
 
 
 # ----------------------------------------------------------------------------------------

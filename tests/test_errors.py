@@ -238,7 +238,7 @@ def test_replace_wrong_shape():
     raises_cleanly(
         model,
         ValueError,
-        rf"replace: '{Q_B}' has shape \({shape[0]}, {shape[1]}\), got \(3, 3\)",
+        rf"replace: '{Q_B}' has shape \({shape[0]}, {shape[1]}\); the tensor given, of shape \(3, 3\), must have",
         lambda: funcadapt.transform(tree, value, "replace"),
         modifier=("replace", value, {}),
     )

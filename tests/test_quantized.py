@@ -352,7 +352,8 @@ def peft_at(model: nn.Module, params: funcadapt.Transformed) -> Iterator[None]:
                         return args[0] + c * (y - args[0])
 
                     handles.append(rot.register_forward_hook(hook))
-            for key, value in params.items():
+            values = dict(params.items())  # every value read before any is written
+            for key, value in values.items():
                 if value is not named[key]:
                     saved[key] = named[key].detach().clone()
                     named[key].copy_(value)
