@@ -63,7 +63,7 @@ class AdapterModifier:
         tree = extract(self.model, self.adapter_names)
         params = transform(tree, self.value, self.op, self.mode)
         f = frame(self.model, params)
-        f.watch(repr(self).replace(", inactive)", ")"), skip=("funcadapt", "contextlib"))
+        f.watch(f"AdapterModifier({self._settings()})", skip=("funcadapt", "contextlib"))
         f.apply()
         self.tree, self._frame = tree, f
         return self
@@ -76,6 +76,9 @@ class AdapterModifier:
 
     def __repr__(self) -> str:
         state = "active" if self._frame is not None else "inactive"
+        return f"AdapterModifier({self._settings()}, {state})"
+
+    def _settings(self) -> str:
         value = repr(self.value)
         value = value if len(value) <= 80 else value[:77] + "..."
-        return f"AdapterModifier(op={self.op!r}, value={value}, mode={self.mode!r}, {state})"
+        return f"op={self.op!r}, value={value}, mode={self.mode!r}"
