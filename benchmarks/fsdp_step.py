@@ -80,6 +80,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             print(f"{'method':20s} {'ms':>9s} {'vs two-pass':>12s} {'vs limit':>9s}")
             for name, ms in med.items():
                 print(f"{name:20s} {ms:9.1f} {ms / base:12.3f} {ms / limit:9.3f}")
+        dist.barrier()  # no rank tears gloo down while its peer still works (it aborts at exit otherwise)
     finally:
         dist.destroy_process_group()
 

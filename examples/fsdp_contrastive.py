@@ -147,6 +147,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
             )
             if out_dir is not None:
                 torch.save(result, os.path.join(out_dir, "result.pt"))
+        # Rank 0 runs the one-process reference after the sharded step; a rank that tore down gloo
+        # while its peer was still working aborts at exit ("terminate called without an active exception").
+        dist.barrier()
         return result
     finally:
         dist.destroy_process_group()
