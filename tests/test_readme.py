@@ -96,9 +96,14 @@ def _pip_install_args(line: str) -> list[str]:
     return [w for w in words[words.index("install") + 1 :] if w != "-q"]
 
 
-def _ci_installs() -> list[list[str]]:
+def _ci_installs() -> tuple[list[str], list[str]]:
+    """CI's two funcadapt installs: (pinned, newest); the pinned one carries the constraints."""
     lines = [line.strip() for line in CI_RUN.read_text(encoding="utf-8").splitlines()]
-    return [_pip_install_args(line) for line in lines if line.startswith("python -m pip install") and " -e " in line]
+    installs = [_pip_install_args(line) for line in lines if "python -m pip install" in line and " -e " in line]
+    pinned = [words for words in installs if "-c" in words]
+    newest = [words for words in installs if "-c" not in words]
+    assert len(pinned) == len(newest) == 1, installs
+    return pinned[0], newest[0]
 
 
 def test_readme_install_and_test_commands_are_what_ci_runs():
@@ -114,8 +119,8 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
     assert newest == [w for w in pinned if w not in ("-c", ".ci/constraints.txt")]
 
     text = README.read_text(encoding="utf-8")
-    test_command = re.search(r"The tests \(what CI runs\):\s*```bash\n(.*?)\n```", text, re.S).group(1).strip()
-    assert test_command == "python -m pytest -q"
+    test_command = re.search(r"The tests \(what CI runs.*?\):\s*```bash\n(.*?)\n```", text, re.S).group(1).strip()
+    assert test_command == "python -m pytest -q -n auto"
     ci_lines = [line.strip() for line in CI_RUN.read_text(encoding="utf-8").splitlines()]
     assert ci_lines.count(test_command) == 2
 
