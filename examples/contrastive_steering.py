@@ -28,8 +28,10 @@ import argparse
 import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +57,7 @@ PROMPTS = [
     "The train journey home was",
 ]
 HELD_OUT = 4  # the last prompts are never trained on
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 PAIRS = [
     (" wonderful", " terrible"),
     (" amazing", " awful"),
@@ -212,57 +215,17 @@ def main(argv: list[str] | None = None) -> dict:
     lr = args.lr or (3e-2 if args.quick else 5e-4)
     torch.manual_seed(args.seed)
 
-    import peft
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    base, tokenizer = load_model(args)
-    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
-    model = peft.get_peft_model(base, adapter_config(args.adapter, targets, args.quick))
+    model, tokenizer, train, held, pad = build(args)
     vocab = model.get_input_embeddings().weight.shape[0]
-    train, held, pad = encode_examples(tokenizer, vocab, args.seed)
     print(
-        f"model ready in {time.perf_counter() - t0:.1f}s: {type(base).__name__}, adapter {args.adapter}, "
-        f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters"
+        f"model ready in {time.perf_counter() - t0:.1f}s: {type(model.get_base_model()).__name__}, adapter "
+        f"{args.adapter}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters"
     )
-
+    train_contrastive(model, train, pad, steps=steps, lr=lr, batch_size=args.batch, seed=args.seed, method=args.method)
     tree = funcadapt.extract(model)
-    optimizer = torch.optim.AdamW([p for p in tree.params.values() if p.requires_grad], lr=lr)
-    coeffs = torch.tensor([1.0, -1.0])
 
-    def loss_at(c: Tensor, ids: Tensor, labels: Tensor) -> Tensor:
-        return funcadapt.call(model, funcadapt.transform(tree, c), input_ids=ids, labels=labels).loss
-
-    def rows_step(batch: Batch) -> Tensor:
-        """The same step as a coefficient batch: +1 rows then −1 rows, one plain forward."""
-        rows = batch.ids.shape[1]
-        with funcadapt.AdapterModifier(model, "scale", funcadapt.per_row(coeffs, repeat=rows)):
-            logits = model(input_ids=batch.ids.flatten(0, 1)).logits
-        parts = zip(logits.split(rows), batch.labels, strict=True)
-        return torch.stack([token_loss(part, labels) for part, labels in parts])
-
-    contrastive = funcadapt.vmap(loss_at)  # +1 with positive targets and −1 with negative ones, one forward
-    model.train()
-    g = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(range(steps), desc=f"contrastive ±1 training ({args.method})", mininterval=5)
-    for _ in bar:
-        pick = torch.randperm(len(train), generator=g)[: args.batch].tolist()
-        batch = make_batch([train[i] for i in pick], pad)
-        losses = contrastive(coeffs, batch.ids, batch.labels) if args.method == "vmap" else rows_step(batch)
-        optimizer.zero_grad()
-        losses.sum().backward()
-        optimizer.step()
-        bar.set_postfix(loss_pos=f"{losses[0].item():.3f}", loss_neg=f"{losses[1].item():.3f}", refresh=False)
-    model.eval()
-
-    held_batch = make_batch(held, pad)
-    both = {"input_ids": held_batch.ids.flatten(0, 1)}  # positive continuations, then negative ones
-    labels_pos, labels_neg = held_batch.labels
-
-    def logprob_gap(out) -> Tensor:
-        """Mean over held-out pairs of log p(positive) − log p(negative) continuation."""
-        pos, neg = out.logits.split(len(held))
-        return (continuation_logprob(pos, labels_pos) - continuation_logprob(neg, labels_neg)).mean()
+    both, logprob_gap = held_out_metric(held, pad)
 
     with torch.no_grad():
         with model.disable_adapter():
@@ -289,6 +252,83 @@ def main(argv: list[str] | None = None) -> dict:
         "plot": plot_path,
         "generation_matches_separate_runs": same,
     }
+
+
+def build(args: argparse.Namespace) -> tuple[nn.Module, object | None, list, list, int]:
+    """The PEFT model with a fresh ``args.adapter`` (initialised from torch's global RNG: seed it
+    first), its tokenizer (None with --quick), and the (train, held-out) examples with the pad id."""
+    import peft
+
+    base, tokenizer = load_model(args)
+    model = peft.get_peft_model(base, adapter_config(args.adapter, TARGETS, args.quick))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    train, held, pad = encode_examples(tokenizer, vocab, args.seed)
+    return model, tokenizer, train, held, pad
+
+
+def train_contrastive(
+    model: nn.Module,
+    train: list,
+    pad: int,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int = 16,
+    seed: int = 0,
+    method: str = "vmap",
+    progress: bool = True,
+) -> list[tuple[float, float]]:
+    """Contrastive ±1 training with AdamW: each step is the +1 pass on positive targets and the −1
+    pass on negative ones (one vectorised forward with ``method="vmap"``, one coefficient batch with
+    ``method="rows"``), then one backward. Returns the (loss at +1, loss at −1) of every step."""
+    from tqdm.auto import tqdm
+
+    tree = funcadapt.extract(model)
+    optimizer = torch.optim.AdamW([p for p in tree.params.values() if p.requires_grad], lr=lr)
+    coeffs = torch.tensor([1.0, -1.0])
+
+    def loss_at(c: Tensor, ids: Tensor, labels: Tensor) -> Tensor:
+        return funcadapt.call(model, funcadapt.transform(tree, c), input_ids=ids, labels=labels).loss
+
+    def rows_step(batch: Batch) -> Tensor:
+        """The same step as a coefficient batch: +1 rows then −1 rows, one plain forward."""
+        rows = batch.ids.shape[1]
+        with funcadapt.AdapterModifier(model, "scale", funcadapt.per_row(coeffs, repeat=rows)):
+            logits = model(input_ids=batch.ids.flatten(0, 1)).logits
+        parts = zip(logits.split(rows), batch.labels, strict=True)
+        return torch.stack([token_loss(part, labels) for part, labels in parts])
+
+    contrastive = funcadapt.vmap(loss_at)  # +1 with positive targets and −1 with negative ones, one forward
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    bar = tqdm(range(steps), desc=f"contrastive ±1 training ({method})", mininterval=5, disable=not progress)
+    for _ in bar:
+        pick = torch.randperm(len(train), generator=g)[:batch_size].tolist()
+        batch = make_batch([train[i] for i in pick], pad)
+        losses = contrastive(coeffs, batch.ids, batch.labels) if method == "vmap" else rows_step(batch)
+        optimizer.zero_grad()
+        losses.sum().backward()
+        optimizer.step()
+        history.append((losses[0].item(), losses[1].item()))
+        bar.set_postfix(loss_pos=f"{history[-1][0]:.3f}", loss_neg=f"{history[-1][1]:.3f}", refresh=False)
+    model.eval()
+    return history
+
+
+def held_out_metric(held: list, pad: int) -> tuple[dict[str, Tensor], Callable[[Any], Tensor]]:
+    """The held-out batch (positive continuations, then negative ones) and the metric on the model's
+    output over it: mean over held-out pairs of log p(positive) − log p(negative) continuation."""
+    held_batch = make_batch(held, pad)
+    both = {"input_ids": held_batch.ids.flatten(0, 1)}
+    labels_pos, labels_neg = held_batch.labels
+
+    def logprob_gap(out: Any) -> Tensor:
+        """Mean over held-out pairs of log p(positive) − log p(negative) continuation."""
+        pos, neg = out.logits.split(len(held))
+        return (continuation_logprob(pos, labels_pos) - continuation_logprob(neg, labels_neg)).mean()
+
+    return both, logprob_gap
 
 
 def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
