@@ -475,7 +475,8 @@ def _interpolation(
             if y0.dim() == 0 or y0.shape[0] != k.shape[0]:
                 raise rows_mismatch(f"layer {path!r}", y0.shape[0] if y0.dim() else 0, k.shape[0])
             k = k.reshape(-1, *([1] * (y0.dim() - 1)))
-        return y0 + k * (y1 - y0)
+        # torch.lerp is y0 + k·(y1 − y0), evaluated so that k = 0 gives y0 and k = 1 gives y1 bit for bit
+        return torch.lerp(y0, y1, k)
 
     return lambda: [Patch(layer, "forward", wrap, wrap=True)]
 

@@ -353,10 +353,28 @@ def scale(p: Tensor, c: Coeff) -> Tensor:
     return (p.to(compute_dtype(p)) * as_compute(c, p)).to(p.dtype)
 
 
+def lerp(start: Tensor, end: Tensor, c: Coeff) -> Tensor:
+    """``start + c·(end − start)`` (``torch.lerp``), evaluated so that c = 0 gives ``start`` and
+    c = 1 gives ``end`` bit for bit, also when c is a tensor (a coefficient vector of ones must
+    reproduce the trained adapter exactly, not to rounding)."""
+    return torch.lerp(start, end, c.to(device=end.device, dtype=end.dtype) if isinstance(c, Tensor) else c)
+
+
+def exact_at_one(c: Coeff, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` (a tensor computed from c), except that where c = 1 its value is ``old`` bit for bit,
+    with the derivatives of ``new``: ``new − new.detach() + old`` there. For transforms that
+    re-encode their parameters (a round trip that rounds), so that c = 1 as a tensor is the
+    trained adapter exactly, as it is as a number."""
+    if not isinstance(c, Tensor):
+        return old if c == 1 else new
+    pinned = (new - new.detach()) + old
+    return torch.where(c.to(new.device) == 1, pinned, new)
+
+
 def lerp_from_one(p: Tensor, c: Coeff) -> Tensor:
     """``1 + c·(p − 1)``: the linear path from the identity multiplier to ``p``."""
     q = p.to(compute_dtype(p))
-    return (1 + as_compute(c, p) * (q - 1)).to(p.dtype)
+    return lerp(torch.ones_like(q), q, c).to(p.dtype)
 
 
 def power(p: Tensor, c: Coeff) -> Tensor:

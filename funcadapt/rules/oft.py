@@ -28,7 +28,7 @@ import torch
 from peft.tuners.oft.layer import OFTLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+from .base import Coeff, Effect, Patch, Rule, RuleDoc, lerp, register, scale
 
 _ROLES = ("oft_R.weight", "oft_embedding_R.weight")
 
@@ -91,7 +91,7 @@ def rotate(rot: Any, x: Tensor, ops: tuple = ()) -> Tensor:
         if op[0] == "lerp":  # in float32 at least, rounded once
             r32 = r.to(torch.promote_types(r.dtype, torch.float32))
             eye = torch.eye(r.shape[-1], device=r.device, dtype=r32.dtype)
-            r = (eye + _as(op[1], r32) * (r32 - eye)).to(r.dtype)
+            r = lerp(eye, r32, op[1]).to(r.dtype)
         else:
             r = torch.linalg.inv(r.float()).to(r.dtype)
     shape = x.shape

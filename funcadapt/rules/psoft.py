@@ -32,7 +32,7 @@ import torch
 from peft.tuners.psoft.layer import PsoftLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, power, register, require_positive, transform_safe
+from .base import Coeff, Effect, Patch, Rule, RuleDoc, lerp, power, register, require_positive, transform_safe
 
 
 def _as(c: Coeff, like: Tensor) -> Coeff:
@@ -92,7 +92,7 @@ def psoft_matrix(rot: Any, ops: tuple = ()) -> Tensor:
         wide = r.to(torch.promote_types(r.dtype, torch.float32))
         if op[0] == "lerp":
             eye32 = torch.eye(rot.size, device=r.device, dtype=wide.dtype)
-            r = (eye32 + _as(op[1], wide) * (wide - eye32)).to(r.dtype)
+            r = lerp(eye32, wide, op[1]).to(r.dtype)
         else:
             r = torch.linalg.inv(wide).to(r.dtype)
     if cast_to_fp32:

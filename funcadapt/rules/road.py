@@ -24,7 +24,7 @@ import torch
 from peft.tuners.road.layer import RoadLayer
 from torch import Tensor
 
-from .base import PI, Coeff, Effect, Rule, RuleDoc, as_compute, compute_dtype, register
+from .base import PI, Coeff, Effect, Rule, RuleDoc, as_compute, compute_dtype, exact_at_one, lerp, register, scale
 
 
 def _halves(v: Tensor, g: int) -> tuple[Tensor, Tensor]:
@@ -68,9 +68,10 @@ def _pack(p: Mapping[str, Tensor], theta: Tensor, alpha: Tensor) -> Effect:
 
 def _linear(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     variant, g, theta, alpha = _unpack(spec, p)
-    c = as_compute(c, theta)
     f, s = _decode(variant, g, theta, alpha)
-    return _pack(p, *_encode(variant, g, 1 + c * (f - 1), c * s))
+    new = _pack(p, *_encode(variant, g, lerp(torch.ones_like(f), f, c), scale(s, c)))
+    # the (α, θ) round trip rounds: pin c = 1 to the trained tensors exactly
+    return Effect({role: exact_at_one(c, t, p[role]) for role, t in new.params.items()})
 
 
 def _geometric(spec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
