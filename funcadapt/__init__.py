@@ -8,7 +8,9 @@ with funcadapt.AdapterModifier(model, "scale", -1.0):   # the same, as a context
     loss = model(**batch).loss
 """
 
+from .attribute import Attribution, attribute
 from .call import call, vmap
+from .groups import Groups, layer_groups
 from .modifier import AdapterModifier
 from .rows import PerRow, per_row, tile, untile
 from .rules.base import RULES, Rule
@@ -22,8 +24,10 @@ __version__ = "0.1.0"
 __all__ = [
     "MODES",
     "OPS",
+    "Groups",
     "RULES",
     "ActiveContext",
+    "Attribution",
     "AdapterModifier",
     "AdapterTree",
     "LayerEffect",
@@ -36,8 +40,10 @@ __all__ = [
     "Sweep",
     "Transformed",
     "active_contexts",
+    "attribute",
     "call",
     "extract",
+    "layer_groups",
     "per_row",
     "sweep",
     "tile",

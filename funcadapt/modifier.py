@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from .call import frame
+from .groups import Groups
 from .swap import Frame
 from .transform import MODES, OPS, Mode, Op, transform
 from .tree import AdapterTree, extract
@@ -44,6 +45,7 @@ class AdapterModifier:
         *,
         adapter_names: str | Iterable[str] | None = None,
         mode: Mode = "linear",
+        groups: Groups | None = None,
     ) -> None:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; choose one of {OPS}")
@@ -54,6 +56,7 @@ class AdapterModifier:
         self.value = value
         self.adapter_names = adapter_names
         self.mode = mode
+        self.groups = groups
         self.tree: AdapterTree | None = None
         self._frame: Frame | None = None
 
@@ -61,7 +64,7 @@ class AdapterModifier:
         if self._frame is not None:
             raise RuntimeError("this AdapterModifier is already active; create one per `with` block")
         tree = extract(self.model, self.adapter_names)
-        params = transform(tree, self.value, self.op, self.mode)
+        params = transform(tree, self.value, self.op, self.mode, groups=self.groups)
         f = frame(self.model, params)
         f.watch(f"AdapterModifier({self._settings()})", skip=("funcadapt", "contextlib"))
         f.apply()
@@ -81,4 +84,5 @@ class AdapterModifier:
     def _settings(self) -> str:
         value = repr(self.value)
         value = value if len(value) <= 80 else value[:77] + "..."
-        return f"op={self.op!r}, value={value}, mode={self.mode!r}"
+        grouped = "" if self.groups is None else f", groups={self.groups if isinstance(self.groups, str) else '...'}"
+        return f"op={self.op!r}, value={value}, mode={self.mode!r}{grouped}"

@@ -40,33 +40,42 @@ from torch import Tensor
 
 @dataclass(frozen=True, eq=False)
 class PerRow:
-    """One coefficient per batch row (a 1-D floating tensor). Build it with :func:`per_row`."""
+    """One coefficient per batch row (a 1-D floating tensor), or with ``groups`` one coefficient
+    vector per row (``[rows, G]``, see :mod:`funcadapt.groups`). Build it with :func:`per_row`."""
 
     values: Tensor
+    groups: Any = None
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
 
     def __repr__(self) -> str:
-        return f"PerRow({self.values.tolist() if len(self) <= 8 else f'{len(self)} rows'})"
+        shown = self.values.tolist() if len(self) <= 8 else f"{len(self)} rows"
+        return f"PerRow({shown}{', groups' if self.groups is not None else ''})"
 
 
-def per_row(coeffs: Tensor | Sequence[float], repeat: int = 1) -> PerRow:
+def per_row(coeffs: Tensor | Sequence[Any], repeat: int = 1, groups: Any = None) -> PerRow:
     """Coefficients for a batch tiled with :func:`tile`: each of ``coeffs`` repeated ``repeat``
     times in a row, ``[c0]*repeat + [c1]*repeat + …``. With ``repeat=1``, one per row as given.
+
+    With ``groups`` (a grouping as :func:`funcadapt.transform` takes it), each of ``coeffs`` is a
+    coefficient vector, one entry per group: ``coeffs`` has shape ``[N, G]`` and row ``i`` of the
+    tiled batch runs with vector ``coeffs[i // repeat]``.
 
     ``coeffs`` may require grad (the gradient reaches it through every row that uses it).
     """
     values = coeffs if isinstance(coeffs, Tensor) else torch.tensor(list(coeffs))
-    if values.dim() != 1:
-        raise ValueError(f"per_row takes a 1-D sequence of coefficients, got shape {tuple(values.shape)}")
+    want = 1 if groups is None else 2
+    if values.dim() != want:
+        what = "a 1-D sequence of coefficients" if groups is None else "a 2-D [N, groups] tensor of coefficient vectors"
+        raise ValueError(f"per_row takes {what}, got shape {tuple(values.shape)}")
     if not values.is_floating_point():
         values = values.to(torch.get_default_dtype())
     if not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be a positive int (rows per coefficient), got {repeat!r}")
     if repeat > 1:
-        values = values.repeat_interleave(repeat)
-    return PerRow(values)
+        values = values.repeat_interleave(repeat, dim=0)
+    return PerRow(values, groups)
 
 
 def tile(batch: Any, times: int) -> Any:

@@ -27,12 +27,21 @@ import torch
 from torch import Tensor, nn
 
 from .call import call, vmap
+from .groups import Groups
 from .rows import batch_size, per_row, tile, untile
 from .rules.base import rule_named
 from .transform import Mode, transform
 from .tree import AdapterTree, extract
 
 METHODS = ("auto", "vmap", "rows", "loop")
+
+
+@dataclass(frozen=True)
+class _Scaling:
+    """How each coefficient of a sweep scales the adapters."""
+
+    mode: Mode
+    groups: Groups | None = None
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,8 @@ class Sweep:
     name: str = "metric"
 
     def records(self) -> list[dict[str, Any]]:
-        """Tidy rows: ``{"coeff", "value"}``, plus ``"example"`` when the metric is per example."""
+        """Tidy rows: ``{"coeff", "value"}``, plus ``"example"`` when the metric is per example
+        (``"coeff"`` is a list, one entry per group, when the sweep ran over coefficient vectors)."""
         out: list[dict[str, Any]] = []
         for c, v in zip(self.coeffs.tolist(), self.values, strict=True):
             if v.dim() == 0:
@@ -63,7 +73,8 @@ class Sweep:
 
     def plot(self, ax: Any = None, label: str | None = None, **line_kwargs: Any) -> Any:
         """A line of the metric over c (per-example metrics: the mean, with a ±1 std band).
-        Marks c = 0 (base model) and c = 1 (trained adapter). Returns the matplotlib Axes.
+        Marks c = 0 (base model) and c = 1 (trained adapter); over coefficient vectors (groups),
+        the x axis is the vector's row in ``coeffs``. Returns the matplotlib Axes.
 
         Without ``ax`` it draws on a new figure with a constrained layout, so the axis labels
         stay inside the figure when it is saved; a given ``ax``'s figure is left as it is."""
@@ -71,16 +82,20 @@ class Sweep:
 
         if ax is None:
             _, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
-        x = self.coeffs.float().numpy()
+        vectors = self.coeffs.dim() == 2
+        x = torch.arange(len(self.coeffs)).float().numpy() if vectors else self.coeffs.float().numpy()
         v = self.values.float().reshape(len(x), -1)
         mean = v.mean(dim=1).numpy()
         (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label or self.name, **line_kwargs)
         if v.shape[1] > 1:
             std = v.std(dim=1).numpy()
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-        for c in (0.0, 1.0):
-            ax.axvline(c, color="0.8", linewidth=0.8, zorder=0)
-        ax.set_xlabel("coefficient c")
+        if vectors:
+            ax.set_xlabel("coefficient vector (row of coeffs)")
+        else:
+            for c in (0.0, 1.0):
+                ax.axvline(c, color="0.8", linewidth=0.8, zorder=0)
+            ax.set_xlabel("coefficient c")
         if not ax.get_ylabel():
             ax.set_ylabel(self.name)
         return ax
@@ -97,6 +112,7 @@ def sweep(
     *,
     method: str = "auto",
     mode: Mode = "linear",
+    groups: Groups | None = None,
     adapter_names: str | Iterable[str] | None = None,
     chunk_size: int | None = None,
     progress: bool | None = None,
@@ -104,6 +120,9 @@ def sweep(
 ) -> Sweep:
     """``metric(output)`` at every coefficient, where ``output = model(**batch)`` with the
     adapters scaled by ``c`` (``op="scale"``, ``mode``).
+
+    With ``groups`` (:func:`funcadapt.layer_groups`), each coefficient is a vector with one entry
+    per group: ``coeffs`` has shape ``[N, G]`` and ``values[k]`` is the metric at ``coeffs[k]``.
 
     ``metric`` returns a scalar tensor or one value per example (a tensor of fixed shape).
     ``chunk_size`` coefficients run per forward (default: all at once); ``progress`` shows a
@@ -117,12 +136,17 @@ def sweep(
     if not isinstance(batch, dict):
         raise TypeError("batch must be a dict of model keyword arguments, e.g. a tokenizer's output")
     cs = coeffs if isinstance(coeffs, Tensor) else torch.tensor(list(coeffs))
-    cs = cs.detach().flatten()
+    cs = cs.detach().flatten() if groups is None else cs.detach()
+    if groups is not None and cs.dim() != 2:
+        raise ValueError(
+            f"with groups, coeffs is one coefficient vector per row, shape [N, groups]; got {tuple(cs.shape)}"
+        )
     if not cs.is_floating_point():
         cs = cs.to(torch.get_default_dtype())
     if len(cs) == 0:
         raise ValueError("coeffs is empty")
     tree = extract(model, adapter_names)
+    scaling = _Scaling(mode, groups)
     step = chunk_size or len(cs)
     chunks = list(cs.split(step))
     show = progress if progress is not None else len(chunks) > 1
@@ -134,33 +158,33 @@ def sweep(
     with torch.no_grad(), tqdm(total=len(cs), disable=not show, desc=f"sweep ({name or _name(metric)})") as bar:
         for chunk in chunks:
             if used == "auto":
-                used, out = _auto(model, tree, metric, chunk, batch, mode)
+                used, out = _auto(model, tree, metric, chunk, batch, scaling)
             else:
-                out = _run(used, model, tree, metric, chunk, batch, mode)
+                out = _run(used, model, tree, metric, chunk, batch, scaling)
             values.append(out.detach())
             bar.update(len(chunk))
     return Sweep(cs.cpu(), torch.cat(values).cpu(), used, name or _name(metric))
 
 
 def _auto(
-    model: nn.Module, tree: AdapterTree, metric: Callable[[Any], Tensor], chunk: Tensor, batch: dict, mode: Mode
+    model: nn.Module, tree: AdapterTree, metric: Callable[[Any], Tensor], chunk: Tensor, batch: dict, scaling: _Scaling
 ) -> tuple[str, Tensor]:
     """vmap; where vmap cannot run the model or the metric, coefficient batches (linear mode, rows
     independent, a batched input); where those cannot be used either, a loop. Any other error is
     the caller's and propagates as raised, without another try."""
-    following = "rows" if _rows_apply(tree, batch, mode) else "loop"
+    following = "rows" if _rows_apply(tree, batch, scaling.mode) else "loop"
     try:
-        return "vmap", _run("vmap", model, tree, metric, chunk, batch, mode)
+        return "vmap", _run("vmap", model, tree, metric, chunk, batch, scaling)
     except Exception as e:
         if not vmap_cannot_run(e, len(chunk)):
             raise
         _warn_fallback("vmap", f"failed ({_summary(e)})", following)
     if following == "rows":
-        values = _rows_or_refusal(model, tree, metric, chunk, batch, mode)
+        values = _rows_or_refusal(model, tree, metric, chunk, batch, scaling)
         if isinstance(values, Tensor):
             return "rows", values
         _warn_fallback("rows", values, "loop")
-    return "loop", _run("loop", model, tree, metric, chunk, batch, mode)
+    return "loop", _run("loop", model, tree, metric, chunk, batch, scaling)
 
 
 def _warn_fallback(method: str, why: str, following: str) -> None:
@@ -237,14 +261,14 @@ def rows_refused(error: BaseException) -> bool:
 
 
 def _rows_or_refusal(
-    model: nn.Module, tree: AdapterTree, metric: Callable[[Any], Tensor], chunk: Tensor, batch: dict, mode: Mode
+    model: nn.Module, tree: AdapterTree, metric: Callable[[Any], Tensor], chunk: Tensor, batch: dict, scaling: _Scaling
 ) -> Tensor | str:
     """The values by coefficient batches, or why those cannot give them here: a layer or untile
     refuses, or the output has tensors with no row per input (a batch-mean ``loss``), which the
     metric, seeing one coefficient's part, would not get. The metric only runs when neither
     holds; its errors, and any other, propagate."""
     try:
-        parts, unsplit = _rows_parts(model, tree, chunk, batch, mode)
+        parts, unsplit = _rows_parts(model, tree, chunk, batch, scaling)
     except (ValueError, TypeError) as e:
         if not rows_refused(e):
             raise
@@ -266,30 +290,30 @@ def _run(
     metric: Callable[[Any], Tensor],
     chunk: Tensor,
     batch: dict[str, Any],
-    mode: Mode,
+    scaling: _Scaling,
 ) -> Tensor:
     chunk = _on_adapter_device(tree, chunk)
 
     def at(c: Tensor) -> Tensor:
-        return _as_tensor(metric(call(model, transform(tree, c, mode=mode), **batch)))
+        return _as_tensor(metric(call(model, transform(tree, c, mode=scaling.mode, groups=scaling.groups), **batch)))
 
     if method == "vmap":
         return vmap(at)(chunk)
     if method == "loop":
         return torch.stack([at(c) for c in chunk])
-    parts, _ = _rows_parts(model, tree, chunk, batch, mode)
+    parts, _ = _rows_parts(model, tree, chunk, batch, scaling)
     return _metric_per_part(metric, parts)
 
 
 def _rows_parts(
-    model: nn.Module, tree: AdapterTree, chunk: Tensor, batch: dict[str, Any], mode: Mode
+    model: nn.Module, tree: AdapterTree, chunk: Tensor, batch: dict[str, Any], scaling: _Scaling
 ) -> tuple[list[Any], list[str]]:
     """The output on the batch tiled once per coefficient (coefficient ``i`` on copy ``i``), split
     back into one part per coefficient; and the names of its tensors that do not split (a batch
     mean), which the parts leave out."""
     k = len(chunk)
-    coeffs = per_row(_on_adapter_device(tree, chunk), repeat=_batch_rows(batch))
-    out = call(model, transform(tree, coeffs, mode=mode), **tile(batch, k))
+    coeffs = per_row(_on_adapter_device(tree, chunk), repeat=_batch_rows(batch), groups=scaling.groups)
+    out = call(model, transform(tree, coeffs, mode=scaling.mode), **tile(batch, k))
     return untile(out, k), _unsplit_tensors(out, k)
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -43,6 +43,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from .engines import flat_shard, is_sharded, local_shard
+from .groups import Groups, check_vector, per_layer, resolve
 from .rows import PerRow
 from .rules.base import Coeff, Effect, Rule, Scaling, is_number, rule_named, same_coeff
 from .tree import AdapterTree, LayerSpec
@@ -196,6 +197,11 @@ _SEVERAL = (
 
 def _check_coeff(c: Any, where: str) -> Coeff | PerRow:
     if isinstance(c, PerRow):
+        if c.values.dim() != 1:
+            raise ValueError(
+                f"per-row coefficients{where} have shape {tuple(c.values.shape)}: one vector per row needs "
+                f"groups= (funcadapt.per_row(vectors, groups=...)), a plain per-row coefficient is 1-d"
+            )
         _check_finite(c.values, where)
         return c
     if is_number(c):
@@ -206,14 +212,18 @@ def _check_coeff(c: Any, where: str) -> Coeff | PerRow:
     if isinstance(c, Tensor):
         if c.dim() != 0:
             raise ValueError(
-                f"coefficient{where} must be a number or a 0-d tensor, got shape {tuple(c.shape)}; {_SEVERAL}"
+                f"coefficient{where} must be a number or a 0-d tensor, got shape {tuple(c.shape)}; {_SEVERAL}; "
+                f"for one coefficient per layer group, pass groups= (funcadapt.layer_groups)"
             )
         if not c.is_floating_point():
             c = c.to(torch.get_default_dtype())
         _check_finite(c, where)
         return c
     if isinstance(c, (list, tuple)):
-        raise TypeError(f"coefficient{where} must be a number or a 0-d tensor, got a {type(c).__name__}; {_SEVERAL}")
+        raise TypeError(
+            f"coefficient{where} must be a number or a 0-d tensor, got a {type(c).__name__}; {_SEVERAL}; for "
+            f"one coefficient per layer group, pass groups= (funcadapt.layer_groups)"
+        )
     raise TypeError(f"coefficient{where} must be a number or a 0-d tensor, got {type(c).__name__}")
 
 
@@ -252,24 +262,66 @@ def _check_finite(c: Any, where: str) -> None:
         )
 
 
-def _per_adapter(tree: AdapterTree, coeff: Any) -> Callable[[str], Coeff | PerRow | None]:
-    """adapter name -> its coefficient (None: leave that adapter unchanged)."""
+def _check_adapters(tree: AdapterTree, names: Iterable[str]) -> None:
+    unknown = sorted(set(names) - set(tree.adapters))
+    for name in unknown:
+        if name in tree.left_out:
+            raise ValueError(f"coefficient given for adapter {name!r}, which is {tree.left_out[name]}")
+    if unknown:
+        raise ValueError(f"coefficients given for unknown adapter(s) {unknown}; the tree has {list(tree.adapters)}")
+
+
+def _per_adapter(tree: AdapterTree, coeff: Any, check: Callable[[Any, str], Any]) -> Callable[[str], Any]:
+    """adapter name -> its checked coefficient (None: leave that adapter unchanged)."""
     if isinstance(coeff, Mapping):
-        unknown = sorted(set(coeff) - set(tree.adapters))
-        for name in unknown:
-            if name in tree.left_out:
-                raise ValueError(f"coefficient given for adapter {name!r}, which is {tree.left_out[name]}")
-        if unknown:
-            raise ValueError(f"coefficients given for unknown adapter(s) {unknown}; the tree has {list(tree.adapters)}")
-        converted: dict[int, Coeff | PerRow] = {}  # one object given for several adapters stays one object
+        _check_adapters(tree, coeff)
+        converted: dict[int, Any] = {}  # one object given for several adapters stays one object
         checked = {}
         for a, c in coeff.items():
             if id(c) not in converted:
-                converted[id(c)] = _check_coeff(c, f" for adapter {a!r}")
+                converted[id(c)] = check(c, f" for adapter {a!r}")
             checked[a] = converted[id(c)]
         return checked.get
-    c = _check_coeff(coeff, "")
+    c = check(coeff, "")
     return lambda adapter: c
+
+
+CoeffOf = Callable[[LayerSpec], "Coeff | PerRow | None"]
+"""(layer, adapter) -> its coefficient; None leaves it unchanged (c = 1)."""
+
+
+def _coefficients(tree: AdapterTree, coeff: Any, groups: Groups | None) -> CoeffOf:
+    """Each (layer, adapter)'s coefficient: its adapter's, or with ``groups`` entry g of its
+    adapter's vector, g the layer's group (layers in no group: None)."""
+    groups = _groups_given(coeff, groups)
+    if groups is None:
+        per_adapter = _per_adapter(tree, coeff, _check_coeff)
+        return lambda spec: per_adapter(spec.adapter)
+    grouping = resolve(tree, groups)
+    vectors = _per_adapter(tree, coeff, lambda v, where: check_vector(v, grouping, where, _check_entry))
+    return per_layer(grouping, vectors)
+
+
+def _groups_given(coeff: Any, groups: Groups | None) -> Groups | None:
+    """``groups``, or the grouping the per-row vectors carry (funcadapt.per_row(..., groups=)):
+    the same one wherever both are given."""
+    given = coeff.values() if isinstance(coeff, Mapping) else [coeff]
+    for g in (c.groups for c in given if isinstance(c, PerRow) and c.groups is not None):
+        if groups is None:
+            groups = g
+        elif g is not groups and g != groups:
+            raise ValueError(
+                "per-row coefficients were built with one grouping (funcadapt.per_row(..., groups=)) and "
+                "transform was given another; give the grouping once"
+            )
+    return groups
+
+
+def _check_entry(c: Any, where: str) -> None:
+    """A coefficient vector's entries: finite, and a number inside compiled code warns."""
+    if is_number(c) and torch.compiler.is_compiling():
+        _warn_compiled_number()
+    _check_finite(c, where)
 
 
 def _refuse(rule: Rule, spec: LayerSpec, what: str) -> ValueError:
@@ -358,7 +410,7 @@ def _shifts(tree: AdapterTree, value: Any) -> list[LayerEffect]:
     else:
         if isinstance(value, Mapping) and any(k in tree.params for k in value):
             _check_known_keys(tree, value, "shift")
-        per_adapter = _per_adapter(tree, value)
+        per_adapter = _per_adapter(tree, value, _check_coeff)
 
         def deltas(spec: LayerSpec) -> dict[str, Any]:
             d = per_adapter(spec.adapter)
@@ -395,7 +447,9 @@ def _check_shape(op: str, key: str, held: torch.Size, given: torch.Size, broadca
         raise ValueError(f"{op}: {key!r} has shape {tuple(held)}; the tensor given, of shape {tuple(given)}, {how}")
 
 
-def transform(tree: AdapterTree, coeff: Any = None, op: Op = "scale", mode: Mode = "linear") -> Transformed:
+def transform(
+    tree: AdapterTree, coeff: Any = None, op: Op = "scale", mode: Mode = "linear", groups: Groups | None = None
+) -> Transformed:
     """Pure: the tree's parameters with ``op`` applied at coefficient ``coeff``, as a :class:`Transformed`.
 
     ``coeff``: a number, a 0-d tensor (may require grad, may be vmapped), one coefficient
@@ -403,11 +457,21 @@ def transform(tree: AdapterTree, coeff: Any = None, op: Op = "scale", mode: Mode
     (adapters left out are unchanged). For ``shift`` the amount
     added (number, ``{adapter: number}`` or ``{key: tensor}``); for ``replace`` a dict
     ``{key: tensor}``; unused by ``invert`` and ``disable``.
+
+    ``groups`` (``op="scale"``): one coefficient per group of layers (:mod:`funcadapt.groups`):
+    ``coeff`` is then a vector ``v`` (a 1-d tensor or a sequence of numbers, one entry per
+    group; per-row vectors ``[rows, G]``; or ``{adapter: v}``), and each layer in group ``g``
+    gets exactly what the scalar ``v[g]`` gives it. Layers in no group are unchanged.
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; choose one of {OPS}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if groups is not None and op != "scale":
+        raise ValueError(
+            f"groups= gives one coefficient per layer group, for op='scale'; op={op!r} takes no coefficient per "
+            f"group (to switch groups off, scale them by 0: a vector with zeros where they are off)"
+        )
     if op in ("shift", "replace"):
         if coeff is None:
             raise ValueError(f"op={op!r} needs a value")
@@ -416,17 +480,17 @@ def transform(tree: AdapterTree, coeff: Any = None, op: Op = "scale", mode: Mode
     if op == "scale":
         if coeff is None:
             raise ValueError("op='scale' needs a coefficient")
-        per_adapter = _per_adapter(tree, coeff)
+        coeff_of = _coefficients(tree, coeff, groups)
     elif coeff is not None:
         raise ValueError(f"op={op!r} takes no coefficient (got {coeff!r}); use op='scale' for a coefficient")
 
-    shared = _jointly_interpolated(tree, per_adapter if op == "scale" else None, op, mode)
+    shared = _jointly_interpolated(tree, coeff_of if op == "scale" else None, op, mode)
     effects: list[LayerEffect] = []
     eager: dict[str, Tensor] = {}
     for spec in tree.layers:
         rule = rule_named(spec.rule)
         if op == "scale":
-            c = per_adapter(spec.adapter)
+            c = coeff_of(spec)
             if c is None or (is_number(c) and c == 1.0):
                 continue  # identity, bit for bit
             plain = _plain_scaling(rule, spec, mode) if not isinstance(c, PerRow) and spec.path not in shared else None
@@ -496,9 +560,7 @@ def _plain_scaling(rule: Rule, spec: LayerSpec, mode: str) -> Scaling | None:
     return fn if isinstance(fn, Scaling) else None
 
 
-def _jointly_interpolated(
-    tree: AdapterTree, per_adapter: Callable[[str], Coeff | PerRow | None] | None, op: str, mode: str
-) -> set[str]:
+def _jointly_interpolated(tree: AdapterTree, coeff_of: CoeffOf | None, op: str, mode: str) -> set[str]:
     """Layers whose adapters must be interpolated together.
 
     With one coefficient for several adapters on a layer, linear mode promises
@@ -525,9 +587,9 @@ def _jointly_interpolated(
                     f"(adapter_names=[...]) or use op='scale' with coeff=-1.0"
                 )
             continue
-        if op != "scale" or mode != "linear" or all(r.additive for r in rules) or per_adapter is None:
+        if op != "scale" or mode != "linear" or all(r.additive for r in rules) or coeff_of is None:
             continue
-        coeffs = [per_adapter(s.adapter) for s in specs]
+        coeffs = [coeff_of(s) for s in specs]
         if all(same_coeff(c, coeffs[0]) for c in coeffs[1:]):
             joint.add(path)
     return joint

@@ -293,14 +293,21 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, Any]]:
 
 
 @contextlib.contextmanager
-def reference_interpolation(model: nn.Module, coeff: float) -> Iterator[None]:
+def reference_interpolation(model: nn.Module, coeff: Any) -> Iterator[None]:
     """Independent reference for mode='linear': at every adapter layer, replace the output by
     y0 + c·(y1 − y0), with y0 computed by PEFT with the layer's adapters disabled.
-    Uses only forward hooks and PEFT's own disable switches, nothing from funcadapt."""
-    handles = []
-    for _, layer in adapter_layers(model):
+    Uses only forward hooks and PEFT's own disable switches, nothing from funcadapt.
 
-        def hook(module: Any, args: tuple, kwargs: dict, y1: torch.Tensor) -> torch.Tensor:
+    ``coeff``: one coefficient for every layer, or a function from a layer's module path to its
+    coefficient (None: that layer is left as it is)."""
+    coeff_at = coeff if callable(coeff) else lambda name: coeff
+    handles = []
+    for name, layer in adapter_layers(model):
+        c = coeff_at(name)
+        if c is None:
+            continue
+
+        def hook(module: Any, args: tuple, kwargs: dict, y1: torch.Tensor, coeff: Any = c) -> torch.Tensor:
             switches = [(obj, flag, getattr(obj, flag)) for obj, flag in _disable_switches(module)]
             for obj, flag, _ in switches:
                 setattr(obj, flag, True)
@@ -319,8 +326,9 @@ def reference_interpolation(model: nn.Module, coeff: float) -> Iterator[None]:
             )
 
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
-    for wrapper in [m for m in model.modules() if isinstance(m, _BaseAdaptedAttention)]:
-        handles += _adaption_prompt_reference(wrapper, coeff)
+    for name, wrapper in model.named_modules():
+        if isinstance(wrapper, _BaseAdaptedAttention) and coeff_at(name) is not None:
+            handles += _adaption_prompt_reference(wrapper, coeff_at(name))
     try:
         yield
     finally:

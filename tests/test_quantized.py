@@ -47,7 +47,7 @@ from peft.tuners.lora.gptq import GPTQLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch._C._functorch import is_batchedtensor
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 import funcadapt
 from funcadapt import AdapterModifier, quantized, swap
@@ -127,27 +127,6 @@ def _combos(*, vmapped: bool) -> list[Any]:
 
 COMBOS = _combos(vmapped=False)
 VMAP_COMBOS = _combos(vmapped=True)
-
-
-@pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny Llama on disk, saved once; hidden sizes are multiples of 64 for the 4-bit blocks."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            attn_implementation="eager",
-        )
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return path
 
 
 def load_base(path: Path, quant: str) -> nn.Module:
