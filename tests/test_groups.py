@@ -484,3 +484,19 @@ def test_a_vector_for_ia3_feedforward_is_exact():
         with reference_interpolation(model, layer_coeffs(tree, groups, v).get):
             want = logits(model)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case_id", ["lora", "ia3", "oft", "psoft", "road_1", "road_2", "frod", "boft"])
+def test_all_ones_vector_has_the_trained_adapters_gradients(case_id):
+    """At v = 1 the parameters' gradients are PEFT's own (the RoAd re-encoding pinned at c = 1
+    must keep the round trip's derivative, not add the identity's to it)."""
+    model = build(case(case_id)).eval()
+    tree = funcadapt.extract(model)
+    trained = {k: p for k, p in tree.params.items() if p.requires_grad}
+    size = len(funcadapt.layer_groups(tree, "block"))
+    batch = inputs()
+    want = torch.autograd.grad(model(**batch, labels=POS).loss, list(trained.values()))
+    params = funcadapt.transform(tree, torch.ones(size, requires_grad=True), groups="block")
+    got = torch.autograd.grad(funcadapt.call(model, params, **batch, labels=POS).loss, list(trained.values()))
+    for key, g, w in zip(trained, got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")

@@ -137,7 +137,9 @@ def build(path: Path, quant: str, adapter: str, *, train: bool = False, bnb_trai
     """``bnb_train``: the bitsandbytes layers in train mode whatever ``train`` is: on CPUs with
     AVX512-BF16 a 4-bit layer in eval mode runs a packed inference kernel with no gradient with
     respect to its input (funcadapt's fold then raises), so a backward needs them in train mode."""
-    model = get_peft_model(load_base(path, quant), ADAPTERS[adapter]())
+    base = load_base(path, quant)
+    torch.manual_seed(0)  # PEFT initialises from the global RNG: the same adapter whatever ran before (xdist)
+    model = get_peft_model(base, ADAPTERS[adapter]())
     randomize_adapters(model, seed=1)
     model.train(train)
     if bnb_train:

@@ -361,13 +361,14 @@ def lerp(start: Tensor, end: Tensor, c: Coeff) -> Tensor:
 
 
 def exact_at_one(c: Coeff, new: Tensor, old: Tensor) -> Tensor:
-    """``new`` (a tensor computed from c), except that where c = 1 its value is ``old`` bit for bit,
-    with the derivatives of ``new``: ``new − new.detach() + old`` there. For transforms that
-    re-encode their parameters (a round trip that rounds), so that c = 1 as a tensor is the
-    trained adapter exactly, as it is as a number."""
+    """``new`` (a tensor computed from c and ``old``), except that where c = 1 its value is ``old``
+    bit for bit, with the derivatives of ``new`` (with respect to c and to ``old`` alike):
+    ``(new − new.detach()) + old.detach()`` there. For transforms that re-encode their parameters
+    (a round trip that rounds), so that c = 1 as a tensor is the trained adapter exactly, as it
+    is as a number."""
     if not isinstance(c, Tensor):
         return old if c == 1 else new
-    pinned = (new - new.detach()) + old
+    pinned = (new - new.detach()) + old.detach()
     return torch.where(c.to(new.device) == 1, pinned, new)
 
 
