@@ -10,6 +10,7 @@ with funcadapt.AdapterModifier(model, "scale", -1.0):   # the same, as a context
 
 from .attribute import Attribution, attribute
 from .call import call, vmap
+from .functional import AdamWState, adamw_init, adamw_update, combine, load_params, stack, trainable, unstack
 from .groups import Groups, layer_groups
 from .modifier import AdapterModifier
 from .rows import PerRow, per_row, tile, untile
@@ -24,12 +25,13 @@ __version__ = "0.1.0"
 __all__ = [
     "MODES",
     "OPS",
-    "Groups",
     "RULES",
     "ActiveContext",
-    "Attribution",
+    "AdamWState",
     "AdapterModifier",
     "AdapterTree",
+    "Attribution",
+    "Groups",
     "LayerEffect",
     "LayerSpec",
     "Mode",
@@ -40,14 +42,21 @@ __all__ = [
     "Sweep",
     "Transformed",
     "active_contexts",
+    "adamw_init",
+    "adamw_update",
     "attribute",
     "call",
+    "combine",
     "extract",
     "layer_groups",
+    "load_params",
     "per_row",
+    "stack",
     "sweep",
     "tile",
+    "trainable",
     "transform",
+    "unstack",
     "untile",
     "vmap",
 ]

@@ -32,16 +32,23 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     BNB_LINEARS = ()
 
 
+class _Graph:
+    """One FoldBatch call's (input, output) graph, handed from forward to setup_context. Not a
+    list or tuple: torch.func rebuilds containers among a Function's arguments (pytree), so an
+    append inside forward would land in a copy."""
+
+    graph: tuple[Tensor, Tensor] | None = None
+
+
 class FoldBatch(torch.autograd.Function):
     """``fn(x)`` for a per-row function ``fn``; under vmap, the vmapped dim is folded into dim 0."""
 
     generate_vmap_rule = False
 
     @staticmethod
-    def forward(x: Tensor, fn: Callable[[Tensor], Tensor], inner: list) -> Tensor:
-        if not x.requires_grad:
-            inner.append(None)
-            return fn(x)
+    def forward(x: Tensor, fn: Callable[[Tensor], Tensor], inner: _Graph) -> Tensor:
+        # Always record fn's graph: under torch.func.grad, x arrives unwrapped, without
+        # requires_grad, and a backward may still come (the graph is freed with the output).
         with torch.enable_grad():
             x_in = x.detach().requires_grad_()
             y = fn(x_in)
@@ -50,19 +57,24 @@ class FoldBatch(torch.autograd.Function):
         # storage (a zero-stride stand-in of the same shape), so only the returned tensor
         # keeps it alive, exactly as long as plain PEFT would.
         y.data = y.new_zeros(()).expand(y.shape)
-        inner.append((x_in, y))
+        inner.graph = (x_in, y)
         return out
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        ctx.inner = inputs[2].pop()
+        ctx.inner = inputs[2].graph
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        if ctx.inner is None:
-            return None, None, None
         x_in, y = ctx.inner
-        ctx.inner = None
+        if grad.shape != y.shape:
+            raise RuntimeError(
+                f"a bitsandbytes layer got a gradient of shape {tuple(grad.shape)} for an output of shape "
+                f"{tuple(y.shape)}: torch.func.vmap over torch.func.grad cannot run through bitsandbytes layers "
+                f"(their kernels have no batching rule, so funcadapt folds the vmapped axis into the batch, which "
+                f"the per-member backward does not see). Put the vmap inside the grad (grad of a summed vmapped "
+                f"loss), or take gradients with torch.autograd"
+            )
         (grad_x,) = torch.autograd.grad(y, x_in, grad, allow_unused=True)
         if grad_x is None:
             raise RuntimeError(
@@ -74,7 +86,7 @@ class FoldBatch(torch.autograd.Function):
         return grad_x, None, None
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: Tensor, fn: Callable[[Tensor], Tensor], inner: list) -> tuple[Tensor, Any]:
+    def vmap(info: Any, in_dims: tuple, x: Tensor, fn: Callable[[Tensor], Tensor], inner: _Graph) -> tuple[Tensor, Any]:
         if in_dims[0] is None:
             return FoldBatch.apply(x, fn, inner), None
         x = x.movedim(in_dims[0], 0)
@@ -93,7 +105,7 @@ def kind(module: nn.Module) -> str | None:
 
 
 def fold_batch(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    return FoldBatch.apply(x, fn, [])
+    return FoldBatch.apply(x, fn, _Graph())
 
 
 def _folding(layer: nn.Module) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:

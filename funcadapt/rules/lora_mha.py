@@ -58,7 +58,14 @@ def is_mha_part(layer: Any, adapter: str = "") -> bool:
 @functools.cache
 def out_proj_multiplicity() -> int:
     """How many times PEFT's merge (and so its forward) adds out_proj's ΔW: read from PEFT's own
-    ``merge`` on a throw-away attention with W_out = 0 and ΔW_out = 0.5 everywhere."""
+    ``merge`` on a throw-away attention with W_out = 0 and ΔW_out = 0.5 everywhere. Computed once,
+    when this module is imported: the probe's random initialisation cannot run under
+    ``vmap(randomness="different")``, and it leaves the caller's RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return _probe_multiplicity()
+
+
+def _probe_multiplicity() -> int:
     from peft import LoraConfig, inject_adapter_in_model
 
     class Probe(nn.Module):
@@ -82,6 +89,9 @@ def out_proj_multiplicity() -> int:
     if k not in (1.0, 2.0):
         raise RuntimeError(f"funcadapt: PEFT's MultiheadAttention merge adds out_proj's ΔW {k} times; expected 1 or 2")
     return int(k)
+
+
+out_proj_multiplicity()  # at import, outside any torch.func transform
 
 
 def _delta(part: Any, adapter: str, fan_in_fan_out: bool = False) -> Tensor:
