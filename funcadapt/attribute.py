@@ -106,6 +106,8 @@ def attribute(
     mode: Mode = "linear",
     adapter_names: str | Iterable[str] | None = None,
     method: str = "auto",
+    chunk_size: int | None = None,
+    progress: bool | None = None,
     name: str | None = None,
 ) -> Attribution:
     """Attribute ``metric(model(**batch))`` to the layer groups: gradients with respect to each
@@ -113,8 +115,9 @@ def attribute(
     alone and on alone (see :mod:`funcadapt.attribute`). ``metric`` returns a scalar tensor.
 
     The model runs as it is (call ``model.eval()`` first: dropout would make every value
-    random); nothing about it changes, and no parameter's ``.grad`` is touched. ``method``
-    is :func:`funcadapt.sweep`'s, for the exact effects.
+    random); nothing about it changes, and no parameter's ``.grad`` is touched. ``method``,
+    ``chunk_size`` (vectors per vectorised pass; default all 2G + 2 at once) and ``progress`` are
+    :func:`funcadapt.sweep`'s, for the exact effects.
     """
     tree = extract(model, adapter_names)
     grouping = resolve(tree, groups)
@@ -132,7 +135,17 @@ def attribute(
 
     ones, eye = torch.ones(size), torch.eye(size)
     vectors = torch.cat([ones[None], torch.zeros(1, size), ones - eye, eye])
-    swept = sweep(model, lambda out: value_of(metric, out), vectors, batch, method=method, mode=mode, groups=names)
+    swept = sweep(
+        model,
+        lambda out: value_of(metric, out),
+        vectors,
+        batch,
+        method=method,
+        mode=mode,
+        groups=names,
+        chunk_size=chunk_size,
+        progress=progress,
+    )
     values = swept.values.reshape(-1)
     at_one, at_zero = values[0], values[1]
     return Attribution(

@@ -403,6 +403,10 @@ def test_attribute_matches_direct_evaluation(case_id, tmp_path):
     for point, got in ((torch.ones(size), result.grad_at_one), (torch.zeros(size), result.grad_at_zero)):
         torch.testing.assert_close(got, torch.func.grad(at)(point), rtol=1e-5, atol=1e-8)
 
+    chunked = funcadapt.attribute(model, metric, batch, "layer", chunk_size=3, progress=False)
+    torch.testing.assert_close(chunked.off, result.off, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(chunked.on, result.on, rtol=1e-5, atol=1e-7)
+
     rows = result.records()
     assert [r["group"] for r in rows] == list(groups)
     assert rows[0]["estimate_off"] == -rows[0]["grad_at_one"] and rows[0]["estimate_on"] == rows[0]["grad_at_zero"]
