@@ -133,6 +133,7 @@ def attribute(
         (grad,) = torch.autograd.grad(value(v), v)
         return grad.detach().cpu()
 
+    label = name or getattr(metric, "__name__", "metric").replace("<lambda>", "metric")
     ones, eye = torch.ones(size), torch.eye(size)
     vectors = torch.cat([ones[None], torch.zeros(1, size), ones - eye, eye])
     swept = sweep(
@@ -145,6 +146,7 @@ def attribute(
         groups=names,
         chunk_size=chunk_size,
         progress=progress,
+        name=label,
     )
     values = swept.values.reshape(-1)
     at_one, at_zero = values[0], values[1]
@@ -157,7 +159,7 @@ def attribute(
         at_one=float(at_one),
         at_zero=float(at_zero),
         method=swept.method,
-        name=name or getattr(metric, "__name__", "metric").replace("<lambda>", "metric"),
+        name=label,
     )
 
 
