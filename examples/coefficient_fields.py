@@ -49,43 +49,54 @@ def spearman(a: Tensor, b: Tensor) -> float:
 # 2. learned coefficients
 
 
+def objective_error(at_plus: Tensor, at_minus: Tensor, anchors: Tensor) -> Tensor:
+    """Σ_{s=±1} (m(s·v) − m(s·1))² / (m(1) − m(0))²: the squared share of the full adapter's effect
+    lost at +v and at −v. ``anchors``: m at v = 1, −1 and 0."""
+    effect = anchors[0] - anchors[2]
+    return ((at_plus - anchors[0]) ** 2 + (at_minus - anchors[1]) ** 2) / effect**2
+
+
+def anchors_of(model: nn.Module, metric_batch: dict[str, Tensor], metric: Any, size: int) -> Tensor:
+    """The metric at v = 1, −1 and 0 (one sweep over coefficient vectors)."""
+    vectors = torch.stack([torch.ones(size), -torch.ones(size), torch.zeros(size)])
+    return funcadapt.sweep(model, metric, vectors, metric_batch, groups="block", progress=False).values
+
+
 def learn_coefficients(
     model: nn.Module, metric_batch: dict[str, Tensor], metric: Any, size: int, *, steps: int, l1: float, lr: float
 ) -> tuple[Tensor, list[float]]:
-    """min over v of  Σ_{s=±1} (m(s·v) − m(s·1))² / m(1)² + l1·‖v‖₁, from v = 1, by Adam steps on the
-    squared error each followed by the L1 proximal step v ↦ sign(v)·max(|v| − lr·l1, 0) (exact zeros).
-    The ±v pair runs as one vectorised forward (funcadapt.vmap)."""
+    """min over v of  objective_error(v) + l1·‖v‖₁  from v = 1, by proximal gradient descent (ISTA):
+    v ↦ soft(v − lr·∇error, lr·l1), soft(x, t) = sign(x)·max(|x| − t, 0), so unused blocks reach
+    exactly 0. The ±v pair runs as one vectorised forward (funcadapt.vmap)."""
     tree = funcadapt.extract(model)
 
     def at(v: Tensor) -> Tensor:
         return metric(funcadapt.call(model, funcadapt.transform(tree, v, groups="block"), **metric_batch))
 
-    with torch.no_grad():
-        targets = funcadapt.vmap(at)(torch.stack([torch.ones(size), -torch.ones(size)]))
-    v = torch.ones(size, requires_grad=True)
-    optimizer = torch.optim.Adam([v], lr=lr)
+    anchors = anchors_of(model, metric_batch, metric, size)
+    v = torch.ones(size)
     history = []
     for _ in range(steps):
-        got = funcadapt.vmap(at)(torch.stack([v, -v]))
-        loss = ((got - targets) ** 2).sum() / targets[0].detach() ** 2
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        leaf = v.clone().requires_grad_(True)
+        at_plus, at_minus = funcadapt.vmap(at)(torch.stack([leaf, -leaf]))
+        error = objective_error(at_plus, at_minus, anchors)
+        (grad,) = torch.autograd.grad(error, leaf)
         with torch.no_grad():
-            v.copy_(v.sign() * (v.abs() - lr * l1).clamp_min(0))
-        history.append(loss.item())
-    return v.detach(), history
+            stepped = v - lr * grad
+            v = stepped.sign() * (stepped.abs() - lr * l1).clamp_min(0)
+        history.append(float(error.detach()) + l1 * float(leaf.detach().abs().sum()))
+    return v, history
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. population search
 
 
-def fitness(values: Tensor, targets: Tensor, population: Tensor, l1: float) -> Tensor:
-    """Per vector: −[Σ_{s=±1} (m(s·v) − m(s·1))² / m(1)² + l1·‖v‖₁]. ``values``: m at [+v…, −v…]."""
+def fitness(values: Tensor, anchors: Tensor, population: Tensor, l1: float) -> Tensor:
+    """Per vector: −(objective_error(v) + l1·‖v‖₁), the learned coefficients' objective.
+    ``values``: m at [+v…, −v…]."""
     plus, minus = values.chunk(2)
-    error = ((plus - targets[0]) ** 2 + (minus - targets[1]) ** 2) / targets[0] ** 2
-    return -(error + l1 * population.abs().sum(dim=1))
+    return -(objective_error(plus, minus, anchors) + l1 * population.abs().sum(dim=1))
 
 
 def population_search(
@@ -105,10 +116,7 @@ def population_search(
     are one funcadapt.sweep over coefficient vectors (vmap in chunks); the first generation also
     runs as one call per vector (method="loop") to measure the speed-up side by side."""
     g = torch.Generator().manual_seed(seed)
-    swept = funcadapt.sweep(
-        model, metric, torch.stack([torch.ones(size), -torch.ones(size)]), metric_batch, groups="block"
-    )
-    targets = swept.values
+    anchors = anchors_of(model, metric_batch, metric, size)
     mean, spread = torch.ones(size), torch.full((size,), 0.5)
     best, best_fit, timing = mean.clone(), -float("inf"), {}
     for generation in range(generations):
@@ -124,7 +132,7 @@ def population_search(
             looped = funcadapt.sweep(model, metric, both, metric_batch, groups="block", method="loop", progress=False)
             timing = {"vmap_s": elapsed, "loop_s": time.perf_counter() - start, "vectors": len(both)}
             timing["max_abs_difference"] = float((looped.values - values.values).abs().max())
-        fit = fitness(values.values, targets, pop, l1)
+        fit = fitness(values.values, anchors, pop, l1)
         top = fit.topk(max(2, population // 4)).indices
         if float(fit[top[0]]) > best_fit:
             best, best_fit = pop[top[0]].clone(), float(fit[top[0]])
@@ -141,7 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", help="local model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--steps", type=int, default=None, help="adapter training steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--l1", type=float, default=0.02, help="L1 weight for learned / searched vectors")
+    parser.add_argument("--l1", type=float, default=0.04, help="L1 weight for learned / searched vectors")
+    parser.add_argument(
+        "--cache", help="a .pt file: the trained adapter is loaded from it when it exists, else saved to it"
+    )
     parser.add_argument("--out", default="out", help="folder for the attribution plot")
     args = parser.parse_args(argv)
     args.adapter, args.load_in_4bit = "lora", False
@@ -150,8 +161,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, _tokenizer, train, held, pad = build(args)
     steps = args.steps or (20 if args.quick else 60)
-    train_contrastive(model, train, pad, steps=steps, lr=3e-2 if args.quick else 5e-4, seed=args.seed)
     tree = funcadapt.extract(model)
+    if args.cache and Path(args.cache).is_file():
+        funcadapt.load_params(tree, torch.load(args.cache))
+        model.eval()
+    else:
+        train_contrastive(model, train, pad, steps=steps, lr=3e-2 if args.quick else 5e-4, seed=args.seed)
+        if args.cache:
+            torch.save(funcadapt.trainable(tree), args.cache)
     groups = funcadapt.layer_groups(tree, "block")
     size = len(groups)
     held_batch, metric = held_out_metric(held, pad)
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 2. learned coefficients
     start = time.perf_counter()
     v, history = learn_coefficients(
-        model, fit_batch, fit_metric, size, steps=4 if args.quick else 30, l1=args.l1, lr=0.1 if args.quick else 0.05
+        model, fit_batch, fit_metric, size, steps=4 if args.quick else 40, l1=args.l1, lr=1.0
     )
     with torch.no_grad():
         sweep = funcadapt.sweep(
@@ -222,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"\n3. population search ({time.perf_counter() - start:.0f}s): best vector keeps {found_kept[0]:.0%} at +v, "
         f"{found_kept[1]:.0%} at −v"
     )
+    print(f"   ‖v‖₁ = {float(best.abs().sum()):.1f} (all blocks at 1: {size}); v =", " ".join(f"{x:.2f}" for x in best))
     print(
         f"   one generation of {timing['vectors']} vectors: vmapped {timing['vmap_s']:.1f}s, one call per vector "
         f"{timing['loop_s']:.1f}s, speed-up {timing['loop_s'] / timing['vmap_s']:.2f}x (same values to "
