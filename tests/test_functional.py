@@ -18,7 +18,7 @@ import torch
 from cases import CASES, VOCAB, build, case, inputs, output, randomize_adapters, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 import funcadapt
 from funcadapt.functional import UNBATCHABLE
@@ -147,25 +147,6 @@ def test_functional_loop_equals_modifier_and_torch_optim_loop(case_id):
     check_loop_equals_modifier_loop(model, rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny Llama on disk, hidden sizes multiples of 64 for bitsandbytes' 4-bit blocks."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    path = tmp_path_factory.mktemp("tiny-llama-functional")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
 QUANT = {
     "nf4": lambda: BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
@@ -183,15 +164,15 @@ def lora_on_bnb(path: Path, quant: str = "nf4") -> nn.Module:
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
-def test_torch_func_loop_equals_modifier_loop_on_a_bitsandbytes_base(tiny_llama_dir, quant):
+def test_torch_func_loop_equals_modifier_loop_on_a_bitsandbytes_base(llama_dir, quant):
     """The torch.func loop itself (grad of the vmapped ±1 loss) on a 4-bit and an 8-bit base."""
-    check_loop_equals_modifier_loop(lora_on_bnb(tiny_llama_dir, quant), rtol=1e-5, atol=1e-6)
+    check_loop_equals_modifier_loop(lora_on_bnb(llama_dir, quant), rtol=1e-5, atol=1e-6)
 
 
-def test_vmap_over_grad_through_bitsandbytes_is_refused_clearly(tiny_llama_dir):
+def test_vmap_over_grad_through_bitsandbytes_is_refused_clearly(llama_dir):
     """vmap of torch.func.grad (an ensemble on a bitsandbytes base) cannot run through the folded
     bitsandbytes layers: a clear error, not a wrong gradient."""
-    model = lora_on_bnb(tiny_llama_dir)
+    model = lora_on_bnb(llama_dir)
     tree = funcadapt.extract(model)
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
 
