@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "contrastive_steering.py"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("contrastive_steering", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/contrastive_steering.py", "contrastive_steering")
 
 
 @pytest.mark.filterwarnings("ignore")

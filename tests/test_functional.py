@@ -6,8 +6,6 @@ ran; train-mode dropout draws per member; what cannot be stacked is refused by n
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import pytest
 import torch
 from cases import CASES, VOCAB, build, case, inputs, output, randomize_adapters, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
+from scripts import load_script
 from torch import Tensor, nn
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
@@ -34,18 +33,12 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled:UserWarning"),
 ]
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "functional_training.py"
 COEFFS = torch.tensor([1.0, -1.0])
 LR, WEIGHT_DECAY = 1e-2, 0.1
 
 
 def load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("functional_training", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/functional_training.py", "functional_training")
 
 
 example = load_example()

@@ -3,26 +3,16 @@ are the base model's generation, and the judges compute what their docstrings sa
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-pytest.importorskip("vaderSentiment")
-pytest.importorskip("repeng")
-
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "steering.py"
+import repeng  # noqa: F401  (the benchmarks extra README installs: missing means a broken install, not a skip)
+import vaderSentiment  # noqa: F401
+from scripts import load_script
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("steering_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/steering.py", "steering_benchmark")
 
 
 @pytest.fixture(scope="module")
