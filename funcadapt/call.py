@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from . import engines, quantized
-from .rows import rows_mismatch
+from .rows import rows_mismatch, runs
 from .rules.base import Coeff, Patch, Rule, access_of, is_adapter_layer, is_number, same_coeff, under_transforms
 from .structure import Structure, active_adapters, adapters_disabled, layer_adapters, structure
 from .swap import Frame, check_thread, run_undo
@@ -57,10 +57,17 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
     modules = {"": model, **known.modules}
     replaced = _replaced(model, modules, known, tensors, extracted)
     touched, recipes, modified = _touched(modules, known, tensors, replaced, effects)
+    loads = _offloaded_tensors(modules, known)
     builders: list[Callable[[], list[Patch]]] = []
-    for path in {**touched, **recipes}:
-        builders.extend(_layer_builders(path, modules, known, touched.get(path, {}), tuple(recipes.get(path, ()))))
-    builders.append(lambda: quantized.patches(known.bnb_linears))
+    for path in {**touched, **recipes, **loads}:
+        builders.extend(
+            _layer_builders(
+                path, modules, known, touched.get(path, {}), tuple(recipes.get(path, ())), tuple(loads.get(path, ()))
+            )
+        )
+    columns = [e.forward["rows"] for e in effects if "rows" in e.forward]
+    bnb = known.bnb_linears
+    builders.append(lambda: quantized.patches(bnb, runs(columns) if bnb and columns else None))
     builders.append(lambda: _input_grad_hooks(modules))
     # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
     # layers they belong to still get their patches above
@@ -68,8 +75,8 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
     # every module whose behaviour this call changes refuses other threads: the layers with
     # effects (the just-in-time wrapper checks itself) and the owners of swapped tensors
     changed = {path for path, _ in modified} | {k.rpartition(".")[0] for k in swapped if k not in known.adapter_of}
-    guarded = [modules[p] for p in {*changed, *recipes}]
-    plain = [modules[p] for p in changed if p not in recipes]
+    guarded = [modules[p] for p in {*changed, *recipes, *loads}]
+    plain = [modules[p] for p in changed if p not in recipes and p not in loads]
     builders.append(lambda: [Patch(m, "forward", functools.partial(_thread_guarded, m), wrap=True) for m in plain])
     return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded)
 
@@ -112,7 +119,10 @@ def _replaced(
     replaced = _check_keys(model, modules, tensors, extracted)
     given = set(tensors)
     _tie_aliases(known.aliases, tensors)
-    replaced |= {k for k in set(tensors) - given if tensors[k] is not _current(modules, k)}
+    for k in set(tensors) - given:  # the other names of tied tensors: the model's own there too?
+        current = _current(modules, k)
+        if tensors[k] is not current and not (current is not None and _both_meta(tensors[k], current)):
+            replaced.add(k)
     if replaced and known.engine is not None:
         key = sorted(replaced)[0]
         raise ValueError(
@@ -158,32 +168,46 @@ def _touched(
     return touched, recipes, modified
 
 
+def _offloaded_tensors(modules: Mapping[str, nn.Module], known: Structure) -> dict[str, list[tuple[nn.Module, str]]]:
+    """Under accelerate offload, host layer path -> (owner, name) of every tensor in the adapter layer's
+    subtree (adapter tensors, base weights). accelerate loads a module's tensors in that module's own
+    forward, and PEFT never calls the forward of the containers most adapters keep their tensors in
+    (ParameterDict, BufferDict), nor the base layer's when it reads the base weight itself (HRA, HiRA,
+    GLoRA, ...), so PEFT's own forward would compute with tensors on the meta device (silently wrong
+    numbers, or an error); they are loaded just in time instead, whatever the call changes."""
+    if known.engine is None or not known.engine.startswith("accelerate offload"):
+        return {}
+    out: dict[str, list[tuple[nn.Module, str]]] = {}
+    for host in {known.host(info.path) for info in known.layers}:
+        found = out.setdefault(host, [])
+        for path, module in modules.items():
+            if (path == host or path.startswith(host + ".")) and engines.offloaded(module):
+                found.extend((module, name) for name in (*module._parameters, *module._buffers))
+    return out
+
+
 def _layer_builders(
     path: str,
     modules: Mapping[str, nn.Module],
     known: Structure,
     per_adapter: Mapping[str, Mapping[str, Coeff]],
     recipes: tuple[LayerEffect, ...],
+    loads: tuple[tuple[nn.Module, str], ...] = (),
 ) -> list[Callable[[], list[Patch]]]:
     """One layer's patches, innermost first: the rules' own, the just-in-time effects (inside the
-    output interpolation, which runs the layer twice, and outside PEFT's forward), the interpolation."""
+    output interpolation, which runs the layer twice, and outside PEFT's forward), the interpolation.
+    ``loads``: offloaded tensors to load when the layer runs (see :func:`_offloaded_tensors`)."""
     layer, rule_of = modules[path], functools.partial(known.rule, path)
     builders: list[Callable[[], list[Patch]]] = []
     for adapter, args in per_adapter.items():
         rule = rule_of(adapter)
         if rule is not None and rule.patches is not None:
-            if "_hf_hook" in layer.__dict__:
-                raise ValueError(
-                    f"layer {path!r} carries an accelerate hook of its own (a device_map that names this layer), "
-                    f"and the {rule.doc.adapter} rule runs its own forward there, which would bypass that hook. "
-                    f"Give the device_map whole blocks (e.g. decoder layers) instead of single adapter layers"
-                )
             builders.append(functools.partial(rule.patches, layer, adapter, args))
     owners: dict[str, list[tuple[nn.Module, str]]] = {}
     for e in recipes:
         for key, names in known.owners(e.spec).items():
             owners.setdefault(key, [_owner(modules, name) for name in names if name.rpartition(".")[0] in modules])
-    builders.append(functools.partial(_jit_patches, path, layer, recipes, owners))
+    builders.append(functools.partial(_jit_patches, path, layer, recipes, owners, loads))
     builders.extend(_output_builders(path, layer, per_adapter, rule_of))
     return builders
 
@@ -213,37 +237,46 @@ _CHAIN = "_funcadapt_jit"
 """On a layer while frames touch it: their effects, outermost frame first (see :func:`_jit_patches`)."""
 
 
+_Entry = tuple[tuple[LayerEffect, ...], Mapping[str, list[tuple[nn.Module, str]]], tuple[tuple[nn.Module, str], ...]]
+"""One frame's just-in-time work on a layer: (effects, tree key -> its (owner, name)s, tensors to load)."""
+
+
 def _jit_patches(
-    path: str, layer: Any, recipes: tuple[LayerEffect, ...], owners: Mapping[str, list[tuple[nn.Module, str]]]
+    path: str,
+    layer: Any,
+    recipes: tuple[LayerEffect, ...],
+    owners: Mapping[str, list[tuple[nn.Module, str]]],
+    loads: tuple[tuple[nn.Module, str], ...] = (),
 ) -> list[Patch]:
     """The layer's effects applied just in time: when the layer runs, each effect recomputes its
     adapter tensors from the tensors the layer holds *then* (what FSDP all-gathered, accelerate
     loaded, or an enclosing frame showed), and those are shown to PEFT's forward until it returns.
     Nested frames add their effects to one chain on the layer, applied outermost first, so an
-    inner context transforms what the outer one shows. The layer refuses other threads (so does
-    every other module the call changes, see :func:`_thread_guarded`)."""
-    if not recipes:
+    inner context transforms what the outer one shows. ``loads``: offloaded tensors loaded for the
+    layer's run. The layer refuses other threads (so does every other module the call changes, see
+    :func:`_thread_guarded`)."""
+    if not recipes and not loads:
         return []
-    entry = (recipes, owners)
+    entry: _Entry = (recipes, owners, loads)
     patches = [Patch(layer, _CHAIN, lambda chain: (*(chain or ()), entry), wrap=True)]
     if _CHAIN not in layer.__dict__:
-        # under an accelerate hook on the layer itself, inside it (after it loaded the weights)
-        attr = "_old_forward" if "_hf_hook" in layer.__dict__ and "_old_forward" in layer.__dict__ else "forward"
-        patches.append(Patch(layer, attr, functools.partial(_just_in_time, path, layer), wrap=True))
+        # a "forward" patch goes inside an accelerate hook on the layer itself (after it loaded the weights)
+        patches.append(Patch(layer, "forward", functools.partial(_just_in_time, path, layer), wrap=True))
     return patches
 
 
 def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
     def applied(*args: Any, **kwargs: Any) -> Any:
         check_thread(layer, f"layer {path!r}")
-        chain: tuple[tuple[tuple[LayerEffect, ...], Mapping[str, list[tuple[nn.Module, str]]]], ...]
-        chain = layer.__dict__.get(_CHAIN, ())
-        if not any(recipes for recipes, _ in chain):
+        chain: tuple[_Entry, ...] = layer.__dict__.get(_CHAIN, ())
+        if not any(recipes or loads for recipes, _, loads in chain):
             return forward(*args, **kwargs)
         undo: list[Callable[[], None]] = []
         try:
             shown: dict[str, Tensor] = {}
-            for recipes, owners in chain:
+            for recipes, owners, loads in chain:
+                for owner, name in loads:
+                    engines.live(owner, name, undo)
                 # one frame transforms what the frames outside it show, each of its effects reading the
                 # same tensors (a tensor several layers share is transformed once, not once per layer)
                 outer: dict[str, Tensor] = dict(shown)

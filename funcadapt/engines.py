@@ -107,6 +107,20 @@ def _offloading(module: nn.Module) -> Any:
     return None
 
 
+def forward_attr(module: Any) -> str:
+    """Where to install a replacement of ``module``'s forward: ``forward``, or inside an accelerate
+    hook on the module itself (``_old_forward``, which the hook's forward calls after it has moved
+    the inputs and loaded the weights), so that the hook still runs."""
+    if isinstance(module, nn.Module) and "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__:
+        return "_old_forward"
+    return "forward"
+
+
+def offloaded(module: nn.Module) -> bool:
+    """Whether an accelerate hook offloads ``module``'s own tensors (loads them only in its forward)."""
+    return _offloading(module) is not None
+
+
 def live(owner: nn.Module, name: str, undo: Undo) -> Tensor:
     """The tensor ``owner.<name>`` that the module computes with now. An offloaded module (on
     ``meta``) is loaded by its accelerate hook first; the hook is then a no-op until ``undo`` runs,

@@ -30,6 +30,7 @@ per-row coefficients with their reason.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -156,6 +157,19 @@ def _has_tensor(v: Any) -> bool:
 
 def _rebuildable(out: Mapping) -> bool:
     return type(out) is not dict and hasattr(type(out), "__dataclass_fields__")
+
+
+def runs(columns: Sequence[Tensor]) -> tuple[int, ...]:
+    """The lengths of the runs of consecutive rows that share every coefficient, given one per-row
+    coefficient vector per layer group (``columns``, each of length R). A batch tiled with
+    :func:`tile` at ``per_row(coeffs, repeat=B)`` has runs of B rows, one per coefficient."""
+    rows = int(columns[0].shape[0])
+    cut = torch.zeros(max(rows - 1, 0), dtype=torch.bool)
+    for column in columns:
+        c = column.detach().cpu()
+        cut |= c[1:] != c[:-1]
+    bounds = [0, *(int(i) + 1 for i in cut.nonzero().flatten()), rows]
+    return tuple(b - a for a, b in itertools.pairwise(bounds) if b > a)
 
 
 def rows_mismatch(where: str, got: int, expected: int) -> ValueError:

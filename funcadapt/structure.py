@@ -86,7 +86,8 @@ class Structure:
     """Every name of a parameter that has several (tied weights)."""
     adapter_of: dict[str, tuple[str, str]]
     """Adapter tensor key -> (layer path, adapter)."""
-    bnb_refs: list[Callable[[], Any]]
+    bnb_refs: list[tuple[str, Callable[[], Any]]]
+    """(path, reference) of every bitsandbytes linear layer."""
     checkpointing_refs: list[Callable[[], Any]]
     """Modules that can run gradient checkpointing (whether they do is read live)."""
     present: set[str] = field(default_factory=set)
@@ -123,8 +124,9 @@ class Structure:
         return self.hosts.get(path, path)
 
     @property
-    def bnb_linears(self) -> list[nn.Module]:
-        return [m for m in (ref() for ref in self.bnb_refs) if m is not None]
+    def bnb_linears(self) -> list[tuple[str, nn.Module]]:
+        """(path, module) of every bitsandbytes linear layer."""
+        return [(path, m) for path, m in ((path, ref()) for path, ref in self.bnb_refs) if m is not None]
 
     @property
     def checkpointing(self) -> list[nn.Module]:
@@ -255,7 +257,7 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
     layers: list[AdapterLayer] = []
     seen_layers: set[int] = set()
     names: dict[int, list[str]] = {}
-    bnb: dict[int, nn.Module] = {}
+    bnb: dict[int, tuple[str, nn.Module]] = {}
     checkpointing: dict[int, nn.Module] = {}
     present: set[str] = set()
     found: list[tuple[str, Any]] = []
@@ -266,7 +268,7 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
             if p is not None:
                 names.setdefault(id(p), []).append(_join(path, name))
         if BNB_LINEARS and isinstance(module, BNB_LINEARS):
-            bnb.setdefault(id(module), module)
+            bnb.setdefault(id(module), (path, module))
         if (
             "gradient_checkpointing" in module.__dict__
             or hasattr(type(module), "gradient_checkpointing")
@@ -302,7 +304,7 @@ def _build(model: nn.Module, print_: tuple[int, ...]) -> Structure:
         layers,
         aliases,
         adapter_of,
-        [_hold(m, model) for m in bnb.values()],
+        [(path, _hold(m, model)) for path, m in bnb.values()],
         [_hold(m, model) for m in checkpointing.values()],
         present,
         _registry(),

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .engines import forward_attr
 from .rules.base import Patch, under_transforms
 
 _MISSING = object()
@@ -180,8 +181,9 @@ class Frame:
                     if patch.item:
                         _set_item(patch.obj, patch.attr, patch.value(patch.obj[patch.attr]), undo)
                         continue
-                    value = patch.value(getattr(patch.obj, patch.attr, None)) if patch.wrap else patch.value
-                    _set(patch.obj, patch.attr, value, undo)
+                    attr = forward_attr(patch.obj) if patch.attr == "forward" else patch.attr
+                    value = patch.value(getattr(patch.obj, attr, None)) if patch.wrap else patch.value
+                    _set(patch.obj, attr, value, undo)
             for module, attr in self._checkpointing:
                 current: Any = getattr(module, attr)
                 if not getattr(current, "_funcadapt", False):

@@ -17,7 +17,7 @@ import threading
 import distributed_worker as dw
 import pytest
 import torch
-from cases import assert_unchanged, build, case, inputs, output, snapshot
+from cases import CASES, assert_unchanged, build, case, inputs, output, reference_interpolation, snapshot
 
 import funcadapt
 from funcadapt import AdapterModifier
@@ -104,14 +104,14 @@ def _offloaded(model, how: str, tmp_path):
 OFFLOADS = ["cpu_offload", "disk_offload", "device_map"]
 
 
-def assert_unchanged_offloaded(model, before, plain):
+def assert_unchanged_offloaded(model, before, plain, forward=None):
     """Unchanged as far as a plain forward leaves an offloaded model: accelerate itself puts a new
     meta Parameter back after every forward, so the identity of meta parameters is not compared;
-    everything else is, and a plain forward still gives what it gave before."""
+    everything else is, and ``forward(model)`` (a plain forward by default) still gives ``plain``."""
     after = snapshot(model)
     meta = {k for k, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"}
     assert meta, "nothing is offloaded"
-    for k in meta:
+    for k in meta & after["ids"].keys():  # (snapshot leaves out what PEFT re-registers itself)
         before["ids"][k] = after["ids"][k]
     for key in ("ids", "buffer_ids", "grad", "training", "dicts", "classes"):
         assert after[key] == before[key], f"{key} changed"
@@ -119,37 +119,74 @@ def assert_unchanged_offloaded(model, before, plain):
         w = after["state"][k]
         assert v.device == w.device and v.dtype == w.dtype and v.shape == w.shape, k
         assert v.device.type == "meta" or torch.equal(v, w), f"{k} changed"
-    torch.testing.assert_close(_logits(model), plain, rtol=0, atol=0)
+    torch.testing.assert_close((forward or _logits)(model), plain, rtol=0, atol=0)
+
+
+PEFT_FAILS_OFFLOADED = ["ia3", "dora", "road_1", "boft"]
+"""Adapters whose plain PEFT forward fails under accelerate offload (a sample; the survey is in the
+docstring of test_offload_exact)."""
 
 
 @pytest.mark.parametrize("how", OFFLOADS)
-@pytest.mark.parametrize("adapter", ["ia3", "dora"])
+@pytest.mark.parametrize("adapter", PEFT_FAILS_OFFLOADED)
 def test_peft_fails_under_offload_by_itself(adapter, how, tmp_path):
-    """Documents why offload is tested with LoRA: PEFT's IA3 reads its ParameterDict directly and
-    DoRA its base weight, which accelerate's hooks leave on the meta device, so plain PEFT (no
-    funcadapt) fails. When this test fails, PEFT or accelerate fixed it: add the adapter to
-    test_offload_exact."""
+    """Documents why funcadapt loads an offloaded adapter layer's tensors itself: accelerate loads a
+    module's tensors in that module's own forward, and PEFT reads its ParameterDicts (IA3, VeRA,
+    RoAd, ...) or its base weight (DoRA) without calling one, so plain PEFT (no funcadapt) meets
+    tensors on the meta device. When this test fails, PEFT or accelerate changed that."""
     model = _offloaded(build(case(adapter)), how, tmp_path)
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
         _logits(model)
 
 
-@pytest.mark.parametrize("how", OFFLOADS)
-@pytest.mark.parametrize("adapter", ["lora", "lora-rslora-bias"])
+def test_peft_is_silently_wrong_under_offload_by_itself(tmp_path):
+    """Worse than an error: HRA's plain PEFT forward under cpu_offload reads the base weight off the
+    meta device and returns numbers far from the model's. Under funcadapt it is exact, even at c = 1."""
+    reference = build(case("hra"))
+    model = _offloaded(copy.deepcopy(reference), "cpu_offload", tmp_path)
+    assert not torch.allclose(_logits(model), _logits(reference), atol=1e-2)
+    tree = funcadapt.extract(model)
+    torch.testing.assert_close(_logits(model, funcadapt.transform(tree, 1.0)), _logits(reference), rtol=1e-5, atol=1e-6)
+
+
+def _offload_cases() -> list[object]:
+    """Every case on the tiny Llama under cpu_offload; a few families under every offload layout."""
+    llama = [c.id for c in CASES if "llama" in c.archs]
+    out = [pytest.param("cpu_offload", cid, id=f"cpu_offload-{cid}") for cid in llama]
+    for how in OFFLOADS[1:]:
+        out += [pytest.param(how, cid, id=f"{how}-{cid}") for cid in ("lora", "ia3", "oft", "hra", "road_1")]
+    return out
+
+
+@pytest.mark.parametrize(("how", "adapter"), _offload_cases())
 def test_offload_exact(how, adapter, tmp_path):
+    """Under accelerate offload every rule is exact against the independent per-layer reference on the
+    model before offloading (linear mode at c = −1 and 0.5, a number and a 0-d tensor), c = 1 is PEFT's
+    forward of that model, and the offloaded model is left as a plain forward leaves it. Plain PEFT under
+    offload fails for many families and is silently wrong for others (HRA, HiRA, GLoRA, SuperTuning,
+    Lily, DEFT, VB-LoRA read tensors whose module's forward, which would load them, never runs); funcadapt
+    loads every tensor of an adapter layer's subtree when that layer runs."""
     reference = build(case(adapter))
-    tree = funcadapt.extract(reference)
     model = _offloaded(copy.deepcopy(reference), how, tmp_path)
     assert any(p.device.type == "meta" for p in model.parameters()), "nothing was offloaded"
-    offloaded_tree = funcadapt.extract(model)
+    tree = funcadapt.extract(model)
     assert funcadapt.structure.structure(model).engine.startswith("accelerate offload")
-    before, plain = snapshot(model), _logits(model)
-    for c in (-1.0, 0.0, 0.5, torch.tensor(-1.0)):
-        want = _logits(reference, funcadapt.transform(tree, c))
-        torch.testing.assert_close(_logits(model, funcadapt.transform(offloaded_tree, c)), want, rtol=1e-5, atol=1e-6)
+    before = snapshot(model)
+    torch.testing.assert_close(_logits(model, funcadapt.transform(tree, 1.0)), _logits(reference), rtol=0, atol=0)
+    for c in (-1.0, 0.5):
+        with torch.no_grad(), reference_interpolation(reference, c):
+            want = output(reference(**inputs()))
+        for coeff in (c, torch.tensor(c)):
+            got = _logits(model, funcadapt.transform(tree, coeff))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, c=coeff: f"c={c!r}: {m}")
         with torch.no_grad(), AdapterModifier(model, "scale", c):
             torch.testing.assert_close(output(model(**inputs())), want, rtol=1e-5, atol=1e-6)
-    assert_unchanged_offloaded(model, before, plain)
+    at_one = _logits(reference)  # plain PEFT under offload is wrong for some families: compare funcadapt's c = 1
+
+    def forward(m):
+        return _logits(m, funcadapt.transform(tree, 1.0))
+
+    assert_unchanged_offloaded(model, before, at_one, forward)
 
 
 @pytest.mark.parametrize("how", OFFLOADS)
@@ -276,20 +313,29 @@ def test_zero3_partitioned_parameters_refused():
         pytest.fail("must not enter")
 
 
-
-
-def test_accelerate_hook_on_a_layer_with_its_own_forward_refused():
-    """A rule that runs its own forward for a layer (C3A) would bypass an accelerate hook placed on
-    that very layer: refused, naming the layer, instead of running with the hook skipped."""
+def test_accelerate_hook_on_a_layer_with_its_own_forward_runs_inside_it():
+    """A rule that runs its own forward for a layer (C3A; OFT and PSOFT do it for their rotation
+    modules) installs it inside an accelerate hook placed on that very layer (``_old_forward``),
+    so the hook still runs, and the result is the independent reference's."""
     from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
 
     model = build(case("c3a"))
     tree = funcadapt.extract(model)
     path = tree.layers[0].path
-    add_hook_to_module(model.get_submodule(path), ModelHook())
+    with torch.no_grad(), reference_interpolation(model, -1.0):
+        want = output(model(**inputs()))
+    add_hook_to_module(model.get_submodule(path), Counting())
     before = snapshot(model)
-    with pytest.raises(ValueError, match=rf"layer '{path}' carries an accelerate hook"):
-        funcadapt.call(model, funcadapt.transform(tree, -1.0), **inputs())
+    got = _logits(model, funcadapt.transform(tree, -1.0))
+    assert Counting.calls == 1, "the layer's accelerate hook did not run"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not funcadapt.swap.active_frames()
     assert_unchanged(model, before)
 

@@ -298,6 +298,12 @@ def find_rule(layer: Any, adapter: str) -> Rule | None:
 # the parameter is float64) and cast back, so bf16 adapters lose nothing extra.
 
 
+def known_value(t: Tensor) -> float | None:
+    """A one-element tensor's value, or None where it has none to read here (offloaded to ``meta``
+    by accelerate, which loads it only when its layer runs)."""
+    return None if t.device.type == "meta" else float(t.item())
+
+
 def is_number(c: object) -> bool:
     return isinstance(c, Number) and not isinstance(c, bool)
 

@@ -35,7 +35,7 @@ from peft.utils import UPCAST_DTYPES
 from torch import Tensor, nn
 
 from ..rows import rows_mismatch
-from .base import Coeff, Patch, Rule, RuleDoc, register, scaling, swap_under_transforms
+from .base import Coeff, Patch, Rule, RuleDoc, known_value, register, scaling, swap_under_transforms
 from .lora_mha import LORA_MHA as LORA_MHA_RULE
 
 _SVD4BIT: Any
@@ -210,7 +210,7 @@ ADALORA = register(
         commutative=True,
         geometric=_adalora_linear,
         patches=_adalora_patches,
-        static=lambda layer, a: {"scaling": layer.scaling.get(a), "ranknum": float(layer.ranknum[a].item())},
+        static=lambda layer, a: {"scaling": layer.scaling.get(a), "ranknum": known_value(layer.ranknum[a])},
     )
 )
 
