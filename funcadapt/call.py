@@ -24,9 +24,19 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from . import engines, quantized
-from .rows import rows_mismatch, runs
-from .rules.base import Coeff, Patch, Rule, access_of, is_adapter_layer, is_number, same_coeff, under_transforms
+from . import engines, models, quantized
+from .rows import BATCH_MAJOR, row_coefficients, runs
+from .rules.base import (
+    Coeff,
+    Patch,
+    Rule,
+    access_of,
+    is_adapter_layer,
+    is_number,
+    same_coeff,
+    swap_under_transforms,
+    under_transforms,
+)
 from .structure import Structure, active_adapters, adapters_disabled, layer_adapters, structure
 from .swap import Frame, check_thread, run_undo
 from .transform import LayerEffect, Transformed
@@ -69,6 +79,13 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
     bnb = known.bnb_linears
     builders.append(lambda: quantized.patches(bnb, runs(columns) if bnb and columns else None))
     builders.append(lambda: _input_grad_hooks(modules))
+    plain_forwards = known.plain_forwards
+    if plain_forwards:
+        builders.append(lambda: [swap_under_transforms(m, "forward", fn) for m, fn in plain_forwards])
+    one = _vmapped_one(tensors, effects) if under_transforms() else None
+    if one is not None:
+        embeddings = known.embeddings
+        builders.append(lambda: [Patch(m, "forward", functools.partial(_times, one), wrap=True) for m in embeddings])
     # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
     # layers they belong to still get their patches above
     swapped = {k: v for k, v in tensors.items() if k in replaced}
@@ -208,12 +225,24 @@ def _layer_builders(
         for key, names in known.owners(e.spec).items():
             owners.setdefault(key, [_owner(modules, name) for name in names if name.rpartition(".")[0] in modules])
     builders.append(functools.partial(_jit_patches, path, layer, recipes, owners, loads))
-    builders.extend(_output_builders(path, layer, per_adapter, rule_of))
+    builders.extend(_output_builders(path, layer, per_adapter, rule_of, modules))
     return builders
 
 
+def _batch_major(path: str, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether the model runs the layer at ``path`` on its batch flattened batch-major (see
+    :data:`funcadapt.rows.BATCH_MAJOR`)."""
+    parent, _, attr = path.rpartition(".")
+    holder = modules.get(parent)
+    return holder is not None and attr in BATCH_MAJOR.get(models.qualified(type(holder)), ())
+
+
 def _output_builders(
-    path: str, layer: Any, per_adapter: Mapping[str, Mapping[str, Coeff]], rule_of: Callable[[str], Rule | None]
+    path: str,
+    layer: Any,
+    per_adapter: Mapping[str, Mapping[str, Coeff]],
+    rule_of: Callable[[str], Rule | None],
+    modules: Mapping[str, nn.Module],
 ) -> list[Callable[[], list[Patch]]]:
     """The output interpolation (one coefficient, or one per row) of the adapters that ask for it."""
     interp = {a: args["interp"] for a, args in per_adapter.items() if "interp" in args}
@@ -224,12 +253,17 @@ def _output_builders(
             f"coefficient for the whole batch; both are interpolated at the layer output, so give them the "
             f"same kind of coefficient (or modify them in separate calls)"
         )
-    fast = _row_scaling(layer, rows, rule_of) if rows else None
+    batch_major = bool(rows) and _batch_major(path, modules)
+    fast = _row_scaling(path, layer, rows, rule_of, batch_major) if rows else None
     if fast is not None:
         return [functools.partial(list, fast)]
     if interp or rows:
         reuse_base = bool(rows) and _reusable_base(layer, set(rows), rule_of)
-        return [_interpolation(path, layer, interp or rows, per_row=bool(rows), reuse_base=reuse_base)]
+        return [
+            _interpolation(
+                path, layer, interp or rows, per_row=bool(rows), reuse_base=reuse_base, batch_major=batch_major
+            )
+        ]
     return []
 
 
@@ -298,6 +332,46 @@ def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callabl
             run_undo(undo)
 
     return applied
+
+
+def _vmapped_one(tensors: Mapping[str, Tensor], effects: tuple[LayerEffect, ...]) -> Tensor | None:
+    """Under torch.func.vmap: a 1 batched at every vmap level that batches a coefficient or a tensor
+    of ``params`` (None if none does).
+
+    Multiplying the model's embeddings by it makes every activation batched from the first layer
+    on, instead of from the first adapted layer: models that add a batched tensor into an unbatched
+    one in place (Falcon's parallel attention: ``mlp_output += attention_output``, whose MLP branch
+    reads the unadapted input) then run, and nothing changes numerically (x·1 = x)."""
+    leaves = [*pytree.tree_leaves([(e.coeff, dict(e.forward)) for e in effects]), *tensors.values()]
+    one: Tensor | None = None
+    seen: set[tuple[int, ...]] = set()
+    for leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            continue
+        levels = _vmap_levels(leaf)
+        if levels and levels not in seen:
+            seen.add(levels)
+            ones = torch.ones_like(leaf.detach().reshape(-1)[:1]).reshape(())
+            one = ones if one is None else one * ones
+    return one
+
+
+def _vmap_levels(t: Tensor) -> tuple[int, ...]:
+    """The vmap levels that batch ``t`` (through grad's wrappers too)."""
+    levels = []
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            levels.append(torch._C._functorch.maybe_get_level(t))
+        t = torch._C._functorch.get_unwrapped(t)
+    return tuple(levels)
+
+
+def _times(one: Tensor, forward: Callable[..., Any]) -> Callable[..., Any]:
+    def batched(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        return out * one.to(out.dtype) if isinstance(out, Tensor) and out.is_floating_point() else out
+
+    return batched
 
 
 def _thread_guarded(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -420,12 +494,18 @@ def _adapter_of(modules: Mapping[str, nn.Module], key: str) -> tuple[str, str] |
 
 
 def _interpolation(
-    path: str, layer: Any, coeffs: Mapping[str, Coeff], per_row: bool = False, reuse_base: bool = False
+    path: str,
+    layer: Any,
+    coeffs: Mapping[str, Coeff],
+    per_row: bool = False,
+    reuse_base: bool = False,
+    batch_major: bool = False,
 ) -> Callable[[], list[Patch]]:
     """The exact fallback: ``y = y0 + c·(y1 − y0)``, y0 with these adapters switched off.
 
     ``per_row``: ``c`` is a 1-D tensor with one coefficient per row (first axis) of the
-    layer's output. When every adapter on the layer is interpolated and all of them are
+    layer's output (each repeated per token where the model flattened its batch batch-major:
+    ``batch_major``). When every adapter on the layer is interpolated and all of them are
     additive (``y1 = base_layer(x) + Δ(x)``), ``y0`` is the base layer's output captured
     while ``y1`` runs, so the base layer runs once instead of twice. Layers read through a
     :class:`~funcadapt.rules.base.LayerAccess` (adaption prompt) always take y0 that way, from
@@ -505,8 +585,7 @@ def _interpolation(
         k = c.to(device=y0.device, dtype=y0.dtype) if isinstance(c, Tensor) else c
         if per_row:
             assert isinstance(k, Tensor)
-            if y0.dim() == 0 or y0.shape[0] != k.shape[0]:
-                raise rows_mismatch(f"layer {path!r}", y0.shape[0] if y0.dim() else 0, k.shape[0])
+            k = row_coefficients(f"layer {path!r}", k, y0.shape[0] if y0.dim() else 0, batch_major)
             k = k.reshape(-1, *([1] * (y0.dim() - 1)))
         # torch.lerp is y0 + k·(y1 − y0), evaluated so that k = 0 gives y0 and k = 1 gives y1 bit for bit
         return torch.lerp(y0, y1, k)
@@ -514,13 +593,18 @@ def _interpolation(
     return lambda: [Patch(layer, "forward", wrap, wrap=True)]
 
 
-def _row_scaling(layer: Any, rows: Mapping[str, Any], rule_of: Callable[[str], Rule | None]) -> list[Patch] | None:
+def _row_scaling(
+    path: str, layer: Any, rows: Mapping[str, Any], rule_of: Callable[[str], Rule | None], batch_major: bool
+) -> list[Patch] | None:
     """The rules' own per-row patches for every adapter given per-row coefficients on this layer,
     or None (then the layer output is interpolated row by row)."""
     patches: list[Patch] = []
     for adapter, c in rows.items():
         rule = rule_of(adapter)
-        found = rule.row_scale(layer, adapter, c) if rule is not None and rule.row_scale is not None else None
+        if rule is None or rule.row_scale is None:
+            return None
+        where = f"layer {path!r} adapter {adapter!r}"
+        found = rule.row_scale(layer, adapter, functools.partial(row_coefficients, where, c, batch_major=batch_major))
         if found is None:
             return None
         patches.extend(found)
@@ -583,7 +667,7 @@ def vmap(
         try:
             return mapped(*args, **kwargs)
         except RuntimeError as e:
-            error = engines.ddp_vmap_error() if engines.raised_in_ddp_sink(e) else None
+            error = engines.ddp_vmap_error() if engines.raised_in_ddp_sink(e) else models.custom_function_error(e)
             if error is None:
                 raise
             raise error from e

@@ -55,9 +55,11 @@ class PerRow:
         return f"PerRow({shown}{', groups' if self.groups is not None else ''})"
 
 
-def per_row(coeffs: Tensor | Sequence[Any], repeat: int = 1, groups: Any = None) -> PerRow:
+def per_row(coeffs: PerRow | Tensor | Sequence[Any], repeat: int = 1, groups: Any = None) -> PerRow:
     """Coefficients for a batch tiled with :func:`tile`: each of ``coeffs`` repeated ``repeat``
     times in a row, ``[c0]*repeat + [c1]*repeat + …``. With ``repeat=1``, one per row as given.
+    ``coeffs`` may be a :class:`PerRow` itself: each of its rows then repeated (``generate()`` with
+    ``num_beams=k`` runs k copies of each row in a row: ``per_row(rows, repeat=k)``).
 
     With ``groups`` (a grouping as :func:`funcadapt.transform` takes it), each of ``coeffs`` is a
     coefficient vector, one entry per group: ``coeffs`` has shape ``[N, G]`` and row ``i`` of the
@@ -65,6 +67,9 @@ def per_row(coeffs: Tensor | Sequence[Any], repeat: int = 1, groups: Any = None)
 
     ``coeffs`` may require grad (the gradient reaches it through every row that uses it).
     """
+    if isinstance(coeffs, PerRow):
+        groups = coeffs.groups if groups is None else groups
+        coeffs = coeffs.values
     values = coeffs if isinstance(coeffs, Tensor) else torch.tensor(list(coeffs))
     want = 1 if groups is None else 2
     if values.dim() != want:
@@ -172,11 +177,45 @@ def runs(columns: Sequence[Tensor]) -> tuple[int, ...]:
     return tuple(b - a for a, b in itertools.pairwise(bounds) if b > a)
 
 
+BATCH_MAJOR: dict[str, frozenset[str]] = {
+    # OPTDecoderLayer.forward: hidden_states.reshape(-1, hidden_states.size(-1)) before fc1 and fc2
+    "transformers.models.opt.modeling_opt.OPTDecoderLayer": frozenset({"fc1", "fc2"}),
+}
+"""Layers that their model runs on the batch flattened with the sequence, batch-major (``[B·T, …]``,
+row ``b·T + t`` is token t of batch row b), by the class of the module holding them and their
+attribute there, as read from the model's code. A per-row coefficient reaches such a layer's rows
+as ``c.repeat_interleave(T)``; elsewhere a layer whose output has a multiple of the coefficients'
+rows is refused, since its row order cannot be known."""
+
+
+def row_coefficients(where: str, c: Tensor, rows: int, batch_major: bool = False) -> Tensor:
+    """The coefficient of each of the ``rows`` rows of a layer's output, for per-row coefficients
+    ``c`` (one per batch row): ``c`` itself, or each repeated T times on a layer the model runs on
+    its batch flattened batch-major (``batch_major``, see :data:`BATCH_MAJOR`)."""
+    n = int(c.shape[0])
+    if rows == n:
+        return c
+    if rows > n and rows % n == 0:
+        if batch_major:
+            return c.repeat_interleave(rows // n)
+        k = rows // n
+        raise ValueError(
+            f"{where}: its output has {rows} rows, {k} for each of the {n} per-row coefficients. If you run "
+            f"generate() with num_beams or num_return_sequences = {k}, it runs {k} copies of each row in a row: "
+            f"give each coefficient {k} times as many rows, e.g. funcadapt.per_row(coeffs, repeat={k} * "
+            f"len(prompts)) where you had repeat=len(prompts) (or funcadapt.per_row(per_row_coeffs, "
+            f"repeat={k})). Otherwise the model flattens the batch at this layer (batch and sequence in one "
+            f"axis, or tokens routed to experts) in an order funcadapt cannot know, so no row can be given its "
+            f"coefficient there: run one call per coefficient, or funcadapt.vmap over the coefficients"
+        )
+    raise rows_mismatch(where, rows, n)
+
+
 def rows_mismatch(where: str, got: int, expected: int) -> ValueError:
     """The error for a layer whose output does not have one row per coefficient."""
     return ValueError(
         f"{where}: its output has {got} rows but {expected} per-row coefficients were given; give "
-        f"exactly one coefficient per row of the batch the model runs on (tile the batch with funcadapt.tile; "
-        f"generate() with num_beams or num_return_sequences = k runs on k copies of each row: use "
-        f"per_row(coeffs.repeat_interleave(k)))"
+        f"exactly one coefficient per row of the batch the model runs on: tile the batch with "
+        f"funcadapt.tile(batch, len(coeffs)) and build the coefficients with "
+        f"funcadapt.per_row(coeffs, repeat=<rows of the batch>)"
     )

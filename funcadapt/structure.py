@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import engines
+from . import engines, models
 from .quantized import BNB_LINEARS, base_of, check_supported
 from .quantized import kind as quantized_kind
 from .rules import base
@@ -127,6 +127,26 @@ class Structure:
     def bnb_linears(self) -> list[tuple[str, nn.Module]]:
         """(path, module) of every bitsandbytes linear layer."""
         return [(path, m) for path, m in ((path, ref()) for path, ref in self.bnb_refs) if m is not None]
+
+    @property
+    def embeddings(self) -> list[nn.Module]:
+        """The model's embedding layers, each once (where token ids become activations)."""
+        found = self.__dict__.get("_embeddings")
+        if found is None:
+            unique = {id(m): m for m in self.modules.values() if isinstance(m, nn.Embedding)}
+            found = self.__dict__["_embeddings"] = list(unique.values())
+        return found
+
+    @property
+    def plain_forwards(self) -> list[tuple[nn.Module, Any]]:
+        """(module, its forward in plain ops) for the model's modules that torch.func cannot run
+        (:mod:`funcadapt.models`), each once."""
+        found = self.__dict__.get("_plain_forwards")
+        if found is None:
+            unique = {id(m): m for m in self.modules.values()}
+            pairs = ((m, models.plain_forward(m)) for m in unique.values())
+            found = self.__dict__["_plain_forwards"] = [(m, f) for m, f in pairs if f is not None]
+        return found
 
     @property
     def checkpointing(self) -> list[nn.Module]:

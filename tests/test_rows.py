@@ -188,25 +188,40 @@ def test_generate_greedy_rows_equal_separate(attn):
 
 
 def test_generate_beams_need_expanded_coefficients():
-    """num_beams = k runs on k copies of each row: a coefficient per original row is refused
-    with a message saying how to expand it, and the expanded form equals separate runs."""
+    """num_beams = k runs k copies of each row in a row: coefficients for the tiled batch are refused
+    with a message whose fixes run as written (on a list of coefficients and on a PerRow), and the
+    expanded coefficients equal separate runs."""
     model = generating_model()
     prompts = {k: v[:2] for k, v in left_padded_prompts().items()}
     config = GenerationConfig(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0, eos_token_id=None)
-    coeffs = torch.tensor([1.0, -1.0])
+    coeffs = [1.0, -1.0]  # a list, as in README
+    batch = funcadapt.tile(prompts, len(coeffs))
+    per_row_coeffs = funcadapt.per_row(coeffs, repeat=len(prompts["input_ids"]))
     before = snapshot(model)
-    with (
-        pytest.raises(ValueError, match="repeat_interleave"),
-        AdapterModifier(model, "scale", funcadapt.per_row(coeffs)),
-    ):
-        model.generate(**prompts, generation_config=config)
+    with pytest.raises(ValueError, match="num_beams") as info, AdapterModifier(model, "scale", per_row_coeffs):
+        model.generate(**batch, generation_config=config)
     assert_unchanged(model, before)
-    with AdapterModifier(model, "scale", funcadapt.per_row(coeffs.repeat_interleave(2))):
-        together = model.generate(**prompts, generation_config=config)
-    for i, c in enumerate(coeffs.tolist()):
+    message = str(info.value)
+    fixes = re.findall(r"funcadapt\.per_row\([^()]*(?:\([^()]*\))?[^()]*\)", message)
+    assert len(fixes) == 2, message
+    alone = []
+    for c in coeffs:
         with AdapterModifier(model, "scale", c):
-            alone = model.generate(**{k: v[i : i + 1] for k, v in prompts.items()}, generation_config=config)
-        assert torch.equal(together[i : i + 1], alone)
+            alone.append(model.generate(**prompts, generation_config=config))
+    for fix in fixes:  # each suggested fix, evaluated as written
+        expanded = eval(
+            fix,
+            {
+                "funcadapt": funcadapt,
+                "coeffs": coeffs,
+                "prompts": prompts["input_ids"],
+                "per_row_coeffs": per_row_coeffs,
+            },
+        )
+        with AdapterModifier(model, "scale", expanded):
+            together = model.generate(**batch, generation_config=config)
+        assert torch.equal(together, torch.cat(alone)), fix
+    assert not torch.equal(alone[0], alone[1])
 
 
 def test_generate_sampling_uses_each_rows_distribution():

@@ -22,7 +22,7 @@ use the same exact fallback.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -34,7 +34,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import UPCAST_DTYPES
 from torch import Tensor, nn
 
-from ..rows import rows_mismatch
 from .base import Coeff, Patch, Rule, RuleDoc, known_value, register, scaling, swap_under_transforms
 from .lora_mha import LORA_MHA as LORA_MHA_RULE
 
@@ -258,7 +257,7 @@ LORA_VARIANT = register(
 )
 
 
-def _lora_rows(layer: Any, adapter: str, c: Tensor) -> list[Patch] | None:
+def _lora_rows(layer: Any, adapter: str, coeffs_for: Callable[[int], Tensor]) -> list[Patch] | None:
     """Per-row coefficients for vanilla LoRA: PEFT adds ``lora_B(lora_A(dropout(x))) · s``, and a
     bias-free B is linear, so scaling B's rank-r input row by row by c[i] scales row i's update by
     c[i] exactly, for the cost of one multiply on (batch, …, r). Embedding LoRA (no B module) and
@@ -269,11 +268,10 @@ def _lora_rows(layer: Any, adapter: str, c: Tensor) -> list[Patch] | None:
 
     def wrap(current: Any) -> Any:
         def row_scaled(h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            if h.dim() == 0 or h.shape[0] != c.shape[0]:
-                where = f"LoRA layer ({type(layer).__name__}) adapter {adapter!r}"
-                raise rows_mismatch(where, h.shape[0] if h.dim() else 0, c.shape[0])
-            k = c.to(device=h.device, dtype=torch.float32).reshape(-1, *([1] * (h.dim() - 1)))
-            return current((h.float() * k).to(h.dtype), *args, **kwargs)
+            c = coeffs_for(h.shape[0] if h.dim() else 0)
+            dtype = torch.promote_types(h.dtype, torch.float32)  # float32 at least, float64 kept
+            k = c.to(device=h.device, dtype=dtype).reshape(-1, *([1] * (h.dim() - 1)))
+            return current((h.to(dtype) * k).to(h.dtype), *args, **kwargs)
 
         return row_scaled
 

@@ -1,0 +1,65 @@
+"""Model modules (outside PEFT) whose forward torch.func transforms cannot run, and the same math in
+plain ops, swapped in under transforms only (outside them the model's own code runs).
+
+torch.func.vmap and grad refuse an ``autograd.Function`` without ``setup_context``. Where a model
+computes a plain function through one, the same function in plain differentiable ops gives the same
+values and, through autograd, the derivative the Function's hand-written backward implements (to
+float rounding). Other such Functions are reported by :func:`funcadapt.vmap` with the module named
+(see :func:`custom_function_error`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+PLAIN_FORWARDS: dict[str, tuple[str, str]] = {
+    # GeLUFunction: the tanh-approximated GELU x·½·(1 + tanh(0.79788456·x·(1 + 0.044715·x²)))
+    "transformers.models.bloom.modeling_bloom.BloomGelu": (
+        "transformers.models.bloom.modeling_bloom",
+        "bloom_gelu_forward",
+    ),
+}
+"""Module class (``module.qualname``) -> (module, function) computing its forward from its input."""
+
+
+def qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def plain_forward(module: nn.Module) -> Callable[..., Any] | None:
+    """``fn(module, *args)``: the module's forward in plain ops, if it is registered."""
+    found = PLAIN_FORWARDS.get(qualified(type(module)))
+    if found is None:
+        return None
+    function = getattr(importlib.import_module(found[0]), found[1])
+
+    def forward(_: nn.Module, x: Tensor) -> Tensor:
+        return function(x)
+
+    return forward
+
+
+def custom_function_error(error: BaseException) -> ValueError | None:
+    """For torch's refusal of an ``autograd.Function`` under torch.func transforms: the error naming the
+    innermost module whose forward was running, and what works instead (None for other errors)."""
+    if "setup_context" not in str(error):
+        return None
+    module: nn.Module | None = None
+    tb: types.TracebackType | None = error.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if isinstance(candidate, nn.Module) and tb.tb_frame.f_code.co_name in ("forward", "_call_impl"):
+            module = candidate
+        tb = tb.tb_next
+    where = f"module {qualified(type(module))}" if module is not None else "a module of the model"
+    return ValueError(
+        f"{where} computes through an autograd.Function without setup_context, which torch.func.vmap cannot "
+        f"run (torch: {str(error).splitlines()[0]}). Evaluate the coefficients without vmap: a coefficient "
+        f"batch (funcadapt.per_row on a funcadapt.tile'd batch, one forward), or one funcadapt.call / "
+        f"AdapterModifier pass per coefficient (funcadapt.sweep does this for you)"
+    )
