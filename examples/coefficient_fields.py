@@ -266,13 +266,11 @@ def save_plot(result: funcadapt.Attribution, out: Path, quick: bool) -> str:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    axes = result.plot()
-    axes[0].figure.suptitle(
-        f"{'tiny random model' if quick else 'SmolLM2-135M'} · LoRA, per-block attribution", fontsize=10
-    )
+    fig = result.plot()
+    fig.suptitle(f"{'tiny random model' if quick else 'SmolLM2-135M'} · LoRA, per-block attribution", fontsize=10)
     path = out / f"attribution{'_quick' if quick else ''}.png"
-    axes[0].figure.savefig(path, dpi=120)
-    plt.close(axes[0].figure)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"   plot: {path}")
     return str(path)
 

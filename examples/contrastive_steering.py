@@ -386,12 +386,13 @@ def save_plot(sweep: funcadapt.Sweep, out: Path, args: argparse.Namespace) -> st
         print("(matplotlib not installed: no plot)")
         return None
     out.mkdir(parents=True, exist_ok=True)
-    ax = sweep.plot()
+    fig = sweep.plot()
+    ax = fig.axes[0]
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_title(f"{'tiny random model' if args.quick else 'SmolLM2-135M'} · {args.adapter}, held-out prompts")
     path = out / f"sweep_{args.adapter}{'_quick' if args.quick else ''}.png"
-    ax.figure.savefig(path, dpi=120)
-    plt.close(ax.figure)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"sweep plot: {path}")
     return str(path)
 

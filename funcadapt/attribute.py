@@ -72,7 +72,8 @@ class Attribution:
     def plot(self, axes: Any = None) -> Any:
         """Two bar charts over the groups: switching each group off (exact effect beside its estimate
         −∂metric/∂v_g at v = 1) and switching it on alone (exact beside ∂metric/∂v_g at v = 0).
-        Returns the two matplotlib Axes."""
+        Like every funcadapt ``plot()``, it returns the matplotlib Figure it drew on (its two Axes
+        are ``fig.axes``); ``axes``: two Axes to draw on instead of a new figure."""
         import matplotlib.pyplot as plt
 
         if axes is None:
@@ -91,7 +92,7 @@ class Attribution:
             ax.legend(fontsize=7)
         axes[-1].set_xticks(x, self.groups, rotation=90 if len(self.groups) > 12 else 0, fontsize=7)
         axes[-1].set_xlabel("layer group")
-        return axes
+        return axes[0].figure
 
     def __repr__(self) -> str:
         return f"Attribution({self.name}, {len(self.groups)} groups, {self.method})"

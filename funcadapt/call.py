@@ -40,6 +40,7 @@ from .rules.base import (
 from .structure import Structure, active_adapters, adapters_disabled, layer_adapters, structure
 from .swap import Frame, check_thread, run_undo
 from .transform import LayerEffect, Transformed
+from .tree import AdapterTree
 
 
 def call(model: nn.Module, params: Transformed | Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
@@ -106,12 +107,31 @@ def _unpack(
     if isinstance(params, Transformed):
         extracted = set(params.tree.params) if params.tree.own else set()
         return dict(params.tree.params), params.effects, extracted
+    if not isinstance(params, Mapping):
+        raise TypeError(_not_params(params))
     tensors = {}
     for key, value in params.items():
         if not isinstance(value, Tensor):
             raise TypeError(f"params[{key!r}] is a {type(value).__name__}, not a tensor")
         tensors[key] = value
     return tensors, (), set()
+
+
+def _not_params(params: object) -> str:
+    """What to say when ``call`` gets something other than params."""
+    fix = "funcadapt.call(model, funcadapt.transform(funcadapt.extract(model), -1.0), **batch)"
+    if isinstance(params, AdapterTree):
+        what = "the AdapterTree itself (what funcadapt.extract returns), not a transform of it"
+        fix = "funcadapt.call(model, funcadapt.transform(tree, -1.0), **batch)"
+    elif is_number(params) or isinstance(params, Tensor):
+        what = f"a coefficient ({params!r}), not params"
+    else:
+        what = f"a {type(params).__name__}"
+    return (
+        f"funcadapt.call(model, params, ...) takes params: what funcadapt.transform(tree, coeff) returns, or a "
+        f"{{parameter key: tensor}} dict; it got {what}. For example: {fix}, or with a context manager: "
+        f"with funcadapt.AdapterModifier(model, 'scale', -1.0): model(**batch)"
+    )
 
 
 def _refuse_fsdp1_under_transforms(engine: str | None) -> None:

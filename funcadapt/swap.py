@@ -23,6 +23,7 @@ autograd worker thread) replays the frames of the thread that ran the forward.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import inspect
@@ -417,9 +418,9 @@ def _warn_if_orphaned(module: Any) -> None:
             continue
         frame._warned = True
         warnings.warn(
-            f"{frame.describe()} is still active, but the function that entered it has returned: every forward "
-            f"of this model still runs with it. Exit it (use a `with` block, or call __exit__); "
-            f"funcadapt.active_contexts(model) lists the contexts that are open",
+            f"{frame.describe()} is still active, but the code that entered it (a function, a notebook cell, a "
+            f"REPL statement) has finished: every forward of this model still runs with it. Exit it (use a "
+            f"`with` block, or call __exit__); funcadapt.active_contexts(model) lists the contexts that are open",
             OpenContextWarning,
             stacklevel=_user_stacklevel(),
         )
@@ -446,6 +447,24 @@ def active_contexts(model: nn.Module | None = None) -> list[ActiveContext]:
         modules = {id(m) for m in model.modules()}
         frames = [f for f in frames if id(f.root) in modules or any(i in modules for i in f._guarded_ids)]
     return [ActiveContext(f.label, f.where, f._thread, f.root) for f in frames]
+
+
+def _report_open_at_exit() -> None:
+    """At interpreter exit, warn about every context still applied: one entered at a script's top
+    level stays on the stack until the script ends, so no forward could tell it was forgotten."""
+    with _OWNERS_LOCK:
+        frames = [f for f in _APPLIED.values() if not f._warned]
+    if frames:
+        shown = "; ".join(f.describe() for f in frames)
+        warnings.warn(
+            f"funcadapt context(s) never exited: {shown}. Every forward after they were entered ran with them. "
+            f"Use a `with` block, or call __exit__",
+            OpenContextWarning,
+            stacklevel=1,
+        )
+
+
+atexit.register(_report_open_at_exit)
 
 
 def active_frames() -> tuple[Frame, ...]:

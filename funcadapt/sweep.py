@@ -74,10 +74,13 @@ class Sweep:
     def plot(self, ax: Any = None, label: str | None = None, **line_kwargs: Any) -> Any:
         """A line of the metric over c (per-example metrics: the mean, with a ±1 std band).
         Marks c = 0 (base model) and c = 1 (trained adapter); over coefficient vectors (groups),
-        the x axis is the vector's row in ``coeffs``. Returns the matplotlib Axes.
+        the x axis is the vector's row in ``coeffs``.
 
-        Without ``ax`` it draws on a new figure with a constrained layout, so the axis labels
-        stay inside the figure when it is saved; a given ``ax``'s figure is left as it is."""
+        Like every funcadapt ``plot()``, it returns the matplotlib Figure it drew on (its Axes are
+        ``fig.axes``; ``fig.savefig(path)`` saves it). Without ``ax`` that is a new figure with a
+        constrained layout, so the axis labels stay inside it when it is saved; a given ``ax`` is
+        drawn on and its figure's layout left as it is (overlay sweeps with
+        ``b.plot(ax=a.plot().axes[0])``)."""
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -98,7 +101,7 @@ class Sweep:
             ax.set_xlabel("coefficient c")
         if not ax.get_ylabel():
             ax.set_ylabel(self.name)
-        return ax
+        return ax.figure
 
     def __repr__(self) -> str:
         return f"Sweep({self.name}, {len(self.coeffs)} coefficients, values {tuple(self.values.shape)}, {self.method})"

@@ -410,6 +410,8 @@ def _shifts(tree: AdapterTree, value: Any) -> list[LayerEffect]:
     else:
         if isinstance(value, Mapping) and any(k in tree.params for k in value):
             _check_known_keys(tree, value, "shift")
+        if isinstance(value, Mapping):
+            _check_shift_keys(tree, value)
         per_adapter = _per_adapter(tree, value, _check_coeff)
 
         def deltas(spec: LayerSpec) -> dict[str, Any]:
@@ -424,6 +426,19 @@ def _shifts(tree: AdapterTree, value: Any) -> list[LayerEffect]:
         if d:
             effects.append(LayerEffect(spec, _shifted, d))
     return effects
+
+
+def _check_shift_keys(tree: AdapterTree, value: Mapping[str, Any]) -> None:
+    """``shift`` takes ``{adapter: amount}`` or ``{parameter key: tensor}``: a key that is neither is
+    named with both readings."""
+    unknown = sorted(k for k in value if k not in tree.adapters and k not in tree.left_out and k not in tree.params)
+    if unknown:
+        example = next(iter(tree.params), "")
+        raise ValueError(
+            f"shift: {unknown} is neither an adapter name nor a parameter key. op='shift' takes "
+            f"{{adapter: amount}} (this tree's adapters: {list(tree.adapters)}) or {{parameter key: tensor}} "
+            f"(keys of tree.params, such as {example!r})"
+        )
 
 
 def _shifted(spec: LayerSpec, p: Mapping[str, Tensor], deltas: Mapping[str, Any]) -> Effect:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -165,7 +166,7 @@ def test_a_context_left_open_is_listed_and_warns_once_at_the_next_forward():
         assert active.what == "AdapterModifier(op='scale', value=-1.0, mode='linear')"
         assert active.where.startswith(__file__) and active.model is model
         assert funcadapt.active_contexts(build(case("ia3"))) == []
-        with pytest.warns(funcadapt.OpenContextWarning, match=r"still active, but the function that entered it") as w:
+        with pytest.warns(funcadapt.OpenContextWarning, match=r"still active, but the code that entered it") as w:
             model(**BATCH)
         assert w[0].filename == __file__  # pointed at the user's forward, not at torch
         with warnings.catch_warnings():
@@ -174,6 +175,56 @@ def test_a_context_left_open_is_listed_and_warns_once_at_the_next_forward():
     finally:
         context.__exit__(None, None, None)
     assert funcadapt.active_contexts() == []
+
+
+NOTEBOOK = [
+    "import warnings; warnings.simplefilter('always')\nimport funcadapt, cases\n"
+    "model = cases.build(cases.case('lora'))",
+    "context = funcadapt.AdapterModifier(model, 'scale', -1.0)\ncontext.__enter__()",
+    "model(**cases.inputs())",
+]
+
+
+def _run_python(code: str, stdin: str | None = None, args: tuple[str, ...] = ()) -> str:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, *args, "-c", code] if code else [sys.executable, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    return done.stderr
+
+
+def test_a_context_left_open_at_a_scripts_top_level_warns_at_exit():
+    """At a script's top level the entering code never returns before the script ends, so no forward
+    can tell the context was forgotten: it is reported when the interpreter exits."""
+    stderr = _run_python("\n".join(NOTEBOOK))
+    assert "OpenContextWarning: funcadapt context(s) never exited: AdapterModifier(op='scale'" in stderr, stderr
+
+
+def test_a_context_left_open_in_a_notebook_cell_or_repl_warns_at_the_next_cells_forward():
+    """Notebook cells (IPython's run_cell when installed, else the same exec of one code object per cell)
+    and REPL statements finish: the forward in the next one warns, pointing at it; exit then says nothing."""
+    cells = repr(NOTEBOOK)
+    shell = (
+        "try:\n    from IPython.core.interactiveshell import InteractiveShell\n"
+        "    run = InteractiveShell.instance().run_cell\n"
+        "except ImportError:\n    ns = {'__name__': '__main__'}\n"
+        "    def run(cell): exec(compile(cell, '<cell>', 'exec'), ns)\n"
+        f"for cell in {cells}:\n    run(cell)\n"
+        "import funcadapt\nfor c in funcadapt.active_contexts(): print('open', c)\n"
+    )
+    stderr = _run_python(shell)
+    assert stderr.count("OpenContextWarning") == 1 and "the code that entered it" in stderr, stderr
+    repl = _run_python("", stdin="\n".join(NOTEBOOK) + "\n", args=("-i",))
+    assert repl.count("OpenContextWarning") == 1 and "the code that entered it" in repl, repl
 
 
 def test_no_warning_for_contexts_in_use():
@@ -204,8 +255,11 @@ def test_out_of_order_exit_names_the_context_still_open():
     model = build(case("lora"))
     outer = AdapterModifier(model, "scale", -1.0).__enter__()
     inner = AdapterModifier(model, "disable").__enter__()
-    with pytest.raises(RuntimeError, match=r"AdapterModifier\(op='scale'.*cannot exit while AdapterModifier\(op="
-                       r"'disable'.*test_bad_input.py:\d+\) is still open inside it; exit that one first"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"AdapterModifier\(op='scale'.*cannot exit while AdapterModifier\(op="
+        r"'disable'.*test_bad_input.py:\d+\) is still open inside it; exit that one first",
+    ):
         outer.__exit__(None, None, None)
     inner.__exit__(None, None, None)
     outer.__exit__(None, None, None)
@@ -308,3 +362,32 @@ def test_torch_compile_of_a_function_calling_transform():
     transform_module._WARNED_COMPILED_NUMBER = False
     with torch.no_grad(), pytest.warns(UserWarning, match=r"Python number .* Pass a 0-d tensor instead"):
         compiled(0.3)
+
+
+# ---------------------------------------------------------------- what call and shift take
+
+
+@pytest.mark.parametrize("given", ["tree", "number", "tensor"])
+def test_call_without_transform_says_what_it_takes(given):
+    """funcadapt.call(model, tree, ...) or call(model, -1.0, ...): a TypeError that says what call takes
+    and how to make it (before: AttributeError 'AdapterTree' object has no attribute 'items')."""
+    model = build(case("lora"))
+    tree = funcadapt.extract(model)
+    params = {"tree": tree, "number": -1.0, "tensor": torch.tensor(-1.0)}[given]
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"takes params: what funcadapt\.transform\(tree, coeff\) returns") as info:
+        funcadapt.call(model, params, **BATCH)
+    assert "funcadapt.transform(" in str(info.value) and "AdapterModifier" in str(info.value)
+    assert not funcadapt.swap.active_frames()
+    assert_unchanged(model, before)
+
+
+def test_shift_with_an_unknown_key_names_both_readings():
+    model = build(case("lora"))
+    tree = funcadapt.extract(model)
+    with pytest.raises(ValueError, match=r"\['foo'\] is neither an adapter name nor a parameter key.*\['default'\]"):
+        funcadapt.transform(tree, {"foo": torch.tensor(0.1)}, op="shift")
+    key = next(iter(tree.params))
+    shifted = funcadapt.transform(tree, {key: torch.tensor(0.1)}, op="shift")  # a key works
+    torch.testing.assert_close(shifted[key], tree.params[key] + 0.1)
+    assert funcadapt.transform(tree, {"default": 0.1}, op="shift")[key] is not tree.params[key]  # an adapter too

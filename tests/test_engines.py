@@ -354,3 +354,22 @@ def test_ddp_vmap_refusal_names_each_option():
     assert error is not None and "static_graph=True" in str(error) and "per_row" in str(error)
     error = engines.ddp_vmap_error(DistributedDataParallel(find_unused_parameters=True, static_graph=True))
     assert error is not None and "find_unused_parameters=True and static_graph=True" in str(error)
+
+
+def test_the_accelerate_fsdp_config_the_docs_name_exists_and_shards_decoder_layers():
+    """docs/distributed.md launches with examples/fsdp.yaml: it exists, accelerate's own loader reads
+    it as an FSDP2 config that wraps whole decoder layers (a class transformers has), not PEFT's
+    fsdp_auto_wrap_policy (adapter weights in units of their own, which funcadapt refuses). accelerate
+    does not shard on the CPU, so launching it is a GPU check, not run here."""
+    from pathlib import Path
+
+    import transformers.models.llama.modeling_llama
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parents[1]
+    assert "--config_file examples/fsdp.yaml" in (root / "docs" / "distributed.md").read_text()
+    config = load_config_from_file(str(root / "examples" / "fsdp.yaml"))
+    assert str(config.distributed_type).endswith("FSDP")
+    fsdp = config.fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert hasattr(transformers.models.llama.modeling_llama, fsdp["fsdp_transformer_layer_cls_to_wrap"])

@@ -96,8 +96,8 @@ def test_tidy_records_pandas_free_and_plot(tmp_path):
         "example": 1,
         "value": pytest.approx(float(examples.values[1, 1])),
     }
-    ax = scalar.plot()
-    examples.plot(ax=ax, label="per example")
+    ax = scalar.plot().axes[0]
+    assert examples.plot(ax=ax, label="per example") is ax.figure
     line = ax.get_lines()[0]
     assert list(line.get_xdata()) == pytest.approx(COEFFS.tolist())
     assert list(line.get_ydata()) == pytest.approx(scalar.values.tolist())
@@ -342,8 +342,8 @@ def test_plot_on_its_own_figure_keeps_the_labels_inside_when_saved(tmp_path):
     from matplotlib.layout_engine import ConstrainedLayoutEngine
 
     wide = funcadapt.Sweep(COEFFS, torch.tensor([-12345.5, -20000.0, 3.0, 15000.0, 25000.5]), "loop", "metric")
-    ax = wide.plot()
-    fig = ax.figure
+    fig = wide.plot()
+    (ax,) = fig.axes
     try:
         assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
         fig.savefig(tmp_path / "sweep.png")  # the default bbox: the figure as it is
@@ -366,7 +366,8 @@ def test_plot_on_a_given_axes_leaves_its_figure_alone():
     fig, ax = plt.subplots()
     try:
         before = fig.get_layout_engine()
-        assert funcadapt.Sweep(COEFFS, COEFFS, "loop").plot(ax=ax) is ax
+        assert funcadapt.Sweep(COEFFS, COEFFS, "loop").plot(ax=ax) is fig
+        assert ax.get_lines(), "nothing was drawn on the given Axes"
         assert fig.get_layout_engine() is before
     finally:
         plt.close(fig)
