@@ -93,7 +93,7 @@ def rotate(rot: Any, x: Tensor, ops: tuple = ()) -> Tensor:
             eye = torch.eye(r.shape[-1], device=r.device, dtype=r32.dtype)
             r = lerp(eye, r32, op[1]).to(r.dtype)
         else:
-            r = torch.linalg.inv(r.float()).to(r.dtype)
+            r = torch.linalg.inv(r.to(torch.promote_types(r.dtype, torch.float32))).to(r.dtype)
     shape = x.shape
     xx = rot._unfold(x) if len(shape) == 4 else x
     folded = xx.shape
