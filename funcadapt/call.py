@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from . import engines, models, quantized
-from .rows import BATCH_MAJOR, row_coefficients, runs
+from .rows import BATCH_MAJOR, row_coefficients
 from .rules.base import (
     Coeff,
     Patch,
@@ -76,26 +76,30 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
                 path, modules, known, touched.get(path, {}), tuple(recipes.get(path, ())), tuple(loads.get(path, ()))
             )
         )
-    columns = [e.forward["rows"] for e in effects if "rows" in e.forward]
-    bnb = known.bnb_linears
-    builders.append(lambda: quantized.patches(bnb, runs(columns) if bnb and columns else None))
+    columns = list({id(c): c for e in effects if "rows" in e.forward for c in [e.forward["rows"]]}.values())
+    bnb = [(path, m, _batch_major(path, modules)) for path, m in known.bnb_linears]
+    builders.append(lambda: quantized.patches(bnb, columns))
     builders.append(lambda: _input_grad_hooks(modules))
     plain_forwards = known.plain_forwards
     if plain_forwards:
         builders.append(lambda: [swap_under_transforms(m, "forward", fn) for m, fn in plain_forwards])
     one = _vmapped_one(tensors, effects) if under_transforms() else None
+    entries = known.adapted_blocks if one is not None else []
     if one is not None:
-        embeddings = known.embeddings
-        builders.append(lambda: [Patch(m, "forward", functools.partial(_times, one), wrap=True) for m in embeddings])
+        builders.append(lambda: [Patch(m, "forward", functools.partial(_batched, m, one), wrap=True) for m in entries])
     # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
     # layers they belong to still get their patches above
     swapped = {k: v for k, v in tensors.items() if k in replaced}
     # every module whose behaviour this call changes refuses other threads: the layers with
     # effects (the just-in-time wrapper checks itself) and the owners of swapped tensors
     changed = {path for path, _ in modified} | {k.rpartition(".")[0] for k in swapped if k not in known.adapter_of}
-    guarded = [modules[p] for p in {*changed, *recipes, *loads}]
-    plain = [modules[p] for p in changed if p not in recipes and p not in loads]
-    builders.append(lambda: [Patch(m, "forward", functools.partial(_thread_guarded, m), wrap=True) for m in plain])
+    # (the layers with just-in-time effects check too, inside an accelerate hook; this check comes first)
+    guarded = [*{id(m): m for m in [*(modules[p] for p in {*changed, *recipes, *loads}), *entries]}.values()]
+    builders.append(
+        lambda: [
+            Patch(m, "forward", functools.partial(_thread_guarded, m), wrap=True, outside_hooks=True) for m in guarded
+        ]
+    )
     return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded)
 
 
@@ -214,12 +218,15 @@ def _offloaded_tensors(modules: Mapping[str, nn.Module], known: Structure) -> di
     numbers, or an error); they are loaded just in time instead, whatever the call changes."""
     if known.engine is None or not known.engine.startswith("accelerate offload"):
         return {}
+    hosts = {known.host(info.path) for info in known.layers}
     out: dict[str, list[tuple[nn.Module, str]]] = {}
-    for host in {known.host(info.path) for info in known.layers}:
-        found = out.setdefault(host, [])
-        for path, module in modules.items():
-            if (path == host or path.startswith(host + ".")) and engines.offloaded(module):
-                found.extend((module, name) for name in (*module._parameters, *module._buffers))
+    for path, module in modules.items():
+        if not path or not engines.offloaded(module):
+            continue
+        parts = path.split(".")
+        host = next((h for h in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if h in hosts), None)
+        if host is not None:
+            out.setdefault(host, []).extend((module, name) for name in (*module._parameters, *module._buffers))
     return out
 
 
@@ -274,17 +281,41 @@ def _output_builders(
             f"same kind of coefficient (or modify them in separate calls)"
         )
     batch_major = bool(rows) and _batch_major(path, modules)
-    fast = _row_scaling(path, layer, rows, rule_of, batch_major) if rows else None
+    # on a layer its model runs on the batch flattened, the rows of the batch its holder receives
+    seen: list[int] = []
+    watch = [_watching_batch(modules[path.rpartition(".")[0]], seen)] if batch_major else []
+    fast = _row_scaling(path, layer, rows, rule_of, batch_major, seen) if rows else None
     if fast is not None:
-        return [functools.partial(list, fast)]
+        return [functools.partial(list, fast), *watch]
     if interp or rows:
         reuse_base = bool(rows) and _reusable_base(layer, set(rows), rule_of)
         return [
             _interpolation(
-                path, layer, interp or rows, per_row=bool(rows), reuse_base=reuse_base, batch_major=batch_major
-            )
+                path,
+                layer,
+                interp or rows,
+                per_row=bool(rows),
+                reuse_base=reuse_base,
+                batch_major=batch_major,
+                seen=seen,
+            ),
+            *watch,
         ]
     return []
+
+
+def _watching_batch(holder: nn.Module, seen: list[int]) -> Callable[[], list[Patch]]:
+    """A patch recording the rows of the hidden states ``holder`` receives (its first argument)."""
+
+    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            seen[:] = [int(hidden.shape[0])] if isinstance(hidden, Tensor) and hidden.dim() else []
+            return forward(*args, **kwargs)
+
+        return watched
+
+    return lambda: [Patch(holder, "forward", wrap, wrap=True)]
 
 
 _CHAIN = "_funcadapt_jit"
@@ -358,10 +389,12 @@ def _vmapped_one(tensors: Mapping[str, Tensor], effects: tuple[LayerEffect, ...]
     """Under torch.func.vmap: a 1 batched at every vmap level that batches a coefficient or a tensor
     of ``params`` (None if none does).
 
-    Multiplying the model's embeddings by it makes every activation batched from the first layer
-    on, instead of from the first adapted layer: models that add a batched tensor into an unbatched
-    one in place (Falcon's parallel attention: ``mlp_output += attention_output``, whose MLP branch
-    reads the unadapted input) then run, and nothing changes numerically (x·1 = x)."""
+    The input of every block holding an adapted layer (:attr:`Structure.adapted_blocks`) is multiplied
+    by it, so that every activation of such a block is batched, not only those after its adapted
+    layer: models that add a batched tensor into an unbatched one in place (Falcon's parallel
+    attention, ``mlp_output += attention_output``, whose MLP branch reads the block's input) then
+    run, and nothing changes numerically (x·1 = x). What runs before the first such block still
+    runs once."""
     leaves = [*pytree.tree_leaves([(e.coeff, dict(e.forward)) for e in effects]), *tensors.values()]
     one: Tensor | None = None
     seen: set[tuple[int, ...]] = set()
@@ -372,7 +405,7 @@ def _vmapped_one(tensors: Mapping[str, Tensor], effects: tuple[LayerEffect, ...]
         if levels and levels not in seen:
             seen.add(levels)
             ones = torch.ones_like(leaf.detach().reshape(-1)[:1]).reshape(())
-            one = ones if one is None else one * ones
+            one = ones if one is None else one * ones.to(one.device)
     return one
 
 
@@ -386,10 +419,21 @@ def _vmap_levels(t: Tensor) -> tuple[int, ...]:
     return tuple(levels)
 
 
-def _times(one: Tensor, forward: Callable[..., Any]) -> Callable[..., Any]:
+def _batched(module: nn.Module, one: Tensor, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` with its hidden states (the first positional argument, else ``hidden_states``, if a
+    floating tensor; an embedding's output) multiplied by ``one``, on their device."""
+
+    def by_one(t: Any) -> Any:
+        return t * one.to(device=t.device, dtype=t.dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
     def batched(*args: Any, **kwargs: Any) -> Any:
-        out = forward(*args, **kwargs)
-        return out * one.to(out.dtype) if isinstance(out, Tensor) and out.is_floating_point() else out
+        if isinstance(module, nn.Embedding):
+            return by_one(forward(*args, **kwargs))
+        if args:
+            return forward(by_one(args[0]), *args[1:], **kwargs)
+        if "hidden_states" in kwargs:
+            kwargs = {**kwargs, "hidden_states": by_one(kwargs["hidden_states"])}
+        return forward(*args, **kwargs)
 
     return batched
 
@@ -520,6 +564,7 @@ def _interpolation(
     per_row: bool = False,
     reuse_base: bool = False,
     batch_major: bool = False,
+    seen: Sequence[int] = (),
 ) -> Callable[[], list[Patch]]:
     """The exact fallback: ``y = y0 + c·(y1 − y0)``, y0 with these adapters switched off.
 
@@ -605,7 +650,8 @@ def _interpolation(
         k = c.to(device=y0.device, dtype=y0.dtype) if isinstance(c, Tensor) else c
         if per_row:
             assert isinstance(k, Tensor)
-            k = row_coefficients(f"layer {path!r}", k, y0.shape[0] if y0.dim() else 0, batch_major)
+            batch = seen[-1] if seen else None
+            k = row_coefficients(f"layer {path!r}", k, y0.shape[0] if y0.dim() else 0, batch_major, batch)
             k = k.reshape(-1, *([1] * (y0.dim() - 1)))
         # torch.lerp is y0 + k·(y1 − y0), evaluated so that k = 0 gives y0 and k = 1 gives y1 bit for bit
         return torch.lerp(y0, y1, k)
@@ -614,7 +660,12 @@ def _interpolation(
 
 
 def _row_scaling(
-    path: str, layer: Any, rows: Mapping[str, Any], rule_of: Callable[[str], Rule | None], batch_major: bool
+    path: str,
+    layer: Any,
+    rows: Mapping[str, Any],
+    rule_of: Callable[[str], Rule | None],
+    batch_major: bool,
+    seen: Sequence[int],
 ) -> list[Patch] | None:
     """The rules' own per-row patches for every adapter given per-row coefficients on this layer,
     or None (then the layer output is interpolated row by row)."""
@@ -624,7 +675,11 @@ def _row_scaling(
         if rule is None or rule.row_scale is None:
             return None
         where = f"layer {path!r} adapter {adapter!r}"
-        found = rule.row_scale(layer, adapter, functools.partial(row_coefficients, where, c, batch_major=batch_major))
+
+        def coeffs_for(n: int, where: str = where, c: Tensor = c) -> Tensor:
+            return row_coefficients(where, c, n, batch_major, seen[-1] if seen else None)
+
+        found = rule.row_scale(layer, adapter, coeffs_for)
         if found is None:
             return None
         patches.extend(found)

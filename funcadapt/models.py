@@ -44,7 +44,7 @@ def plain_forward(module: nn.Module) -> Callable[..., Any] | None:
     return forward
 
 
-def custom_function_error(error: BaseException) -> ValueError | None:
+def custom_function_error(error: BaseException) -> RuntimeError | None:
     """For torch's refusal of an ``autograd.Function`` under torch.func transforms: the error naming the
     innermost module whose forward was running, and what works instead (None for other errors)."""
     if "setup_context" not in str(error):
@@ -57,9 +57,10 @@ def custom_function_error(error: BaseException) -> ValueError | None:
             module = candidate
         tb = tb.tb_next
     where = f"module {qualified(type(module))}" if module is not None else "a module of the model"
-    return ValueError(
+    return RuntimeError(
         f"{where} computes through an autograd.Function without setup_context, which torch.func.vmap cannot "
-        f"run (torch: {str(error).splitlines()[0]}). Evaluate the coefficients without vmap: a coefficient "
-        f"batch (funcadapt.per_row on a funcadapt.tile'd batch, one forward), or one funcadapt.call / "
-        f"AdapterModifier pass per coefficient (funcadapt.sweep does this for you)"
+        f"run (torch: {str(error).splitlines()[0]}). Evaluate the coefficients without vmap, as a coefficient "
+        f"batch in one forward: with funcadapt.AdapterModifier(model, 'scale', funcadapt.per_row(coeffs, "
+        f"repeat=len(batch['input_ids']))): out = model(**funcadapt.tile(batch, len(coeffs))); or one "
+        f"AdapterModifier pass per coefficient; funcadapt.sweep(model, metric, coeffs, batch) picks for you"
     )

@@ -35,12 +35,13 @@ Other quantization backends (GPTQ, AWQ, HQQ, torchao, ...) are refused by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .rows import runs
 from .rules.base import Patch, under_transforms
 
 try:  # bitsandbytes is optional
@@ -178,8 +179,9 @@ def check_packed(path: str, layer: nn.Module, x: Tensor) -> None:
             f"gradient with respect to its input, on an input that requires grad: every gradient from before this "
             f"layer would be lost (bitsandbytes only warns). bitsandbytes converted the layer to that kernel, for "
             f"good, in an earlier eval-mode forward without gradients (on CPUs with AVX512-BF16). Load the model "
-            f"again and put its bitsandbytes layers in train mode (model.train()) before any forward whose "
-            f"gradients you need, and before the no-grad forwards that precede them (generate, evaluation)"
+            f"again and, before any forward without gradients (generate, evaluation), put its 4-bit layers in train "
+            f"mode, which changes nothing else about them: "
+            f"[m.train() for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]"
         )
 
 
@@ -209,11 +211,14 @@ def _in_train_mode(layer: nn.Module, forward: Callable[..., Tensor]) -> Callable
     return run
 
 
-def rows_coupled(layer: nn.Module) -> bool:
-    """Whether one row's output depends on the other rows of the call: LLM.int8 in inference
-    (eval mode, outlier ``threshold`` > 0) picks its fp16 outlier columns over all rows."""
-    state = getattr(layer, "state", None)
-    return kind(layer) == "int8" and not layer.training and float(getattr(state, "threshold", 0.0) or 0.0) > 0
+def rows_coupled(layer: nn.Module, x: Tensor) -> bool:
+    """Whether one row's output depends on the other rows of the call: LLM.int8 (outlier
+    ``threshold`` > 0) picks its fp16 outlier columns over all rows, except in train mode on the
+    CPU and XPU, where bitsandbytes runs a dequantising kernel instead (on CUDA train mode too
+    runs the outlier kernel)."""
+    if kind(layer) != "int8" or float(getattr(getattr(layer, "state", None), "threshold", 0.0) or 0.0) <= 0:
+        return False
+    return not (layer.training and x.device.type in ("cpu", "xpu"))
 
 
 def one_call_per_member(layer: nn.Module, x: Tensor) -> bool:
@@ -222,47 +227,74 @@ def one_call_per_member(layer: nn.Module, x: Tensor) -> bool:
     which bitsandbytes may route to its bfloat16 inference kernel, whose rounding is only known to
     be independent of the number of rows, not guaranteed (one call per member is what a loop runs,
     and costs that kernel nothing extra: it reads the packed weight, it does not dequantize it)."""
-    if rows_coupled(layer):
+    if rows_coupled(layer, x):
         return True
     return kind(layer) == "4bit" and not layer.training and x.device.type == "cpu"
 
 
+class Runs:
+    """The lengths of the runs of rows that share their per-row coefficients (:func:`funcadapt.rows.runs`),
+    computed when a row-coupled layer first needs them: one read of the coefficients, none otherwise."""
+
+    def __init__(self, columns: Sequence[Tensor]) -> None:
+        self.columns = columns
+        self._value: tuple[int, ...] | None = None
+
+    def value(self, path: str) -> tuple[int, ...]:
+        if self._value is None:
+            if any(torch._C._functorch.is_functorch_wrapped_tensor(c) for c in self.columns):
+                raise ValueError(
+                    f"bitsandbytes 8-bit layer {path!r} runs under torch.func transforms with per-row coefficients "
+                    f"that are themselves transformed (vmapped): LLM.int8 couples the rows of a call, and funcadapt "
+                    f"splits them by their coefficients, which it cannot read here. vmap over plain coefficients "
+                    f"instead (funcadapt.vmap(f)(torch.tensor([...]))), or run the per-row batch without vmap"
+                )
+            self._value = runs(self.columns)
+        return self._value
+
+
 def _by_runs(
-    path: str, forward: Callable[..., Tensor], x: Tensor, runs: tuple[int, ...], args: tuple, kwargs: dict
+    path: str,
+    forward: Callable[..., Tensor],
+    x: Tensor,
+    runs: tuple[int, ...],
+    batch_major: bool,
+    args: tuple,
+    kwargs: dict,
 ) -> Tensor:
     """``forward`` run on each run of rows that share their coefficients alone (``runs``: their lengths,
-    in rows of the batch; a layer whose model flattened batch and sequence sees a multiple of each),
-    as one call per coefficient would run it."""
+    in rows of the batch; a layer its model runs on the batch flattened batch-major sees a multiple of
+    each), as one call per coefficient would run it."""
     n, total = (x.shape[0] if x.dim() else 0), sum(runs)
-    if n == 0 or n % total:
+    if n != total and not (batch_major and n and n % total == 0):
         raise ValueError(
             f"bitsandbytes 8-bit layer {path!r} got {n} rows with {total} per-row coefficients: LLM.int8 picks its "
             f"outlier columns over all rows of a call, so the rows of each coefficient must run alone for the "
-            f"batch to equal one call per coefficient, and {n} rows do not split that way (the model routes or "
-            f"reshapes tokens before this layer). Run one call per coefficient, or torch.func.vmap over the "
-            f"coefficients (funcadapt.vmap), which runs this kernel on each coefficient's batch alone"
+            f"batch to equal one call per coefficient, and which of these {n} rows belong to which batch row is "
+            f"not known (the model routes or reshapes tokens before this layer). Run one call per coefficient, or "
+            f"funcadapt.vmap over the coefficients, which runs this kernel on each coefficient's batch alone"
         )
     scale = n // total
     return torch.cat([forward(block, *args, **kwargs) for block in x.split([r * scale for r in runs])])
 
 
 def _folding(
-    path: str, layer: nn.Module, runs: tuple[int, ...] | None
+    path: str, layer: nn.Module, runs: Runs | None, batch_major: bool
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Wrap the layer's current forward (PEFT's, or an accelerate hook's): refuse a packed kernel that
-    would drop a gradient; with per-row coefficients (``runs``: the lengths of the runs of rows that
-    share them), run a row-coupled kernel on each run alone; under torch.func transforms, fold the
-    vmapped axis (see :class:`FoldBatch`)."""
+    would drop a gradient; with per-row coefficients (``runs``), run a row-coupled kernel on each run
+    of rows sharing a coefficient alone; under torch.func transforms, fold the vmapped axis (see
+    :class:`FoldBatch`)."""
 
     def wrap(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
         def folded(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             check_packed(path, layer, x)
-            coupled = rows_coupled(layer)
+            split = runs is not None and rows_coupled(layer, x)
             kernel = _in_train_mode(layer, forward) if torch.is_grad_enabled() and would_convert(layer, x) else forward
 
             def run(t: Tensor) -> Tensor:
-                if coupled and runs is not None and len(runs) > 1:
-                    return _by_runs(path, kernel, t, runs, args, kwargs)
+                if split and runs is not None and len(lengths := runs.value(path)) > 1:
+                    return _by_runs(path, kernel, t, lengths, batch_major, args, kwargs)
                 return kernel(t, *args, **kwargs)
 
             if not under_transforms():
@@ -279,10 +311,16 @@ def _folding(
     return wrap
 
 
-def patches(linears: Iterable[tuple[str, nn.Module]], runs: tuple[int, ...] | None = None) -> list[Patch]:
-    """Forward swaps for the given bitsandbytes linears, (path, module) (all of a model's, adapted or
-    not); ``runs``: with per-row coefficients, the lengths of the runs of rows that share them."""
-    return [Patch(m, "forward", _folding(path, m, runs), wrap=True) for path, m in linears]
+def patches(linears: Iterable[tuple[str, nn.Module, bool]], columns: Sequence[Tensor] = ()) -> list[Patch]:
+    """Forward swaps for the given bitsandbytes linears, (path, module, whether its model runs it on
+    the batch flattened batch-major) (all of a model's, adapted or not); ``columns``: the call's
+    per-row coefficient vectors, if any. Installed outside an accelerate hook on the layer, so that
+    a refusal comes before the hook loads anything."""
+    shared = Runs(columns) if columns else None
+    return [
+        Patch(m, "forward", _folding(path, m, shared, batch_major), wrap=True, outside_hooks=True)
+        for path, m, batch_major in linears
+    ]
 
 
 _UNSUPPORTED = {

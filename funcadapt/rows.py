@@ -188,15 +188,18 @@ as ``c.repeat_interleave(T)``; elsewhere a layer whose output has a multiple of 
 rows is refused, since its row order cannot be known."""
 
 
-def row_coefficients(where: str, c: Tensor, rows: int, batch_major: bool = False) -> Tensor:
+def row_coefficients(where: str, c: Tensor, rows: int, batch_major: bool = False, batch: int | None = None) -> Tensor:
     """The coefficient of each of the ``rows`` rows of a layer's output, for per-row coefficients
     ``c`` (one per batch row): ``c`` itself, or each repeated T times on a layer the model runs on
-    its batch flattened batch-major (``batch_major``, see :data:`BATCH_MAJOR`)."""
+    its batch flattened batch-major (``batch_major``, see :data:`BATCH_MAJOR`; ``batch``: the rows of
+    the batch the module holding it received, which must be one per coefficient)."""
     n = int(c.shape[0])
     if rows == n:
         return c
     if rows > n and rows % n == 0:
         if batch_major:
+            if batch is not None and batch != n:
+                raise rows_mismatch(where, batch, n)
             return c.repeat_interleave(rows // n)
         k = rows // n
         raise ValueError(
@@ -214,8 +217,8 @@ def row_coefficients(where: str, c: Tensor, rows: int, batch_major: bool = False
 def rows_mismatch(where: str, got: int, expected: int) -> ValueError:
     """The error for a layer whose output does not have one row per coefficient."""
     return ValueError(
-        f"{where}: its output has {got} rows but {expected} per-row coefficients were given; give "
-        f"exactly one coefficient per row of the batch the model runs on: tile the batch with "
-        f"funcadapt.tile(batch, len(coeffs)) and build the coefficients with "
-        f"funcadapt.per_row(coeffs, repeat=<rows of the batch>)"
+        f"{where}: its output has {got} rows but {expected} per-row coefficients were given; give exactly one "
+        f"coefficient per row of the batch the model runs on: for a batch of B rows tiled with "
+        f"funcadapt.tile(batch, len(coeffs)), funcadapt.per_row(coeffs, repeat=len(batch['input_ids'])) "
+        f"gives len(coeffs)·B"
     )

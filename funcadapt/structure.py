@@ -129,13 +129,30 @@ class Structure:
         return [(path, m) for path, m in ((path, ref()) for path, ref in self.bnb_refs) if m is not None]
 
     @property
-    def embeddings(self) -> list[nn.Module]:
-        """The model's embedding layers, each once (where token ids become activations)."""
-        found = self.__dict__.get("_embeddings")
+    def adapted_blocks(self) -> list[nn.Module]:
+        """The blocks holding adapted layers, each once: for each adapter layer, its outermost ancestor
+        that is an element of an ``nn.ModuleList`` (a decoder layer); where a layer has none, the
+        model's embedding layers instead (see :func:`funcadapt.call._vmapped_one`)."""
+        found = self.__dict__.get("_adapted_blocks")
         if found is None:
-            unique = {id(m): m for m in self.modules.values() if isinstance(m, nn.Embedding)}
-            found = self.__dict__["_embeddings"] = list(unique.values())
+            blocks: dict[int, nn.Module] = {}
+            for info in self.layers:
+                parts = info.path.split(".")
+                block = next(
+                    (
+                        ".".join(parts[: i + 1])
+                        for i in range(1, len(parts))
+                        if isinstance(self.modules.get(".".join(parts[:i])), nn.ModuleList)
+                    ),
+                    None,
+                )
+                chosen = [self.modules[block]] if block in self.modules else self._embeddings()
+                blocks.update((id(m), m) for m in chosen)
+            found = self.__dict__["_adapted_blocks"] = list(blocks.values())
         return found
+
+    def _embeddings(self) -> list[nn.Module]:
+        return [m for m in self.modules.values() if isinstance(m, nn.Embedding)]
 
     @property
     def plain_forwards(self) -> list[tuple[nn.Module, Any]]:

@@ -182,7 +182,8 @@ class Frame:
                     if patch.item:
                         _set_item(patch.obj, patch.attr, patch.value(patch.obj[patch.attr]), undo)
                         continue
-                    attr = forward_attr(patch.obj) if patch.attr == "forward" else patch.attr
+                    inside = patch.attr == "forward" and not patch.outside_hooks
+                    attr = forward_attr(patch.obj) if inside else patch.attr
                     value = patch.value(getattr(patch.obj, attr, None)) if patch.wrap else patch.value
                     _set(patch.obj, attr, value, undo)
             for module, attr in self._checkpointing:

@@ -183,7 +183,7 @@ def test_unknown_custom_function_refused_naming_the_module():
     tree = funcadapt.extract(model)
     before = snapshot(model)
     pattern = r"module .*Doubler computes through an autograd\.Function.*per_row.*sweep"
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(RuntimeError, match=pattern):
         funcadapt.vmap(lambda c: funcadapt.call(model, funcadapt.transform(tree, c), x))(torch.tensor([1.0, -1.0]))
     assert not swap.active_frames()
     assert_unchanged(model, before)
@@ -244,3 +244,79 @@ def test_flattened_layer_of_an_unknown_model_is_refused_by_name():
         assert_unchanged(model, before)
     finally:
         rows.BATCH_MAJOR.update(saved)
+
+
+def test_another_thread_during_a_vmapped_call_gets_funcadapts_refusal():
+    """While a vmapped call has the blocks' inputs batched, a forward of the same model from another
+    thread is refused by funcadapt's thread check (before: functorch's "tensor escaped from vmap")."""
+    import threading
+
+    model = build("falcon", LoraConfig(r=4, init_lora_weights=False))
+    tree = funcadapt.extract(model)
+    inside, done = threading.Event(), threading.Event()
+    seen: dict[str, BaseException | None] = {}
+    last_block = model.get_base_model().transformer.h[-1]
+
+    def pause(module: nn.Module, args: Any) -> None:
+        if threading.current_thread() is threading.main_thread() and not inside.is_set():
+            inside.set()
+            done.wait(timeout=60)
+
+    def other() -> None:
+        inside.wait(timeout=60)
+        try:
+            with torch.no_grad():
+                model(input_ids=IDS)
+            seen["error"] = None
+        except BaseException as e:
+            seen["error"] = e
+        finally:
+            done.set()
+
+    handle = last_block.register_forward_pre_hook(pause)
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        with torch.no_grad():
+            funcadapt.vmap(lambda c: funcadapt.call(model, funcadapt.transform(tree, c), input_ids=IDS).logits)(
+                torch.tensor([1.0, -1.0], dtype=torch.float64)
+            )
+    finally:
+        handle.remove()
+        thread.join()
+    assert isinstance(seen["error"], RuntimeError), seen
+    assert "is being modified by funcadapt in another thread" in str(seen["error"]), seen
+
+
+def test_int8_rows_coupled_follows_bitsandbytes_dispatch():
+    """bitsandbytes runs LLM.int8's outlier kernel (rows coupled) in eval mode everywhere and in train
+    mode off the CPU/XPU (CUDA: train mode too); its dequantising kernel only in train mode on CPU/XPU.
+    (A meta tensor stands in for a CUDA input: only its device type is read.)"""
+    import bitsandbytes as bnb
+
+    from funcadapt import quantized
+
+    layer = bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False, threshold=6.0)
+    cpu, cuda = torch.zeros(2, 8), torch.zeros(2, 8, device="meta")
+    layer.eval()
+    assert quantized.rows_coupled(layer, cpu) and quantized.rows_coupled(layer, cuda)
+    layer.train()
+    assert not quantized.rows_coupled(layer, cpu) and quantized.rows_coupled(layer, cuda)
+    layer.state.threshold = 0.0
+    assert not quantized.rows_coupled(layer, cuda)
+
+
+def test_batched_inputs_follow_the_tensors_device():
+    """The batched 1 that batches the blocks' inputs under vmap is moved to each input's device (a CPU
+    coefficient with a model elsewhere; a meta tensor stands in for a CUDA one)."""
+    from funcadapt.call import _batched
+
+    block = nn.Linear(3, 3)
+
+    def run(c: torch.Tensor) -> torch.Tensor:
+        one = torch.ones_like(c.reshape(-1)[:1]).reshape(())
+        out = _batched(block, one, lambda x: x)(torch.zeros(2, 3, device="meta"))
+        assert out.device.type == "meta"
+        return c
+
+    funcadapt.vmap(run)(torch.tensor([1.0, -1.0]))

@@ -59,6 +59,10 @@ class Patch:
     value: Any
     wrap: bool = False
     item: bool = False
+    outside_hooks: bool = False
+    """For ``attr="forward"`` of a module with an accelerate hook: wrap the hook itself, not the forward it
+    runs after loading the weights (where other forward patches go): for checks that may refuse, so
+    that nothing is loaded when they do."""
 
 
 def under_transforms() -> bool:
