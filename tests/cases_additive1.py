@@ -42,7 +42,10 @@ CASES: list[Case] = [
         lambda arch: C3AConfig(block_size=8, target_modules=ATTN[arch]),
         archs=("llama", "bert"),
         # PEFT's own backward is wrong for C3A: gradient references must use the corrected one
-        notes={"reference_fixes": (fix_c3a_backward,)},
+        notes={
+            "reference_fixes": (fix_c3a_backward,),
+            "float32_inside": "PEFT computes C3A's circular convolution in float32",
+        },
     ),
     Case("shira", "shira", lambda arch: ShiraConfig(r=4, target_modules=ATTN[arch]), archs=("llama", "bert")),
     Case(

@@ -39,7 +39,9 @@ def _biased_make(base: nn.Module, config: Any) -> nn.Module:
     return get_peft_model(biased_o_proj(base), config)
 
 
+NOTES = {"float32_inside": "PEFT's AdaptedAttention takes the prompt's softmax in float32 (and its gradient)"}
+
 CASES: list[Case] = [
-    Case("adaption-prompt", "adaption-prompt", adaption_prompt_config, archs=("llama", "gpt2")),
-    Case("adaption-prompt-o-bias", "adaption-prompt", adaption_prompt_config, make=_biased_make),
+    Case("adaption-prompt", "adaption-prompt", adaption_prompt_config, archs=("llama", "gpt2"), notes=NOTES),
+    Case("adaption-prompt-o-bias", "adaption-prompt", adaption_prompt_config, make=_biased_make, notes=NOTES),
 ]

@@ -14,6 +14,9 @@ def _boft(arch: str) -> BOFTConfig:
     return BOFTConfig(boft_block_size=12 if arch == "cnn" else 8, target_modules=ATTN[arch])
 
 
+DEFT_NOTES = {"float32_inside": "PEFT computes DeFT's projection and update in float32"}
+
+
 def _deft(**kw: object):
     return lambda arch: DeftConfig(r=4, target_modules=ATTN[arch], fan_in_fan_out=arch == "gpt2", **kw)
 
@@ -40,8 +43,8 @@ CASES: list[Case] = [
         lambda arch: PsoftConfig(r=4, target_modules=ATTN[arch], psoft_orth=False, psoft_mag_a=False),
         geometric=False,
     ),
-    Case("deft", "deft", _deft(), archs=("llama", "gpt2", "bert"), geometric=False),
-    Case("deft-para-relu", "deft", _deft(para=True, decomposition_method="relu"), geometric=False),
+    Case("deft", "deft", _deft(), archs=("llama", "gpt2", "bert"), geometric=False, notes=DEFT_NOTES),
+    Case("deft-para-relu", "deft", _deft(para=True, decomposition_method="relu"), geometric=False, notes=DEFT_NOTES),
     Case("osf", "osf", lambda arch: OSFConfig(target_modules=ATTN[arch]), archs=("llama", "bert")),
     Case("miss", "miss", lambda arch: MissConfig(r=4, target_modules=ATTN[arch]), archs=("llama", "bert")),
     Case("miss-mini", "miss", lambda arch: MissConfig(r=4, mini_r=4, init_weights="mini", target_modules=ATTN[arch])),

@@ -563,22 +563,50 @@ def randomize_trainable(model: nn.Module, seed: int = 1, scale: float = 0.2) -> 
                 p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
-def inputs(case: CustomCase, seed: int = 0) -> torch.Tensor:
-    return MODELS[case.model].inputs(torch.Generator().manual_seed(seed))
+FLOAT32_INSIDE: dict[str, str] = {
+    "hra": "PEFT's HRA forward with no active adapter (funcadapt's y0 there) starts from a float32 torch.eye",
+    "fourierft": "PEFT's FourierFT builds its spectrum with spectrum.float() and inverts it in float32",
+    "c3a": "PEFT's C3A computes its circular convolution in float32",
+    "deft": "PEFT's DeFT computes its projection and update in float32",
+}
+"""family -> where PEFT computes in float32 even in a float64 model: comparisons of such a case take
+cases.tolerance(..., float32_inside=...) instead of float64's."""
+
+FLOAT64_BEFORE_PEFT: dict[str, str] = {
+    "adamss": "PEFT's AdaMSS Linear caches the base weight dtype at construction (a model cast later fails)",
+}
+"""family -> why ``build`` creates its adapter on a float64 base (the others are cast after: PEFT refuses
+to initialise some, MiCA and PSOFT, in float64)."""
 
 
-def build(case: CustomCase, seed: int = 0) -> nn.Module:
-    """The base model with the case's adapter, every trainable tensor perturbed, in eval mode.
-    Two forwards run before returning, so PEFT's lazy state is settled before any test takes
+def family(case: CustomCase) -> str:
+    return case.id.split("-", 1)[0]
+
+
+def inputs(case: CustomCase, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The model's input batch: floats in ``dtype`` (drawn in float32 whatever the dtype), or token ids."""
+    x = MODELS[case.model].inputs(torch.Generator().manual_seed(seed))
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def build(case: CustomCase, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """The base model with the case's adapter, every trainable tensor perturbed, in eval mode, cast to
+    ``dtype``: float64 by default, since every test of these models claims exactness (one computation
+    equals another up to rounding) and float64 is where rounding is far below any real difference (see
+    cases.TOL64). Two forwards run before returning, so PEFT's lazy state is settled before any test takes
     a snapshot: some methods (COFT's projection, VeLoRA's batch-average init) settle their
     stored tensors on the first forward, and ``disable_adapter()`` gives layers that only had
     the class default an instance attribute ``_disable_adapters``."""
     torch.manual_seed(seed)
-    model = get_peft_model(MODELS[case.model].make(), case.config())
+    base = MODELS[case.model].make()
+    if family(case) in FLOAT64_BEFORE_PEFT:
+        base.to(dtype)
+    model = get_peft_model(base, case.config())
     randomize_trainable(model, seed=seed + 1)
+    model.to(dtype)
     model.eval()
     with torch.no_grad():
-        model(inputs(case))
+        model(inputs(case, dtype=dtype))
         with model.disable_adapter():
-            model(inputs(case))
+            model(inputs(case, dtype=dtype))
     return model

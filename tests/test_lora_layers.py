@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import TOL64
 from custom_models import CASES as CUSTOM
 from custom_models import build as build_custom
 from custom_models import inputs as custom_inputs
@@ -69,7 +70,7 @@ def test_peft_mha_adds_out_proj_delta_twice():
     assert out_proj_multiplicity() == PEFT_OUT_PROJ_ADDS
     with torch.no_grad():
         y1 = model(x)
-        torch.testing.assert_close(y1, reference(model, x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y1, reference(model, x), **TOL64)
         assert not torch.allclose(y1, reference(model, x, k=1), atol=1e-4)
 
 
@@ -80,14 +81,14 @@ def test_mha_linear_values_and_all_gradients(c):
     model, x = mha_model()
     tree = funcadapt.extract(model)
     assert {s.rule for s in tree.layers} == {"lora-mha"}  # the attention and its nested out_proj layer
-    w = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
     got = funcadapt.call(model, funcadapt.transform(tree, c), x)
     with torch.no_grad():
         y0 = reference(model, x, 0.0, 0.0)
     want = y0 + c * (reference(model, x) - y0)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, **TOL64)
     for g, r in zip(grads((got * w).sum(), tree), grads((want * w).sum(), tree), strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, r, **TOL64)
         assert r.abs().max() > 0
 
 
@@ -98,9 +99,9 @@ def test_mha_geometric_and_invert(c):
     tree = funcadapt.extract(model)
     with torch.no_grad():
         got = funcadapt.call(model, funcadapt.transform(tree, c, mode="geometric"), x)
-        torch.testing.assert_close(got, reference(model, x, c, c), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, reference(model, x, c, c), **TOL64)
         inverted = funcadapt.call(model, funcadapt.transform(tree, op="invert"), x)
-        torch.testing.assert_close(inverted, reference(model, x, -1.0, -1.0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(inverted, reference(model, x, -1.0, -1.0), **TOL64)
 
 
 @pytest.mark.parametrize("mode", ["linear", "geometric"])
@@ -108,16 +109,16 @@ def test_mha_vmap_equals_loop_all_gradients(mode):
     model, x = mha_model()
     tree = funcadapt.extract(model)
     coeffs = torch.tensor([1.0, -1.0, 0.5])
-    w = torch.randn(3, *model(x).shape, generator=torch.Generator().manual_seed(4))
+    w = torch.randn(3, *model(x).shape, generator=torch.Generator().manual_seed(4), dtype=x.dtype)
 
     def loss(c, wc):
         return (funcadapt.call(model, funcadapt.transform(tree, c, mode=mode), x) * wc).sum()
 
     vmapped = funcadapt.vmap(loss)(coeffs, w)
     loop = torch.stack([loss(coeffs[i], w[i]) for i in range(3)])
-    torch.testing.assert_close(vmapped, loop, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vmapped, loop, **TOL64)
     for g, r in zip(grads(vmapped.sum(), tree), grads(loop.sum(), tree), strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, r, **TOL64)
 
 
 def _base_weights(model: nn.Module) -> list[nn.Parameter]:
@@ -158,16 +159,17 @@ def test_mha_batch_first_fast_path():
             return self.mha(x, x, x, need_weights=False)[0]
 
     torch.manual_seed(0)
-    model = get_peft_model(Block(), LoraConfig(r=2, target_modules=["mha"], init_lora_weights=False)).eval()
-    x = torch.randn(2, 5, 8)
+    model = get_peft_model(Block(), LoraConfig(r=2, target_modules=["mha"], init_lora_weights=False)).double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)  # float64: the fused kernel takes it too
     tree = funcadapt.extract(model)
     with torch.no_grad():
         y1 = model(x)
         assert torch.equal(funcadapt.call(model, funcadapt.transform(tree, 1.0), x), y1)
-    g = torch.func.grad(lambda c: funcadapt.call(model, funcadapt.transform(tree, c), x).sum())(torch.tensor(0.5))
+    c = torch.tensor(0.5, dtype=x.dtype)
+    g = torch.func.grad(lambda c: funcadapt.call(model, funcadapt.transform(tree, c), x).sum())(c)
     with torch.no_grad():
         y0 = funcadapt.call(model, funcadapt.transform(tree, 0.0), x)
-    torch.testing.assert_close(g, (y1 - y0).sum(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g, (y1 - y0).sum(), **TOL64)
     assert torch.backends.mha.get_fastpath_enabled()
 
 
@@ -185,7 +187,7 @@ def test_mha_two_adapters():
             y0 = model(x)
         assert torch.equal(funcadapt.call(model, funcadapt.transform(tree, 1.0), x), y1)
         got = funcadapt.call(model, funcadapt.transform(tree, 0.5), x)
-        torch.testing.assert_close(got, y0 + 0.5 * (y1 - y0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, y0 + 0.5 * (y1 - y0), **TOL64)
         with pytest.raises(ValueError, match="different coefficients"):
             funcadapt.call(model, funcadapt.transform(tree, {"default": 0.5, "other": 1.5}), x)
 
@@ -197,7 +199,7 @@ def test_mha_nested_contexts_compose():
             nested = model(x)
         with funcadapt.AdapterModifier(model, "scale", -0.5):
             direct = model(x)
-    torch.testing.assert_close(nested, direct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(nested, direct, **TOL64)
 
 
 # ----------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def expert_model(adapters: int = 1) -> nn.Module:
         model.add_adapter(f"a{i}", copy.deepcopy(config))
     if adapters > 1:
         model.base_model.set_adapter(["default", *[f"a{i}" for i in range(1, adapters)]])
-    return model.eval()
+    return model.double().eval()  # float64: every check here is an exactness claim (cases.TOL64)
 
 
 def param_reference(model: nn.Module, x: torch.Tensor, c: float = 1.0) -> torch.Tensor:
@@ -247,7 +249,7 @@ def param_reference(model: nn.Module, x: torch.Tensor, c: float = 1.0) -> torch.
 @pytest.mark.parametrize("adapters", [1, 2])  # one: PEFT's factored baddbmm; two: the summed delta
 def test_param_wrapper_endpoints_and_linear_mode(adapters):
     model = expert_model(adapters)
-    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     tree = funcadapt.extract(model)
     assert {s.rule for s in tree.layers} == {"lora-param"}
     with torch.no_grad():
@@ -255,7 +257,7 @@ def test_param_wrapper_endpoints_and_linear_mode(adapters):
         with model.disable_adapter():
             y0 = model(x)
         assert torch.equal(funcadapt.call(model, funcadapt.transform(tree, 1.0), x), y1)
-        torch.testing.assert_close(param_reference(model, x), y1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(param_reference(model, x), y1, **TOL64)
         assert torch.equal(funcadapt.call(model, funcadapt.transform(tree, op="disable"), x), y0)
         for c in (-1.0, 0.5):
             # the module is non-linear in W: linear mode interpolates its output ...
@@ -264,10 +266,10 @@ def test_param_wrapper_endpoints_and_linear_mode(adapters):
                 layer_y1 = model.base_model.model.experts(x)
             want = model.base_model.model.head(layer_y0 + c * (layer_y1 - layer_y0))
             got = funcadapt.call(model, funcadapt.transform(tree, c), x)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got, want, **TOL64)
             # ... which is not what scaling ΔW gives; that is geometric mode
             geometric = funcadapt.call(model, funcadapt.transform(tree, c, mode="geometric"), x)
-            torch.testing.assert_close(geometric, param_reference(model, x, c), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(geometric, param_reference(model, x, c), **TOL64)
             assert not torch.allclose(geometric, got, atol=1e-4)
 
 
@@ -276,7 +278,7 @@ def test_param_wrapper_vmap_and_model_unchanged(mode):
     """vmap == loop (values and gradients), with no parametrization registered and the expert
     Parameter untouched: the same object, the same values, the same autograd version."""
     model = expert_model(2)
-    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     tree = funcadapt.extract(model)
     owner = model.base_model.model.experts.base_layer
     weight, version = owner.weight, owner.weight._version
@@ -287,8 +289,8 @@ def test_param_wrapper_vmap_and_model_unchanged(mode):
 
     vmapped = funcadapt.vmap(loss)(coeffs)
     loop = torch.stack([loss(c) for c in coeffs])
-    torch.testing.assert_close(vmapped, loop, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vmapped, loop, **TOL64)
     for g, r in zip(grads(vmapped.sum(), tree), grads(loop.sum(), tree), strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, r, **TOL64)
     assert not nn.utils.parametrize.is_parametrized(owner)
     assert owner.weight is weight and owner.weight._version == version

@@ -1,7 +1,8 @@
 """Several adapters on the same layers: per-adapter coefficients, selection, fallbacks, shift/replace.
 
 References are built without funcadapt: a deepcopy of the model with its adapter tensors
-set by hand, or forward hooks that switch PEFT's active adapters on a layer.
+set by hand, or forward hooks that switch PEFT's active adapters on a layer. The models are float64, so the
+identities hold up to float64 rounding (cases.TOL64).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Any
 import pytest
 import torch
 from cases import (
+    TOL64,
     adapter_layers,
     assert_unchanged,
     build,
     case,
+    float64,
     inputs,
     output,
     randomize_adapters,
@@ -44,7 +47,7 @@ def multi(configs: Mapping[str, Any], active: list[str] | None = None, seed: int
         model.add_adapter(name, cfg)
     model.base_model.set_adapter(active or list(configs))
     randomize_adapters(model, seed=seed + 1)
-    return model.eval()
+    return float64(model).eval()
 
 
 def lora(**kw: Any) -> LoraConfig:
@@ -93,10 +96,10 @@ def test_two_lora_per_adapter_coefficients(as_tensor):
     before = snapshot(model)
     coeffs = {"default": -1.0, "other": 2.0}
     tree = funcadapt.extract(model)
-    given = {a: torch.tensor(c) for a, c in coeffs.items()} if as_tensor else coeffs
+    given = {a: torch.tensor(c, dtype=torch.float64) for a, c in coeffs.items()} if as_tensor else coeffs
     got = run(model, funcadapt.transform(tree, given))
     ref = run(edited(model, scale_lora_b(coeffs)))
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, ref, **TOL64)
     assert_unchanged(model, before)
 
 
@@ -111,7 +114,7 @@ def test_adapters_missing_from_dict_are_unchanged():
                 assert params[key] is tree.params[key]
     changed = {k for k in params if params[k] is not tree.params[k]}
     assert changed and all(".lora_B.default." in k for k in changed)
-    torch.testing.assert_close(run(model, params), run(edited(model, scale_lora_b({"default": -1.0}))))
+    torch.testing.assert_close(run(model, params), run(edited(model, scale_lora_b({"default": -1.0}))), **TOL64)
     assert_unchanged(model, before)
 
 
@@ -125,10 +128,10 @@ def test_extract_selected_adapter_only_touches_it():
     params = funcadapt.transform(tree, -1.0)
     assert set(params) == set(tree.params)
     got = run(model, params)
-    torch.testing.assert_close(got, run(edited(model, scale_lora_b({"other": -1.0}))), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, run(edited(model, scale_lora_b({"other": -1.0}))), **TOL64)
     # the same through the context manager
     with torch.no_grad(), funcadapt.AdapterModifier(model, "scale", -1.0, adapter_names="other"):
-        torch.testing.assert_close(output(model(**inputs())), got)
+        torch.testing.assert_close(output(model(**inputs())), got, **TOL64)
     with pytest.raises(ValueError, match=r"adapter 'default', which is active, but left out of this tree"):
         funcadapt.transform(tree, {"default": 2.0})
     assert_unchanged(model, before)
@@ -145,7 +148,7 @@ def test_two_ia3_adapters_per_adapter_linear():
     for spec in tree.layers:
         key = spec.keys["ia3_l"]
         lam = tree.params[key].detach()
-        torch.testing.assert_close(params[key], 1 + coeffs[spec.adapter] * (lam - 1), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(params[key], 1 + coeffs[spec.adapter] * (lam - 1), **TOL64)
 
     def edit(name: str, p: torch.Tensor) -> None:
         for adapter, c in coeffs.items():
@@ -153,16 +156,16 @@ def test_two_ia3_adapters_per_adapter_linear():
                 p.copy_(1 + c * (p - 1))
 
     ref_model = edited(model, edit)
-    torch.testing.assert_close(run(model, params), run(ref_model), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(model, params), run(ref_model), **TOL64)
     # layer level: the product of the two independently interpolated vectors multiplies the output
     path = tree.layers[0].path
     layer = model.get_submodule(path)
-    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     lam_d, lam_o = layer.ia3_l["default"].detach().flatten(), layer.ia3_l["other"].detach().flatten()
     expected = layer.get_base_layer()(x) * (1 + 0.5 * (lam_d - 1)) * (1 - 2.0 * (lam_o - 1))
     with torch.no_grad():
         got = funcadapt.call(layer, funcadapt.transform(funcadapt.extract(layer), coeffs), x)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, expected, **TOL64)
     assert_unchanged(model, before)
 
 
@@ -180,7 +183,7 @@ def test_two_ia3_adapters_shared_coefficient_is_layer_linear(c):
     tree = funcadapt.extract(model)
     with torch.no_grad(), reference_interpolation(model, c):
         ref = output(model(**inputs()))
-    torch.testing.assert_close(run(model, funcadapt.transform(tree, c)), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(model, funcadapt.transform(tree, c)), ref, **TOL64)
     assert_unchanged(model, before)
 
 
@@ -233,7 +236,7 @@ def test_lora_plus_dora_shared_coefficient(c):
     params = funcadapt.transform(tree, c)
     with torch.no_grad(), reference_interpolation(model, c):
         ref = output(model(**inputs()))
-    torch.testing.assert_close(run(model, params), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(model, params), ref, **TOL64)
     assert_unchanged(model, before)
 
 
@@ -245,7 +248,7 @@ def test_lora_then_dora_shared_coefficient(c):
     tree = funcadapt.extract(model)
     with torch.no_grad(), reference_interpolation(model, c):
         ref = output(model(**inputs()))
-    torch.testing.assert_close(run(model, funcadapt.transform(tree, c)), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(model, funcadapt.transform(tree, c)), ref, **TOL64)
 
 
 def test_lora_plus_dora_different_coefficients():
@@ -257,10 +260,10 @@ def test_lora_plus_dora_different_coefficients():
     got = run(model, funcadapt.transform(tree, coeffs))
     with torch.no_grad(), reference_per_adapter(model, coeffs):
         ref = output(model(**inputs()))
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, ref, **TOL64)
     # sanity of the reference itself: at c = 1 for both it is PEFT's own output
     with torch.no_grad(), reference_per_adapter(model, {"lora": 1.0, "dora": 1.0}):
-        torch.testing.assert_close(output(model(**inputs())), run(model), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(output(model(**inputs())), run(model), **TOL64)
     assert_unchanged(model, before)
 
 
@@ -271,7 +274,7 @@ def test_two_dora_adapters_shared_coefficient():
     params = funcadapt.transform(tree, {"a": 0.5, "b": 0.5})
     with torch.no_grad(), reference_interpolation(model, 0.5):
         ref = output(model(**inputs()))
-    torch.testing.assert_close(run(model, params), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(model, params), ref, **TOL64)
     assert_unchanged(model, before)
 
 
@@ -304,7 +307,7 @@ def test_shift_by_number():
     for key, value in tree.params.items():
         torch.testing.assert_close(params[key], value.detach() + 0.05, rtol=0, atol=0)
     ref = edited(model, lambda name, p: p.add_(0.05) if name in tree.params else None)
-    torch.testing.assert_close(run(model, params), run(ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(model, params), run(ref), **TOL64)
     assert_unchanged(model, before)
 
 
@@ -319,7 +322,7 @@ def test_shift_per_adapter():
         else:
             assert params[key] is value
     ref = edited(model, lambda name, p: p.sub_(0.1) if name in tree.params and ".other." in name else None)
-    torch.testing.assert_close(run(model, params), run(ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(model, params), run(ref), **TOL64)
     assert_unchanged(model, before)
 
 
@@ -328,12 +331,12 @@ def test_shift_by_key_tensor():
     before = snapshot(model)
     tree = funcadapt.extract(model)
     key = next(k for k in tree.params if ".lora_A.other." in k)
-    delta = torch.randn(tree.params[key].shape, generator=torch.Generator().manual_seed(5))
+    delta = torch.randn(tree.params[key].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     params = funcadapt.transform(tree, {key: delta}, op="shift")
     torch.testing.assert_close(params[key], tree.params[key].detach() + delta, rtol=0, atol=0)
     assert all(params[k] is v for k, v in tree.params.items() if k != key)
     ref = edited(model, lambda name, p: p.add_(delta) if name == key else None)
-    torch.testing.assert_close(run(model, params), run(ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(model, params), run(ref), **TOL64)
     assert_unchanged(model, before)
 
 
@@ -342,7 +345,7 @@ def test_replace_one_tensor():
     before = snapshot(model)
     tree = funcadapt.extract(model)
     key = next(k for k in tree.params if ".lora_B.default." in k)
-    new = torch.randn(tree.params[key].shape, generator=torch.Generator().manual_seed(6))
+    new = torch.randn(tree.params[key].shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     params = funcadapt.transform(tree, {key: new}, op="replace")
     assert set(params) == set(tree.params)
     assert torch.equal(params[key], new)
@@ -350,7 +353,7 @@ def test_replace_one_tensor():
     ref = edited(model, lambda name, p: p.copy_(new) if name == key else None)
     y = run(model, params)
     assert not torch.allclose(y, run(model), atol=1e-4)
-    torch.testing.assert_close(y, run(ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, run(ref), **TOL64)
     with pytest.raises(ValueError, match="shape"):
         funcadapt.transform(tree, {key: new[:1]}, op="replace")
     with pytest.raises(ValueError, match="unknown parameter key"):
@@ -367,7 +370,7 @@ def test_replace_in_ia3_layer_matches_copy():
     new = torch.full_like(tree.params[key], 3.0)
     params = funcadapt.transform(tree, {key: new}, op="replace")
     ref = edited(model, lambda name, p: p.fill_(3.0) if name == key else None)
-    torch.testing.assert_close(run(model, params), run(ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(model, params), run(ref), **TOL64)
     assert_unchanged(model, before)
 
 
@@ -382,8 +385,8 @@ def test_replace_in_ia3_layer_matches_copy():
 def test_non_commuting_stacks_interpolate_jointly_and_refuse_invert(case_id, second):
     """Two rotation-type adapters on one layer (OFT∘OFT, RoAd∘RoAd): one coefficient for both is
     the layer's y0 + c·(y1 − y0); invert would need the inverses in reverse order and is refused."""
-    model = build(case(case_id))
-    model.add_adapter("other", second())
+    model = build(case(case_id), dtype=torch.float64)
+    model.add_adapter("other", second())  # created in float64 (PEFT follows the base layer's dtype)
     randomize_adapters(model, seed=7)
     model.base_model.set_adapter(["default", "other"])
     tree = funcadapt.extract(model)
@@ -395,5 +398,5 @@ def test_non_commuting_stacks_interpolate_jointly_and_refuse_invert(case_id, sec
         got = output(funcadapt.call(model, funcadapt.transform(tree, 0.5), **inputs()))
         with reference_interpolation(model, 0.5):
             want = output(model(**inputs()))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **TOL64)
     assert_unchanged(model, before)

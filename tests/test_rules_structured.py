@@ -3,7 +3,8 @@ MiSS "bat", OSF), and their refusals (DeFT, non-orthogonal PSOFT, MiSS "bat" geo
 
 References are plain tensor algebra on the original parameters or PEFT's own code (its
 merge, its ``get_matrix``, its dropout), never funcadapt's helpers except where a helper is
-the subject (the vmap-safe re-implementations must equal PEFT's code bit for bit).
+the subject (the vmap-safe re-implementations must equal PEFT's code bit for bit). The layers are float64,
+so every identity holds up to float64 rounding (cases.TOL64).
 """
 
 from __future__ import annotations
@@ -13,7 +14,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cases import ATTN, Case, assert_unchanged, build, case, inputs, output, randomize_adapters, snapshot, tiny_llama
+from cases import (
+    ATTN,
+    TOL64,
+    Case,
+    assert_unchanged,
+    build,
+    case,
+    float64,
+    inputs,
+    output,
+    randomize_adapters,
+    snapshot,
+    tiny_llama,
+    tolerance,
+)
 from peft import BOFTConfig, PsoftConfig, get_peft_model
 from peft.tuners.boft.layer import MultiplicativeDropoutLayer
 from torch import nn
@@ -28,15 +43,16 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
 V_PROJ = "base_model.model.model.layers.1.self_attn.v_proj"
+F64 = torch.float64
 
 
 def layer_of(case_id: str, path: str = Q_PROJ, arch: str = "llama") -> nn.Module:
-    model = build(case(case_id), arch)
+    model = build(case(case_id), arch, dtype=F64)
     return model.get_submodule(path)
 
 
 def x_for(layer: nn.Module, seed: int = 3) -> torch.Tensor:
-    return torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def call(layer: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +104,7 @@ def test_boft_geometric_is_cayley_of_scaled_blocks_and_power_of_scale(c):
     tree = funcadapt.extract(layer)
     x = x_for(layer)
     got = call(layer, funcadapt.transform(tree, c, mode="geometric"), x)
-    torch.testing.assert_close(got.double(), boft_reference(layer, c, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, boft_reference(layer, c, x), **TOL64)
     assert_unchanged(layer, before)
 
 
@@ -102,13 +118,13 @@ def test_boft_scale_follows_group_law_and_rotation_is_cayley_not_exp():
     for a, b in [(0.5, 0.25), (2.0, -1.0)]:
         pa = funcadapt.transform(tree, a, mode="geometric")[spec.keys["boft_s"]].double()
         pb = funcadapt.transform(tree, b, mode="geometric")[spec.keys["boft_s"]].double()
-        torch.testing.assert_close(pa * pb, s ** (a + b), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(pa * pb, s ** (a + b), **TOL64)
     blocks = tree.params[spec.keys["boft_R"]].detach().double()[0]
     skew = 0.5 * (blocks - blocks.transpose(-1, -2))
     r = cayley(0.5 * skew) @ cayley(0.5 * skew)
     assert not torch.allclose(r, cayley(skew), atol=1e-4), "Cayley(Q/2)² = Cayley(Q) would make this a group"
     eye = torch.eye(skew.shape[-1], dtype=torch.float64).expand_as(r)
-    torch.testing.assert_close(cayley(-skew) @ cayley(skew), eye)
+    torch.testing.assert_close(cayley(-skew) @ cayley(skew), eye, **TOL64)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "cnn"])
@@ -122,13 +138,17 @@ def test_boft_invert_undoes_the_adapter(arch):
     twin = with_base_weight(layer, merged_weight(layer))
     tree = funcadapt.extract(twin)
     before = snapshot(twin)
-    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(3)) if arch == "cnn" else x_for(layer)
+    x = (
+        torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(3), dtype=F64)
+        if arch == "cnn"
+        else x_for(layer)
+    )
     got = call(twin, funcadapt.transform(tree, op="invert"), x)
     with torch.no_grad():
         want = layer.get_base_layer()(x)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **TOL64)
     geometric = call(twin, funcadapt.transform(tree, -1.0, mode="geometric"), x)
-    torch.testing.assert_close(geometric, got, rtol=0, atol=1e-6)  # one factor: geometric(−1) is the inverse
+    torch.testing.assert_close(geometric, got, **TOL64)  # one factor: geometric(−1) is the inverse
     assert_unchanged(twin, before)
 
 
@@ -214,8 +234,8 @@ def test_psoft_geometric_scales_generator_and_magnitudes(case_id, c):
     tree = funcadapt.extract(layer)
     got = call(layer, funcadapt.transform(tree, c, mode="geometric"), x)
     with torch.no_grad():
-        q = torch.zeros(rot.size, rot.size).index_put((rot.rows, rot.cols), rot.weight)
-        q = (q - q.T).double()
+        q = torch.zeros(rot.size, rot.size, dtype=F64).index_put((rot.rows, rot.cols), rot.weight)
+        q = q - q.T
         if rot.use_cayley_neumann:  # PEFT's series on the rescaled, then scaled generator
             norm = torch.linalg.norm(q)
             q = q * (rot.cayley_neumann_eps / (norm + 1e-12)) if norm > rot.cayley_neumann_eps else q
@@ -226,8 +246,8 @@ def test_psoft_geometric_scales_generator_and_magnitudes(case_id, c):
         else:
             r = torch.linalg.inv(cayley(c * q))  # PEFT: (I + Q)(I − Q)⁻¹ = Cayley(−Q) in our sign
         r_prime = (rot.vector_b.double() ** c)[:, None] * r * (rot.vector_a.double() ** c)[None, :]
-        want = layer.get_base_layer()(x).double() + psoft_delta(layer, r_prime, x)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        want = layer.get_base_layer()(x) + psoft_delta(layer, r_prime, x)
+    torch.testing.assert_close(got, want, **TOL64)
 
 
 @pytest.mark.parametrize("case_id", ["psoft", "psoft-neumann-eps", "psoft-free"])
@@ -240,8 +260,8 @@ def test_psoft_invert_is_inverse_map(case_id):
     got = call(layer, funcadapt.transform(tree, op="invert"), x)
     with torch.no_grad():
         r_inv = torch.linalg.inv(layer.psoft_R["default"].get_matrix().double())
-        want = layer.get_base_layer()(x).double() + psoft_delta(layer, r_inv, x)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        want = layer.get_base_layer()(x) + psoft_delta(layer, r_inv, x)
+    torch.testing.assert_close(got, want, **TOL64)
     assert_unchanged(layer, before)
 
 
@@ -251,12 +271,12 @@ def test_psoft_invert_equals_geometric_minus_one_for_exact_cayley_without_magnit
         tiny_llama(), PsoftConfig(r=4, target_modules=["q_proj"], psoft_mag_a=False, psoft_mag_b=False)
     )
     randomize_adapters(model)
-    layer = model.get_submodule(Q_PROJ)
+    layer = float64(model).get_submodule(Q_PROJ)
     tree = funcadapt.extract(layer)
     x = x_for(layer)
     inv = call(layer, funcadapt.transform(tree, op="invert"), x)
     geo = call(layer, funcadapt.transform(tree, -1.0, mode="geometric"), x)
-    torch.testing.assert_close(inv, geo, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inv, geo, **TOL64)
 
 
 def test_psoft_geometric_refused_for_free_matrix():
@@ -292,8 +312,9 @@ def test_miss_bat_invert_undoes_the_adapter(path):
         # PEFT's own unmerge formula agrees: (W' − B)(I + B)⁻¹ per block
         w1 = twin.get_base_layer().weight
         restored = layer.get_delta_weight("default", w1.clone(), reverse=True)
-    torch.testing.assert_close(restored, layer.get_base_layer().weight, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    w0 = layer.get_base_layer().weight
+    torch.testing.assert_close(restored, w0, **tolerance(w0, "PEFT's bat unmerge inverts I + B in float32"))
+    torch.testing.assert_close(got, want, **TOL64)
 
 
 def test_miss_bat_bf16_leaves_model_untouched():
@@ -323,11 +344,11 @@ def test_osf_invert_subtracts_delta():
     with torch.no_grad():
         y0, y1 = layer.get_base_layer()(x), layer(x)
         delta = x @ layer.get_delta_weight("default").T
-    torch.testing.assert_close(y1 - y0, delta, rtol=1e-4, atol=1e-5)  # ΔW = U·S·V − U₀·S₀·V₀
+    torch.testing.assert_close(y1 - y0, delta, **TOL64)  # ΔW = U·S·V − U₀·S₀·V₀
     got = call(layer, funcadapt.transform(tree, op="invert"), x)
-    torch.testing.assert_close(got, y0 - delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, y0 - delta, **TOL64)
     geo = call(layer, funcadapt.transform(tree, 0.5, mode="geometric"), x)
-    torch.testing.assert_close(geo, y0 + 0.5 * delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(geo, y0 + 0.5 * delta, **TOL64)
 
 
 @pytest.mark.parametrize("case_id", ["deft", "deft-para-relu"])
