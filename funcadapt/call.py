@@ -38,7 +38,7 @@ from .rules.base import (
     under_transforms,
 )
 from .structure import Structure, active_adapters, adapters_disabled, layer_adapters, structure
-from .swap import Frame, check_thread, run_undo
+from .swap import Frame, run_undo, thread_guarded
 from .transform import LayerEffect, Transformed
 from .tree import AdapterTree
 
@@ -91,16 +91,27 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame
     # layers they belong to still get their patches above
     swapped = {k: v for k, v in tensors.items() if k in replaced}
     # every module whose behaviour this call changes refuses other threads: the layers with
-    # effects (the just-in-time wrapper checks itself) and the owners of swapped tensors
+    # effects, the owners of swapped tensors, the blocks batched under vmap
     changed = {path for path, _ in modified} | {k.rpartition(".")[0] for k in swapped if k not in known.adapter_of}
-    # (the layers with just-in-time effects check too, inside an accelerate hook; this check comes first)
-    guarded = [*{id(m): m for m in [*(modules[p] for p in {*changed, *recipes, *loads}), *entries]}.values()]
+    named = {id(modules[p]): (f"layer {p!r}", modules[p]) for p in {*changed, *recipes, *loads}}
+    for m in entries:
+        named.setdefault(id(m), (type(m).__name__, m))
+    guarded = [m for _, m in named.values()]
     builders.append(
         lambda: [
-            Patch(m, "forward", functools.partial(_thread_guarded, m), wrap=True, outside_hooks=True) for m in guarded
+            Patch(m, "forward", functools.partial(thread_guarded, what), wrap=True, outside_hooks=True)
+            for what, m in named.values()
         ]
     )
     return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded)
+
+
+def entry_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules a forward of ``model`` starts in: ``model``, and a PEFT model's base model, whose
+    forward ``generate()`` calls directly."""
+    get_base = getattr(model, "get_base_model", None)
+    inner = get_base() if callable(get_base) else None
+    return [model, inner] if isinstance(inner, nn.Module) and inner is not model else [model]
 
 
 def _unpack(
@@ -338,8 +349,8 @@ def _jit_patches(
     loaded, or an enclosing frame showed), and those are shown to PEFT's forward until it returns.
     Nested frames add their effects to one chain on the layer, applied outermost first, so an
     inner context transforms what the outer one shows. ``loads``: offloaded tensors loaded for the
-    layer's run. The layer refuses other threads (so does every other module the call changes, see
-    :func:`_thread_guarded`)."""
+    layer's run. (The layer refuses other threads, as every module the call changes does: see
+    :func:`funcadapt.swap.thread_guarded`.)"""
     if not recipes and not loads:
         return []
     entry: _Entry = (recipes, owners, loads)
@@ -352,7 +363,6 @@ def _jit_patches(
 
 def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
     def applied(*args: Any, **kwargs: Any) -> Any:
-        check_thread(layer, f"layer {path!r}")
         chain: tuple[_Entry, ...] = layer.__dict__.get(_CHAIN, ())
         if not any(recipes or loads for recipes, _, loads in chain):
             return forward(*args, **kwargs)
@@ -436,16 +446,6 @@ def _batched(module: nn.Module, one: Tensor, forward: Callable[..., Any]) -> Cal
         return forward(*args, **kwargs)
 
     return batched
-
-
-def _thread_guarded(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
-    """A module's forward, refused from a thread other than the one whose frame changes it."""
-
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        check_thread(module, type(module).__name__)
-        return forward(*args, **kwargs)
-
-    return guarded
 
 
 def _owner(modules: Mapping[str, nn.Module], key: str) -> tuple[nn.Module, str]:
@@ -609,13 +609,33 @@ def _interpolation(
                 return y1, out
         return y1, None
 
+    # the outputs of a LayerAccess's base while `captured` runs the layer (recorded by a patch on the
+    # base's forward, applied with the frame: a hook registered inside the forward cannot be compiled)
+    recording: list[bool] = [False]
+    recorded: list[Any] = []
+
+    def record(base_forward: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded_forward(*args: Any, **kwargs: Any) -> Any:
+            out = base_forward(*args, **kwargs)
+            if recording[0]:
+                recorded.append(out)
+            return out
+
+        return recorded_forward
+
     def captured(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Any]:
         """(y1, y0) from one run of a layer read through a LayerAccess: y0 is its base's output."""
-        assert access is not None
-        y1, seen = _watching(access.base(layer), forward, args, kwargs)
-        if len(seen) != 1:
-            raise RuntimeError(f"layer {path!r}: its base ran {len(seen)} times in one forward, expected once")
-        return y1, seen[0][1]
+        recorded.clear()
+        recording[0] = True
+        try:
+            y1 = forward(*args, **kwargs)
+        finally:
+            recording[0] = False
+        outs = list(recorded)
+        recorded.clear()
+        if len(outs) != 1:
+            raise RuntimeError(f"layer {path!r}: its base ran {len(outs)} times in one forward, expected once")
+        return y1, outs[0]
 
     def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
         def interpolated(*args: Any, **kwargs: Any) -> Any:
@@ -626,12 +646,15 @@ def _interpolation(
                     f"ignores. Give each row its coefficient with funcadapt.per_row instead (0 for rows that "
                     f"should not use the adapter)"
                 )
-            if not per_row and is_number(c) and c == 0.0:
+            if not torch.compiler.is_compiling() and not per_row and is_number(c) and c == 0.0:
+                # (compiled, the lerp below gives y0 exactly at 0 too, and no value of c gets its own graph)
                 return without(forward, args, kwargs)
             y0: Any = None
             if access is not None:
                 y1, y0 = captured(forward, args, kwargs)
-            elif reuse_base:
+            elif reuse_base and not torch.compiler.is_compiling():
+                # (compiled, y0 is computed again below: the graph's common-subexpression elimination
+                # shares the base layer's run, and hooks and version counters are not traced)
                 y1, y0 = with_base(forward, args, kwargs)
                 y0 = y0.to(y1.dtype) if y0 is not None and isinstance(y1, Tensor) else None
             else:
@@ -656,7 +679,12 @@ def _interpolation(
         # torch.lerp is y0 + k·(y1 − y0), evaluated so that k = 0 gives y0 and k = 1 gives y1 bit for bit
         return torch.lerp(y0, y1, k)
 
-    return lambda: [Patch(layer, "forward", wrap, wrap=True)]
+    if access is None:
+        return lambda: [Patch(layer, "forward", wrap, wrap=True)]
+    return lambda: [
+        Patch(access.base(layer), "forward", record, wrap=True, outside_hooks=True),
+        Patch(layer, "forward", wrap, wrap=True),
+    ]
 
 
 def _row_scaling(

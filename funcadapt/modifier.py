@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .call import frame
+from .call import entry_modules, frame
 from .groups import Groups
 from .swap import Frame
 from .transform import MODES, OPS, Mode, Op, transform
@@ -66,7 +66,7 @@ class AdapterModifier:
         tree = extract(self.model, self.adapter_names)
         params = transform(tree, self.value, self.op, self.mode, groups=self.groups)
         f = frame(self.model, params)
-        f.watch(f"AdapterModifier({self._settings()})", skip=("funcadapt", "contextlib"))
+        f.watch(f"AdapterModifier({self._settings()})", ("funcadapt", "contextlib"), entry_modules(self.model))
         f.apply()
         self.tree, self._frame = tree, f
         return self

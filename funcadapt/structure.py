@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import engines, models
@@ -178,17 +179,24 @@ class Structure:
         return base.find_rule(layer, adapter) if layer is not None else None
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, Structure] = weakref.WeakKeyDictionary()
+_CACHE: dict[int, Structure] = {}
+"""id(model) -> its structure, dropped when the model is collected. Keyed by the id, not weakly by the
+model: torch.compile traces this lookup inside a compiled ``funcadapt.call`` and guards on it, and a
+weak dictionary's keys cannot be guarded on (they vanish with collected models)."""
 
 
 def structure(model: nn.Module) -> Structure:
     """The cached structure of ``model``, rebuilt when its fingerprint changed."""
     print_ = fingerprint(model)
-    cached = _CACHE.get(model)
+    cached = _CACHE.get(id(model))
     if cached is not None and cached.fingerprint == print_ and cached.registry == _registry():
         return cached
     built = _build(model, print_)
-    _CACHE[model] = built
+    if torch.compiler.is_compiling():
+        return built  # (a finalizer cannot be traced; the next eager call caches it)
+    if id(model) not in _CACHE:
+        weakref.finalize(model, _CACHE.pop, id(model), None)
+    _CACHE[id(model)] = built
     return built
 
 

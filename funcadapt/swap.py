@@ -18,7 +18,10 @@ a frame touching the same modules, or runs a forward through a module the frame
 patched, gets a ``RuntimeError`` instead of seeing (or undoing) this thread's patches.
 So one model per thread is exact, and one model shared by threads is refused while a
 frame is applied, never silently wrong. Checkpoint recomputation (which may run on an
-autograd worker thread) replays the frames of the thread that ran the forward.
+autograd worker thread) replays the frames of the thread that ran the forward. The check
+in a patched forward compares per-thread objects (:class:`Thread`, read from a
+thread-local), which torch.compile traces and guards on: a compiled model keeps it
+without a graph break, and another thread's call is traced again there and refused.
 """
 
 from __future__ import annotations
@@ -44,33 +47,54 @@ from .rules.base import Patch, under_transforms
 _MISSING = object()
 
 
+class Thread:
+    """A thread as the owner of frames, compared by identity. torch.compile reads it from a thread-local
+    and guards on it, so compiled code that checks the owner traces without a graph break and is
+    re-traced (then refused) in any other thread; ``threading.get_ident()`` cannot be traced."""
+
+    __slots__ = ("ident",)
+
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+
+    def __repr__(self) -> str:
+        return f"thread {self.ident}"
+
+
 class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.frames: list[Frame] = []
-        self.acting_for: int | None = None
+        self.acting_for: Thread | None = None
+        self.me = Thread(threading.get_ident())
 
 
-def _me() -> int:
+def _me() -> Thread:
     """The thread frames are applied for: this one, or the one a checkpoint replay acts for."""
     acting = _STATE.acting_for
-    return threading.get_ident() if acting is None else acting
+    return _STATE.me if acting is None else acting
 
 
 _STATE = _ThreadState()
 _OWNERS_LOCK = threading.Lock()
-_OWNERS: dict[int, tuple[int, int]] = {}
+_OWNERS: dict[int, tuple[Thread, int]] = {}
 """id(module) -> (owning thread, number of applied frames of that thread patching it)."""
+
+
+def _owners_lock() -> contextlib.AbstractContextManager[Any]:
+    """The lock on :data:`_OWNERS`; none while torch.compile traces a frame applied inside compiled code
+    (which it cannot trace; it runs the frame's patches, and their undoing, within one trace)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _OWNERS_LOCK
 
 
 def _claim(modules: list[Any]) -> None:
     """Mark ``modules`` as modified by the current thread; refuse if another thread holds one."""
     me = _me()
-    with _OWNERS_LOCK:
+    with _owners_lock():
         for m in modules:
             owner = _OWNERS.get(id(m))
-            if owner is not None and owner[0] != me:
+            if owner is not None and owner[0] is not me:
                 raise RuntimeError(
-                    f"{type(m).__name__} is being modified by funcadapt in another thread (thread {owner[0]}); one "
+                    f"{type(m).__name__} is being modified by funcadapt in another thread ({owner[0]}); one "
                     f"model cannot be modified from two threads at once. Give each thread its own model "
                     f"(copy.deepcopy), or serialise the calls with a lock"
                 )
@@ -79,11 +103,11 @@ def _claim(modules: list[Any]) -> None:
             _OWNERS[id(m)] = (me, 1 if owner is None else owner[1] + 1)
 
 
-def _release(modules: list[Any], thread: int) -> None:
-    with _OWNERS_LOCK:
+def _release(modules: list[Any], thread: Thread) -> None:
+    with _owners_lock():
         for m in modules:
             owner = _OWNERS.get(id(m))
-            if owner is None or owner[0] != thread:
+            if owner is None or owner[0] is not thread:
                 continue
             if owner[1] <= 1:
                 del _OWNERS[id(m)]
@@ -91,21 +115,35 @@ def _release(modules: list[Any], thread: int) -> None:
                 _OWNERS[id(m)] = (thread, owner[1] - 1)
 
 
-def check_thread(module: Any, what: str) -> None:
-    """Refuse to run ``module`` (patched by a frame) from a thread that does not own that frame;
-    warn once per frame whose ``with`` block was left without exiting it (see :func:`_warn_if_orphaned`)."""
-    owner = _OWNERS.get(id(module))
-    if owner is None:
-        return
-    if owner[0] == _me():
+def thread_guarded(what: str, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward``, refused from any thread but the one applying the frame now (call it while applying):
+    a module a frame changes must not run another thread's coefficients. The check is traceable, so a
+    compiled model keeps it without a graph break."""
+    owner = _me()
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if _me() is not owner:
+            raise RuntimeError(
+                f"{what} is being modified by funcadapt in another thread ({owner}), so running it from this "
+                f"thread would see that thread's coefficients. Give each thread its own model (copy.deepcopy), "
+                f"or serialise the calls with a lock"
+            )
+        return forward(*args, **kwargs)
+
+    return guarded
+
+
+def _orphan_checked(root: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward``, first warning about the frames of this thread changing ``root`` whose ``with`` block was
+    left without exiting them (see :func:`_warn_if_orphaned`). On a model's entry modules, so once per
+    forward, not per layer; skipped while torch.compile traces and during checkpoint replays."""
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
         if _STATE.frames and _STATE.acting_for is None and not torch.compiler.is_compiling():
-            _warn_if_orphaned(module)
-        return
-    raise RuntimeError(
-        f"{what} is being modified by funcadapt in another thread (thread {owner[0]}), so running it from this "
-        f"thread would see that thread's coefficients. Give each thread its own model (copy.deepcopy), or "
-        f"serialise the calls with a lock"
-    )
+            _warn_if_orphaned(root)
+        return forward(*args, **kwargs)
+
+    return checked
 
 
 class OpenContextWarning(UserWarning):
@@ -121,6 +159,7 @@ class ActiveContext:
     where: str
     """Where it was entered (``file:line``), or ``""`` when unknown."""
     thread: int
+    """The ident (``threading.get_ident()``) of the thread that applied it."""
     model: nn.Module = field(repr=False)
 
     def __str__(self) -> str:
@@ -157,10 +196,14 @@ class Frame:
         self._slots = [(_owner(modules, key), key.rpartition(".")[2], t) for key, t in tensors.items()]
         self._builders = builders
         candidates = modules.values() if checkpointing is None else checkpointing
-        self._checkpointing = [(m, attr) for m in candidates if (attr := checkpoint_attr(m)) is not None]
+        self._checkpointing: list[tuple[nn.Module, str]] = []
+        for m in candidates:  # a loop, not a comprehension with `:=`, which torch.compile cannot trace
+            attr = checkpoint_attr(m)
+            if attr is not None:
+                self._checkpointing.append((m, attr))
         self._undo: list[Callable[[], None]] | None = None
         self._stack: list[Frame] | None = None
-        self._thread = 0
+        self._thread: Thread | None = None
 
     @property
     def applied(self) -> bool:
@@ -197,7 +240,7 @@ class Frame:
         self._thread = thread
         self._stack = _STATE.frames
         self._stack.append(self)
-        with _OWNERS_LOCK:
+        with _owners_lock():
             _APPLIED[id(self)] = self
 
     def unapply(self) -> None:
@@ -211,10 +254,10 @@ class Frame:
                 f"cannot exit while {inner.describe() if inner else 'another context'} is still open inside it; "
                 f"exit that one first"
             )
-        if self._thread != _me():
+        if self._thread is not _me():
             raise RuntimeError("a funcadapt context must be exited by the thread that entered it")
         stack.pop()
-        with _OWNERS_LOCK:
+        with _owners_lock():
             _APPLIED.pop(id(self), None)
         undo, self._undo, self._stack = self._undo, None, None
         run_undo(undo)
@@ -222,10 +265,18 @@ class Frame:
     def describe(self) -> str:
         return f"{self.label} (entered at {self.where})" if self.where else self.label
 
-    def watch(self, label: str, skip: Iterable[str]) -> None:
+    def watch(self, label: str, skip: Iterable[str], entries: Iterable[nn.Module] = ()) -> None:
         """Name this frame ``label`` and watch the first caller outside the modules ``skip``
         (funcadapt's own, contextlib): ``file:line`` for messages, and its Python frame unless it is
-        a generator or coroutine (suspended there is not returned, so it cannot be watched)."""
+        a generator or coroutine (suspended there is not returned, so it cannot be watched). The
+        ``entries`` (the modules a forward of the model starts in) check it when they run."""
+        if self._undo is not None:
+            raise RuntimeError("watch a funcadapt frame before applying it")
+        checks = [
+            Patch(m, "forward", functools.partial(_orphan_checked, self.root), wrap=True, outside_hooks=True)
+            for m in entries
+        ]
+        self._builders = [*self._builders, lambda: checks]
         self.label = label
         caller: FrameType | None = sys._getframe(1)
         while caller is not None and caller.f_globals.get("__name__", "").split(".")[0] in skip:
@@ -311,7 +362,7 @@ def run_undo(undo: list[Callable[[], None]]) -> None:
 
 
 @contextlib.contextmanager
-def replay(snapshot: tuple[Frame, ...], stack: list[Frame], thread: int) -> Iterator[None]:
+def replay(snapshot: tuple[Frame, ...], stack: list[Frame], thread: Thread) -> Iterator[None]:
     """Show exactly the frames of ``snapshot`` (as at the original forward) while the body runs.
     ``stack`` is the frame stack of the thread that ran that forward; the recompute may run on
     an autograd worker thread, which then acts for that thread."""
@@ -412,7 +463,8 @@ def _on_stack(target: FrameType) -> bool:
 
 def _warn_if_orphaned(module: Any) -> None:
     """Warn once per frame of this thread that changes ``module`` and whose ``with`` block was
-    left without exiting it (``__enter__`` called by hand and never ``__exit__``)."""
+    left without exiting it (``__enter__`` called by hand and never ``__exit__``): that block's
+    Python frame is no longer on the stack."""
     for frame in _STATE.frames:
         target = frame.entered_in
         if target is None or frame._warned or id(module) not in frame._guarded_ids or _on_stack(target):
@@ -447,7 +499,7 @@ def active_contexts(model: nn.Module | None = None) -> list[ActiveContext]:
     if model is not None:
         modules = {id(m) for m in model.modules()}
         frames = [f for f in frames if id(f.root) in modules or any(i in modules for i in f._guarded_ids)]
-    return [ActiveContext(f.label, f.where, f._thread, f.root) for f in frames]
+    return [ActiveContext(f.label, f.where, f._thread.ident if f._thread else 0, f.root) for f in frames]
 
 
 def _report_open_at_exit() -> None:

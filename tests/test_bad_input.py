@@ -310,33 +310,6 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-DYNAMO_BREAK = "ignore:Dynamo does not know how to trace"  # the per-layer thread check (docs/compile.md)
-
-
-@pytest.mark.filterwarnings(DYNAMO_BREAK)
-@pytest.mark.parametrize("kind", ["tensor", "float"])
-def test_torch_compile_does_not_recompile_per_coefficient(kind):
-    """A compiled model under AdapterModifier at six coefficients: a 0-d tensor compiles once; a
-    Python float compiles at most twice (Dynamo makes a float dynamic after its first change),
-    never once per value; every output exact. Dynamo's 'eager' backend: its guards and recompiles
-    are what is counted, and they are the same under inductor."""
-    import torch._dynamo
-
-    model = build(case("lora"))
-    tree = funcadapt.extract(model)
-    compiled = torch.compile(model, backend="eager")
-    torch._dynamo.reset()
-    seen = []
-    for c in (0.25, 0.5, -1.0, 2.0, -0.75, 3.0):
-        value = torch.tensor(c) if kind == "tensor" else c
-        with torch.no_grad(), AdapterModifier(model, "scale", value):
-            got = output(compiled(**BATCH))
-        torch.testing.assert_close(got, logits(model, funcadapt.transform(tree, c)), rtol=1e-5, atol=1e-6)
-        seen.append(_graphs())
-    assert seen[-1] == seen[1 if kind == "float" else 0], f"graphs after each coefficient: {seen}"
-
-
-@pytest.mark.filterwarnings(DYNAMO_BREAK)
 def test_torch_compile_of_a_function_calling_transform():
     """Inside a compiled function: a 0-d tensor coefficient compiles once for every value, exact; a
     Python number warns once with that fix (Dynamo would specialise on each value)."""

@@ -91,7 +91,9 @@ def _probe_multiplicity() -> int:
     return int(k)
 
 
-out_proj_multiplicity()  # at import, outside any torch.func transform
+OUT_PROJ_MULTIPLICITY = out_proj_multiplicity()
+"""Read at import, outside any torch.func transform, and a constant to torch.compile (which would trace
+the probe, forking the RNG, if the forward called the function)."""
 
 
 def _delta(part: Any, adapter: str, fan_in_fan_out: bool = False) -> Tensor:
@@ -116,7 +118,7 @@ def effective_weights(layer: Any, adapters: list[str]) -> dict[str, Tensor]:
     if out.base_layer is not out_base:
         raise ValueError(f"out_proj of {type(mha).__name__} is wrapped by several adapter layers; unsupported")
     dtype = out_base.weight.dtype
-    k = out_proj_multiplicity()
+    k = OUT_PROJ_MULTIPLICITY
     w_in, w_out, b_out = mha.in_proj_weight, out_base.weight, out_base.bias
     for adapter in adapters:
         w_in = w_in + _delta(layer, adapter).to(dtype)
@@ -149,8 +151,10 @@ def mha_forward(layer: Any, query: Tensor, *args: Any, **kwargs: Any) -> Any:
         )
     # torch's fused fast path (eval, batch_first, no grad needed) has neither a batching rule nor a
     # derivative; under torch.func transforms the attention takes the composite path instead
-    fast = torch.backends.mha.get_fastpath_enabled()
-    if under_transforms():
+    # (torch.compile cannot trace that switch and takes the composite path itself)
+    switch = under_transforms() and not torch.compiler.is_compiling()
+    fast = torch.backends.mha.get_fastpath_enabled() if switch else True
+    if switch:
         torch.backends.mha.set_fastpath_enabled(False)
     try:
         if adapters:
@@ -158,7 +162,8 @@ def mha_forward(layer: Any, query: Tensor, *args: Any, **kwargs: Any) -> Any:
         else:
             result = mha(query, *args, **kwargs)
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
+        if switch:
+            torch.backends.mha.set_fastpath_enabled(fast)
     dtype = query.dtype
     return result[0].to(dtype), (result[1].to(dtype) if result[1] is not None else None)
 
