@@ -30,6 +30,7 @@ from .rules.base import (
     Coeff,
     Patch,
     Rule,
+    Scaling,
     access_of,
     is_adapter_layer,
     is_number,
@@ -60,14 +61,16 @@ def call(model: nn.Module, params: Transformed | Mapping[str, Tensor], *args: An
         return model(*args, **kwargs)
 
 
-def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> Frame:
-    """The (not yet applied) :class:`~funcadapt.swap.Frame` that ``call`` runs the model in."""
+def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_checked: bool = False) -> Frame:
+    """The (not yet applied) :class:`~funcadapt.swap.Frame` that ``call`` runs the model in.
+    ``live_checked``: ``params`` were transformed from a tree extracted from ``model`` just now, so
+    every adapter they change is known to be active and unmerged."""
     tensors, effects, extracted = _unpack(params)
     known = structure(model)
     _refuse_fsdp1_under_transforms(known.engine)
     modules = {"": model, **known.modules}
     replaced = _replaced(model, modules, known, tensors, extracted)
-    touched, recipes, modified = _touched(modules, known, tensors, replaced, effects)
+    touched, recipes, modified = _touched(modules, known, tensors, replaced, effects, live_checked)
     loads = _offloaded_tensors(modules, known)
     builders: list[Callable[[], list[Patch]]] = []
     for path in {**touched, **recipes, **loads}:
@@ -194,6 +197,7 @@ def _touched(
     tensors: Mapping[str, Tensor],
     replaced: set[str],
     effects: tuple[LayerEffect, ...],
+    live_checked: bool = False,
 ) -> tuple[dict[str, dict[str, dict[str, Coeff]]], dict[str, list[LayerEffect]], set[tuple[str, str]]]:
     """(layer path -> adapter -> forward args, for every layer the call touches; host layer path ->
     the effects recomputing tensors when it runs; the (layer path, adapter) pairs whose effect
@@ -215,7 +219,7 @@ def _touched(
         modified.add((path, adapter))
         if e.recompute is not None:
             recipes.setdefault(known.host(path), []).append(e)
-    for path, adapter in modified:
+    for path, adapter in () if live_checked else modified:
         _check_live(path, modules[path], adapter)
     return touched, recipes, modified
 
@@ -377,7 +381,11 @@ def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callabl
                 outer: dict[str, Tensor] = dict(shown)
                 for e in recipes:
                     p = {}
+                    # a scaling reads only the tensors it scales
+                    reads = e.recompute.roles if isinstance(e.recompute, Scaling) else e.spec.keys
                     for role, key in e.spec.keys.items():
+                        if role not in reads:
+                            continue
                         if key not in outer:  # read where this layer reaches it
                             owner, name = owners[key][0]
                             outer[key] = shown[key] = engines.live(owner, name, undo)

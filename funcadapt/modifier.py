@@ -13,6 +13,7 @@ too) and must be exited in reverse order, by the thread that entered them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from .call import entry_modules, frame
 from .groups import Groups
+from .structure import reusing_structure
 from .swap import Frame
 from .transform import MODES, OPS, Mode, Op, transform
 from .tree import AdapterTree, extract
@@ -63,10 +65,13 @@ class AdapterModifier:
     def __enter__(self) -> AdapterModifier:
         if self._frame is not None:
             raise RuntimeError("this AdapterModifier is already active; create one per `with` block")
-        tree = extract(self.model, self.adapter_names)
-        params = transform(tree, self.value, self.op, self.mode, groups=self.groups)
-        f = frame(self.model, params)
-        f.watch(f"AdapterModifier({self._settings()})", ("funcadapt", "contextlib"), entry_modules(self.model))
+        with reusing_structure(self.model):  # extract and frame read the model's structure once
+            tree = extract(self.model, self.adapter_names)
+            params = transform(tree, self.value, self.op, self.mode, groups=self.groups)
+            f = frame(self.model, params, live_checked=True)  # extract just checked every adapter is live
+        # (the label is made when first shown: a tensor's repr costs more than the rest of the entry)
+        settings = functools.partial(_settings, self.op, self.value, self.mode, self.groups)
+        f.watch(lambda: f"AdapterModifier({settings()})", ("funcadapt", "contextlib"), entry_modules(self.model))
         f.apply()
         self.tree, self._frame = tree, f
         return self
@@ -82,7 +87,11 @@ class AdapterModifier:
         return f"AdapterModifier({self._settings()}, {state})"
 
     def _settings(self) -> str:
-        value = repr(self.value)
-        value = value if len(value) <= 80 else value[:77] + "..."
-        grouped = "" if self.groups is None else f", groups={self.groups if isinstance(self.groups, str) else '...'}"
-        return f"op={self.op!r}, value={value}, mode={self.mode!r}{grouped}"
+        return _settings(self.op, self.value, self.mode, self.groups)
+
+
+def _settings(op: str, value: Any, mode: str, groups: Groups | None) -> str:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    grouped = "" if groups is None else f", groups={groups if isinstance(groups, str) else '...'}"
+    return f"op={op!r}, value={shown}, mode={mode!r}{grouped}"

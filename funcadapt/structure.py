@@ -18,6 +18,8 @@ it goes away with the model.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -185,8 +187,31 @@ model: torch.compile traces this lookup inside a compiled ``funcadapt.call`` and
 weak dictionary's keys cannot be guarded on (they vanish with collected models)."""
 
 
+class _Reused(threading.local):
+    value: tuple[nn.Module, Structure] | None = None
+
+
+_REUSED = _Reused()
+
+
+@contextlib.contextmanager
+def reusing_structure(model: nn.Module) -> Iterator[Structure]:
+    """While the block runs (in this thread), ``structure(model)`` is the structure found on entry,
+    without checking the fingerprint again: for steps that read it several times in a row without
+    changing the model (``AdapterModifier.__enter__``: extract, then frame)."""
+    found = structure(model)
+    saved, _REUSED.value = _REUSED.value, (model, found)
+    try:
+        yield found
+    finally:
+        _REUSED.value = saved
+
+
 def structure(model: nn.Module) -> Structure:
     """The cached structure of ``model``, rebuilt when its fingerprint changed."""
+    reused = _REUSED.value
+    if reused is not None and reused[0] is model:
+        return reused[1]
     print_ = fingerprint(model)
     cached = _CACHE.get(id(model))
     if cached is not None and cached.fingerprint == print_ and cached.registry == _registry():

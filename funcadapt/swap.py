@@ -185,7 +185,7 @@ class Frame:
         label: str = "funcadapt.call",
     ) -> None:
         self.root = root
-        self.label = label
+        self._label: str | Callable[[], str] = label
         self.entered_in: FrameType | None = None
         self.where = ""
         self._warned = False
@@ -204,6 +204,13 @@ class Frame:
         self._undo: list[Callable[[], None]] | None = None
         self._stack: list[Frame] | None = None
         self._thread: Thread | None = None
+
+    @property
+    def label(self) -> str:
+        """What the frame applies (computed when first asked: a coefficient tensor's repr is not free)."""
+        if callable(self._label):
+            self._label = self._label()
+        return self._label
 
     @property
     def applied(self) -> bool:
@@ -265,7 +272,7 @@ class Frame:
     def describe(self) -> str:
         return f"{self.label} (entered at {self.where})" if self.where else self.label
 
-    def watch(self, label: str, skip: Iterable[str], entries: Iterable[nn.Module] = ()) -> None:
+    def watch(self, label: str | Callable[[], str], skip: Iterable[str], entries: Iterable[nn.Module] = ()) -> None:
         """Name this frame ``label`` and watch the first caller outside the modules ``skip``
         (funcadapt's own, contextlib): ``file:line`` for messages, and its Python frame unless it is
         a generator or coroutine (suspended there is not returned, so it cannot be watched). The
@@ -277,7 +284,7 @@ class Frame:
             for m in entries
         ]
         self._builders = [*self._builders, lambda: checks]
-        self.label = label
+        self._label = label
         caller: FrameType | None = sys._getframe(1)
         while caller is not None and caller.f_globals.get("__name__", "").split(".")[0] in skip:
             caller = caller.f_back

@@ -362,6 +362,8 @@ def scale(p: Tensor, c: Coeff) -> Tensor:
     """``c · p`` in p's dtype (one rounding)."""
     if not isinstance(c, Tensor):
         return p * c
+    if c.dtype is p.dtype and p.dtype in (torch.float32, torch.float64) and c.device == p.device:
+        return p * c  # already the compute dtype and device: the same product, without two no-op casts
     return (p.to(compute_dtype(p)) * as_compute(c, p)).to(p.dtype)
 
 
