@@ -12,8 +12,8 @@ and rebuilds the structure; state that can change without that (active adapters,
 is never cached and is read live by the callers.
 
 The cache holds the model's submodules (not the root) and adapter tensors, so object ids
-in a fingerprint cannot be reused while it is cached; it is keyed weakly on the root, so
-it goes away with the model.
+in a fingerprint cannot be reused while it is cached; it is keyed by the root's id and
+dropped by a finalizer when the root is collected, so it goes away with the model.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class _Strong:
 
 
 def _hold(module: nn.Module, root: nn.Module) -> Callable[[], Any]:
-    """A reference that keeps ``module`` alive unless it is the root: the cache is keyed weakly on
-    the root, and a strong reference to it from the cached value would keep the model alive forever."""
+    """A reference that keeps ``module`` alive unless it is the root: the cache entry goes when the root
+    is collected, and a strong reference to it from the cached value would keep the model alive forever."""
     return weakref.ref(module) if module is root else _Strong(module)
 
 

@@ -80,16 +80,10 @@ _OWNERS: dict[int, tuple[Thread, int]] = {}
 """id(module) -> (owning thread, number of applied frames of that thread patching it)."""
 
 
-def _owners_lock() -> contextlib.AbstractContextManager[Any]:
-    """The lock on :data:`_OWNERS`; none while torch.compile traces a frame applied inside compiled code
-    (which it cannot trace; it runs the frame's patches, and their undoing, within one trace)."""
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else _OWNERS_LOCK
-
-
 def _claim(modules: list[Any]) -> None:
     """Mark ``modules`` as modified by the current thread; refuse if another thread holds one."""
     me = _me()
-    with _owners_lock():
+    with _OWNERS_LOCK:
         for m in modules:
             owner = _OWNERS.get(id(m))
             if owner is not None and owner[0] is not me:
@@ -104,7 +98,7 @@ def _claim(modules: list[Any]) -> None:
 
 
 def _release(modules: list[Any], thread: Thread) -> None:
-    with _owners_lock():
+    with _OWNERS_LOCK:
         for m in modules:
             owner = _OWNERS.get(id(m))
             if owner is None or owner[0] is not thread:
@@ -121,6 +115,7 @@ def thread_guarded(what: str, forward: Callable[..., Any]) -> Callable[..., Any]
     compiled model keeps it without a graph break."""
     owner = _me()
 
+    @functools.wraps(forward)  # keeps the signature, which transformers' generate() reads
     def guarded(*args: Any, **kwargs: Any) -> Any:
         if _me() is not owner:
             raise RuntimeError(
@@ -138,6 +133,7 @@ def _orphan_checked(root: Any, forward: Callable[..., Any]) -> Callable[..., Any
     left without exiting them (see :func:`_warn_if_orphaned`). On a model's entry modules, so once per
     forward, not per layer; skipped while torch.compile traces and during checkpoint replays."""
 
+    @functools.wraps(forward)  # keeps the signature, which transformers' generate() reads
     def checked(*args: Any, **kwargs: Any) -> Any:
         if _STATE.frames and _STATE.acting_for is None and not torch.compiler.is_compiling():
             _warn_if_orphaned(root)
@@ -219,9 +215,16 @@ class Frame:
     def apply(self) -> None:
         if self._undo is not None:
             raise RuntimeError("this funcadapt frame is already applied")
-        _claim(self._guarded)
+        # A frame applied while torch.compile traces (funcadapt.call inside a compiled function) is applied
+        # and undone within the trace, and no other thread can see its patches: it claims nothing and joins
+        # no stack. (Dynamo would replay changes to the shared registries after the graph runs, restoring them
+        # as they were when traced, over what other threads did meanwhile.)
+        tracing = torch.compiler.is_compiling()
         thread = _me()
-        undo: list[Callable[[], None]] = [functools.partial(_release, self._guarded, thread)]
+        undo: list[Callable[[], None]] = []
+        if not tracing:
+            _claim(self._guarded)
+            undo.append(functools.partial(_release, self._guarded, thread))
         try:
             for module, name, tensor in self._slots:
                 store: dict[str, Any] = module._parameters if name in module._parameters else module._buffers
@@ -245,14 +248,20 @@ class Frame:
             raise
         self._undo = undo
         self._thread = thread
+        if tracing:
+            return
         self._stack = _STATE.frames
         self._stack.append(self)
-        with _owners_lock():
+        with _OWNERS_LOCK:
             _APPLIED[id(self)] = self
 
     def unapply(self) -> None:
-        if self._undo is None or self._stack is None:
+        if self._undo is None:
             raise RuntimeError("this funcadapt frame is not applied")
+        if self._stack is None:  # applied while torch.compile traced (see apply)
+            undo, self._undo = self._undo, None
+            run_undo(undo)
+            return
         stack = self._stack
         if not stack or stack[-1] is not self:
             inner = stack[-1] if stack else None
@@ -264,7 +273,7 @@ class Frame:
         if self._thread is not _me():
             raise RuntimeError("a funcadapt context must be exited by the thread that entered it")
         stack.pop()
-        with _owners_lock():
+        with _OWNERS_LOCK:
             _APPLIED.pop(id(self), None)
         undo, self._undo, self._stack = self._undo, None, None
         run_undo(undo)
@@ -456,7 +465,8 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _APPLIED: dict[int, Frame] = {}
-"""Every applied frame, of every thread (for :func:`active_contexts`); guarded by ``_OWNERS_LOCK``."""
+"""Every applied frame, of every thread (for :func:`active_contexts`; frames applied while torch.compile
+traces are not registered, see :meth:`Frame.apply`); guarded by ``_OWNERS_LOCK``."""
 
 
 def _on_stack(target: FrameType) -> bool:

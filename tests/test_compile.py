@@ -242,3 +242,38 @@ def test_a_compiled_model_shared_between_threads_is_refused():
     torch.testing.assert_close(seen["after"], want)
     with torch.no_grad():
         torch.testing.assert_close(output(compiled(**x)), plain, rtol=0, atol=0)
+
+
+def test_a_compiled_call_leaves_the_registries_of_open_contexts_alone():
+    """funcadapt.call inside a compiled function applies its frame within the trace: it neither claims
+    modules nor joins a stack, so it does not guard on (or, replaying its side effects after the graph,
+    restore) the registries other contexts are in. A context opened on another model after the compile
+    neither recompiles the function nor is forgotten by it, and still refuses other threads."""
+    model, other = _small("lora"), _small("ia3")
+    tree = funcadapt.extract(model)
+    x = inputs()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(
+        lambda c: output(funcadapt.call(model, funcadapt.transform(tree, c), **x)), backend=counter
+    )
+    with torch.no_grad():
+        compiled(torch.tensor(0.5))
+        with AdapterModifier(other, "scale", -1.0):
+            compiled(torch.tensor(-1.0))
+            assert [c.model for c in funcadapt.active_contexts()] == [other]
+            refused: dict[str, BaseException] = {}
+
+            def enter() -> None:
+                try:
+                    with AdapterModifier(other, "scale", 2.0):
+                        pass
+                except RuntimeError as e:
+                    refused["error"] = e
+
+            t = threading.Thread(target=enter)
+            t.start()
+            t.join()
+            assert "another thread" in str(refused.get("error"))
+    assert counter.frame_count == 1
+    assert not funcadapt.active_contexts()

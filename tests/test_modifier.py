@@ -374,3 +374,30 @@ def test_named_parameters_inside_and_after():
     for k, t in after.items():
         assert t is originals[k], k
         assert isinstance(t, nn.Parameter)
+
+
+def test_generate_under_a_context_sees_the_models_forward_signature():
+    """transformers' generate() reads the forward's signature to build the attention mask from the padding
+    and to ask for the last logits only; the patches a context puts where the model's forward starts keep
+    that signature, so generate() with left padding and no mask at c = 1 is PEFT's own, bit for bit."""
+    import inspect
+
+    model = build(case("lora"))
+    model.generation_config.pad_token_id = 0
+    ids = inputs()["input_ids"].clamp(min=1)
+    ids[0, :3] = 0  # left padding, no attention_mask given
+
+    def generate() -> torch.Tensor:
+        out = model.generate(
+            input_ids=ids, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        return torch.stack(out.scores)
+
+    with torch.no_grad():
+        plain = generate()
+        signature = inspect.signature(model.get_base_model().forward)
+        with AdapterModifier(model, "scale", 1.0):
+            assert inspect.signature(model.get_base_model().forward) == signature
+            assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
+            under = generate()
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)
