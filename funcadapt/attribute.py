@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .call import call
 from .groups import Groups, resolve
-from .sweep import sweep
+from .sweep import Method, sweep
 from .transform import Mode, transform
 from .tree import extract
 
@@ -106,7 +106,7 @@ def attribute(
     *,
     mode: Mode = "linear",
     adapter_names: str | Iterable[str] | None = None,
-    method: str = "auto",
+    method: Method = "auto",
     chunk_size: int | None = None,
     progress: bool | None = None,
     name: str | None = None,

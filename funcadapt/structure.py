@@ -32,7 +32,7 @@ from . import engines, models
 from .quantized import BNB_LINEARS, base_of, check_supported
 from .quantized import kind as quantized_kind
 from .rules import base
-from .rules.base import Rule, access_of, is_adapter_layer
+from .rules.base import LayerSpec, Rule, access_of, is_adapter_layer
 
 
 class _Strong:
@@ -112,7 +112,7 @@ class Structure:
             parent = next((p for p in _prefixes(path) if p in self.by_path), None)
             self.hosts[path] = self.hosts[parent] if parent is not None else path
 
-    def owners(self, spec: Any) -> dict[str, list[str]]:
+    def owners(self, spec: LayerSpec) -> dict[str, list[str]]:
         """Tree key -> the keys through which the layer of ``spec`` reaches that tensor: its own path
         first, then the tensor's other names (a Parameter tied to several modules)."""
         info = self.by_path.get(spec.path)

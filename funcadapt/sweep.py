@@ -21,7 +21,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,9 @@ from .rules.base import rule_named
 from .transform import Mode, transform
 from .tree import AdapterTree, extract
 
-METHODS = ("auto", "vmap", "rows", "loop")
+Method = Literal["auto", "vmap", "rows", "loop"]
+"""How :func:`sweep` evaluates the coefficients (see the module docstring)."""
+METHODS: tuple[Method, ...] = get_args(Method)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def sweep(
     coeffs: Tensor | Sequence[float],
     batch: dict[str, Any],
     *,
-    method: str = "auto",
+    method: Method = "auto",
     mode: Mode = "linear",
     groups: Groups | None = None,
     adapter_names: str | Iterable[str] | None = None,
@@ -171,7 +173,7 @@ def sweep(
 
 def _auto(
     model: nn.Module, tree: AdapterTree, metric: Callable[[Any], Tensor], chunk: Tensor, batch: dict, scaling: _Scaling
-) -> tuple[str, Tensor]:
+) -> tuple[Method, Tensor]:
     """vmap; where vmap cannot run the model or the metric, coefficient batches (linear mode, rows
     independent, a batched input); where those cannot be used either, a loop. Any other error is
     the caller's and propagates as raised, without another try."""

@@ -46,6 +46,7 @@ from .engines import flat_shard, is_sharded, local_shard
 from .groups import Groups, check_vector, per_layer, resolve
 from .rows import PerRow
 from .rules.base import Coeff, Effect, Rule, Scaling, is_number, rule_named, same_coeff
+from .rules.base import Transform as RuleTransform
 from .tree import AdapterTree, LayerSpec
 
 Op = Literal["scale", "invert", "disable", "shift", "replace"]
@@ -332,7 +333,7 @@ def _refuse(rule: Rule, spec: LayerSpec, what: str) -> ValueError:
     )
 
 
-def _chosen(rule: Rule, spec: LayerSpec, mode: str) -> Callable[[Any, Mapping[str, Tensor], Coeff], Effect] | None:
+def _chosen(rule: Rule, spec: LayerSpec, mode: str) -> RuleTransform | None:
     """The rule's transform for this layer in ``mode``; None means the output interpolation
     (linear mode) or undefined (geometric mode). On a bitsandbytes base (4-bit or int8), adapters
     acting on the base layer's input interpolate: the int8 kernel quantises its input, and the

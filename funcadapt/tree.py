@@ -17,22 +17,8 @@ from typing import Any
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .rules.base import RULES
+from .rules.base import RULES, LayerSpec
 from .structure import active_adapters, adapters_disabled, structure
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One adapter on one layer. ``keys`` maps a role (``"lora_B.weight"``, ``"ia3_l"``,
-    ...: the parameter's path below ``<layer>.<attr>.<adapter>`` with the adapter name
-    removed) to its full key in ``params``."""
-
-    path: str
-    adapter: str
-    rule: str
-    layer_type: str
-    keys: Mapping[str, str]
-    static: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ from typing import Any
 from peft.tuners.adamss.layer import AdamssLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register, scale
+from .base import Coeff, Effect, LayerSpec, Patch, Rule, RuleDoc, register, scale
 
 
-def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+def _linear(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     """Every subspace's B (roles ``adamss_B.<k>``) ↦ c·B."""
     return Effect({role: scale(t, c) for role, t in p.items() if role.startswith("adamss_B.")})
 

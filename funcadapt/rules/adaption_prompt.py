@@ -36,7 +36,7 @@ from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention
 from peft.tuners.adaption_prompt.model import AdaptionPromptModel
 from torch import Tensor
 
-from .base import Coeff, Effect, LayerAccess, Rule, RuleDoc, register, scale
+from .base import Coeff, Effect, LayerAccess, LayerSpec, Rule, RuleDoc, register, scale
 
 ROLES = ("adaption_prompt", "adaption_gate")
 
@@ -68,13 +68,13 @@ def _static(layer: Any, adapter: str) -> dict[str, Any]:
     return {"o_proj_bias": biased}
 
 
-def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+def _linear(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     if spec.static["o_proj_bias"]:
         return Effect(forward={"interp": c})
     return Effect({"adaption_gate": scale(p["adaption_gate"], c)})
 
 
-def _invert(spec: Any, p: Mapping[str, Tensor]) -> Effect:
+def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     return _linear(spec, p, -1.0)
 
 

@@ -40,12 +40,33 @@ Params = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
+class LayerSpec:
+    """One adapter on one layer: what every rule function is given, with the tensors and the
+    coefficient. ``keys`` maps a role (``"lora_B.weight"``, ``"ia3_l"``, ...: the parameter's path
+    below ``<layer>.<attr>.<adapter>`` with the adapter name removed) to its full key in ``params``."""
+
+    path: str
+    adapter: str
+    rule: str
+    layer_type: str
+    keys: Mapping[str, str]
+    static: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Effect:
     """What a rule returns for one (layer, adapter): new raw parameters by role, and
     the arguments the forward needs at call time (e.g. an interpolation coefficient)."""
 
     params: Mapping[str, Tensor] = field(default_factory=dict)
     forward: Mapping[str, Coeff] = field(default_factory=dict)
+
+
+Transform = Callable[[LayerSpec, Mapping[str, Tensor], Coeff], Effect]
+"""A rule's transform: (the layer's spec, its adapter tensors by role, the coefficient) -> the effect."""
+
+Inverse = Callable[[LayerSpec, Mapping[str, Tensor]], Effect]
+"""A rule's exact inverse: (spec, tensors by role) -> the effect."""
 
 
 @dataclass(frozen=True)
@@ -168,9 +189,9 @@ class Rule:
     name: str
     layer_type: type
     doc: RuleDoc
-    linear: Callable[[Any, Mapping[str, Tensor], Coeff], Effect] | None
-    geometric: Callable[[Any, Mapping[str, Tensor], Coeff], Effect] | None = None
-    invert: Callable[[Any, Mapping[str, Tensor]], Effect] | None = None
+    linear: Transform | None
+    geometric: Transform | None = None
+    invert: Inverse | None = None
     match: Callable[[Any, str], bool] = lambda layer, adapter: True
     static: Callable[[Any, str], dict[str, Any]] = lambda layer, adapter: {}
     patches: Callable[[Any, str, Mapping[str, Coeff]], list[Patch]] | None = None
@@ -191,7 +212,7 @@ class Rule:
     unsupported: str = ""
     """Non-empty: this layer type is recognised but has no honest per-layer coefficient; extract
     refuses it with this explanation (and what to do instead)."""
-    acts_on_input: Callable[[Any], bool] = lambda spec: False
+    acts_on_input: Callable[[LayerSpec], bool] = lambda spec: False
     """The adapter changes the base layer's *input* (feed-forward IA3, OFT). Its exact linear
     transform relies on the base layer being linear in its input; bitsandbytes kernels are not
     (int8 quantises its input; 4-bit rounds to a bfloat16 grid on some CPUs), so on those bases
@@ -325,12 +346,12 @@ def as_compute(c: Coeff, like: Tensor) -> Coeff:
     return c
 
 
-def at_forward(name: str) -> Callable[[Any, Mapping[str, Tensor], Coeff], Effect]:
+def at_forward(name: str) -> Transform:
     """A transform that changes no tensor and hands c to the layer's forward under ``name`` (for
     the rule's ``patches``, or funcadapt's own output interpolation for ``"interp"``): for
     adapters whose scalable part is built at forward time or shared between layers."""
 
-    def transform(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    def transform(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
         return Effect(forward={name: c})
 
     return transform
@@ -349,7 +370,7 @@ class Scaling:
 
     roles: tuple[str, ...]
 
-    def __call__(self, spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    def __call__(self, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
         return Effect({role: scale(t, c) for role, t in p.items() if role in self.roles})
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 from .base import (
     Coeff,
     Effect,
+    LayerSpec,
     Patch,
     Rule,
     RuleDoc,
@@ -69,13 +70,13 @@ def multiplicative_dropout(module: Any, x: Tensor) -> Tensor:
     return (1 - full_mask) * x + full_mask * eye
 
 
-def _geometric(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+def _geometric(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     s = p["boft_s"]
     require_positive(s, "the BOFT scale vector boft_s", spec.path, spec.adapter)
     return Effect({"boft_R": scale(p["boft_R"], c), "boft_s": power(s, c)})
 
 
-def _invert(spec: Any, p: Mapping[str, Tensor]) -> Effect:
+def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     if spec.static["n_factors"] > 1:
         raise ValueError(
             f"layer {spec.path!r} adapter {spec.adapter!r} (BOFT): the rotation is a product of "

@@ -17,10 +17,10 @@ from typing import Any
 from peft.tuners.hra.layer import HRALayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, register
+from .base import Coeff, Effect, LayerSpec, Patch, Rule, RuleDoc, register
 
 
-def _invert(spec: Any, p: Mapping[str, Tensor]) -> Effect:
+def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     if spec.static["apply_GS"]:
         return Effect()  # I − 2·U·Uᵀ is an involution
     return Effect(forward={"hra_reverse": 1.0})

@@ -33,7 +33,7 @@ import torch
 from peft.tuners.miss.layer import MissLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, compute_dtype, register, scaling
+from .base import Coeff, Effect, LayerSpec, Patch, Rule, RuleDoc, compute_dtype, register, scaling
 
 _linear = scaling("miss_block")
 
@@ -61,7 +61,7 @@ def bat_delta_weight(layer: Any, adapter: str, orig_weight: Tensor, reverse: boo
     return out.to(dtype=dtype) if cast_to_fp32 else out
 
 
-def _bat_invert(spec: Any, p: Mapping[str, Tensor]) -> Effect:
+def _bat_invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     b = p["miss_block"]
     wide = b.to(compute_dtype(b))
     eye = torch.eye(b.shape[-1], device=b.device, dtype=wide.dtype)

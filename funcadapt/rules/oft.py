@@ -28,7 +28,7 @@ import torch
 from peft.tuners.oft.layer import OFTLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, lerp, register, scale
+from .base import Coeff, Effect, LayerSpec, Patch, Rule, RuleDoc, lerp, register, scale
 
 _ROLES = ("oft_R.weight", "oft_embedding_R.weight")
 
@@ -116,13 +116,13 @@ def _rot_module(layer: Any, adapter: str) -> Any:
     return layer.oft_embedding_R[adapter]
 
 
-def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+def _linear(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     if spec.layer_type == "Conv2d":
         return Effect(forward={"interp": c})  # see _refuse_conv: R = I is not the base layer there
     return Effect(forward={"oft_linear": c})
 
 
-def _refuse_conv(spec: Any) -> None:
+def _refuse_conv(spec: LayerSpec) -> None:
     if spec.layer_type == "Conv2d":
         raise ValueError(
             f"layer {spec.path!r} adapter {spec.adapter!r}: PEFT's OFT on Conv2d rotates unfolded input patches "
@@ -132,14 +132,14 @@ def _refuse_conv(spec: Any) -> None:
         )
 
 
-def _geometric(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+def _geometric(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     _refuse_conv(spec)
     if spec.static["coft"]:  # the projection must come first: P(c·Q) saturates, c·P(Q) does not
         return Effect(forward={"oft_generator": c})
     return Effect({role: scale(t, c) for role, t in p.items() if role in _ROLES})
 
 
-def _invert(spec: Any, p: Mapping[str, Tensor]) -> Effect:
+def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     _refuse_conv(spec)
     if spec.static["use_cayley_neumann"]:
         return Effect(forward={"oft_inverse": 1.0})

@@ -19,15 +19,14 @@ unprojected gradient (hooks on Parameters do not fire for functorch's wrapped te
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from peft.tuners.osf.layer import OSFLayer
 from torch import Tensor
 
-from .base import Effect, Rule, RuleDoc, interpolated, register
+from .base import Effect, LayerSpec, Rule, RuleDoc, interpolated, register
 
 
-def _invert(spec: Any, p: Mapping[str, Tensor]) -> Effect:
+def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     return Effect(forward={"interp": -1.0})
 
 

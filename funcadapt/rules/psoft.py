@@ -32,7 +32,19 @@ import torch
 from peft.tuners.psoft.layer import PsoftLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, Patch, Rule, RuleDoc, lerp, power, register, require_positive, transform_safe
+from .base import (
+    Coeff,
+    Effect,
+    LayerSpec,
+    Patch,
+    Rule,
+    RuleDoc,
+    lerp,
+    power,
+    register,
+    require_positive,
+    transform_safe,
+)
 
 
 def _as(c: Coeff, like: Tensor) -> Coeff:
@@ -108,11 +120,11 @@ def psoft_map(rot: Any, x: Tensor, ops: tuple = ()) -> Tensor:
     return (x.to(dtype) @ r.to(dtype).t()).to(x.dtype)
 
 
-def _linear(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+def _linear(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     return Effect(forward={"psoft_lerp": c})
 
 
-def _geometric(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+def _geometric(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     if not spec.static["orth"]:
         raise ValueError(
             f"layer {spec.path!r} adapter {spec.adapter!r} (PSOFT with psoft_orth=False): R is a general r×r "
@@ -127,7 +139,7 @@ def _geometric(spec: Any, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     return Effect(params, forward={"psoft_generator": c})
 
 
-def _invert(spec: Any, p: Mapping[str, Tensor]) -> Effect:
+def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     return Effect(forward={"psoft_inverse": 1.0})
 
 
