@@ -92,7 +92,8 @@ def _coefficient(kind: str, tree: funcadapt.AdapterTree, value: float = -1.0) ->
 @pytest.mark.parametrize("case_id", CASES)
 def test_no_graph_breaks_under_every_kind_of_coefficient(case_id, kind):
     """Under every kind of coefficient, and with funcadapt.call inside the compiled function, the
-    adapted model traces into one graph, as plain PEFT's does for these adapters."""
+    adapted model traces into one graph, as plain PEFT's does for these adapters (should a transformers or
+    PEFT release break the graph in its own forward, no break may be in funcadapt's code)."""
     model = _small(case_id)
     tree = funcadapt.extract(model)
     x = inputs()
@@ -105,7 +106,9 @@ def test_no_graph_breaks_under_every_kind_of_coefficient(case_id, kind):
             groups = "block" if kind == "groups" else None
             with AdapterModifier(model, "scale", _coefficient(kind, tree), groups=groups):
                 breaks, own = _breaks(model, **x)
-    assert breaks == 0, own
+        if breaks:  # a transformers or PEFT release whose own forward breaks the graph: none of funcadapt's
+            assert _breaks(model, **x)[0] > 0, own
+    assert not own
     assert not funcadapt.active_contexts()
 
 
@@ -117,10 +120,10 @@ def test_no_graph_breaks_for_any_adapter(case_id):
     model = _small(case_id)
     with torch.no_grad(), AdapterModifier(model, "scale", torch.tensor(-1.0)):
         breaks, own = _breaks(model, **inputs())
-    if breaks:
+    if breaks:  # plain PEFT's forward breaks too (a new release; else list the adapter in PEFT_BREAKS)?
         with torch.no_grad():
-            assert _breaks(model, **inputs())[0] == 0, f"plain PEFT breaks the graph too: list {case_id} in PEFT_BREAKS"
-    assert breaks == 0, own
+            assert _breaks(model, **inputs())[0] > 0, own
+    assert not own
 
 
 def _counted(model: torch.nn.Module) -> tuple[torch.nn.Module, CompileCounter]:
