@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
@@ -35,7 +34,7 @@ from torch._dynamo.testing import CompileCounter
 import funcadapt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from contrastive_step import smollm2_gguf, token_loss
+from contrastive_step import measure_all, smollm2_gguf, token_loss
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 VALUES = [-1.0, 0.5, 2.0, -0.25, 3.0, 0.0, -2.0, 0.75, 1.5, -0.5]
@@ -125,21 +124,8 @@ def counts(model: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> Non
 
 
 def timed(fns: dict[str, Callable[[], Any]], args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds per method, timed round-robin after warming every one up. A method that returns a
-    float has timed itself (the part that counts), else the whole call is timed."""
-    for fn in fns.values():
-        for _ in range(args.warmup):
-            fn()
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            got = fn()
-            sync()
-            times[name].append(got if isinstance(got, float) else time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median seconds per method (contrastive_step's round-robin measurement, without the memory)."""
+    return {name: t for name, (t, _) in measure_all(fns, args).items()}
 
 
 def speed(model: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> None:

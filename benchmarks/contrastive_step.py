@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -132,9 +133,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_all(fns: dict[str, Callable[[], None]], args: argparse.Namespace) -> dict[str, tuple[float, float | None]]:
+def measure_all(fns: dict[str, Callable[[], Any]], args: argparse.Namespace) -> dict[str, tuple[float, float | None]]:
     """Warm every method up, then time them round-robin (so drift hits all alike); median per method.
-    On CUDA also the peak memory above the resting state during that method's steps."""
+    A method that returns a float has timed itself (the part that counts). On CUDA also the peak
+    memory above the resting state during that method's steps."""
     for fn in fns.values():
         for _ in range(args.warmup):
             fn()
@@ -147,9 +149,9 @@ def measure_all(fns: dict[str, Callable[[], None]], args: argparse.Namespace) ->
                 torch.cuda.reset_peak_memory_stats()
                 resting = torch.cuda.memory_allocated()
             t = time.perf_counter()
-            fn()
+            got = fn()
             sync(args.device)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(got if isinstance(got, float) else time.perf_counter() - t)
             if args.device == "cuda":
                 peak = (torch.cuda.max_memory_allocated() - resting) / 2**20
                 peaks[name] = max(peaks[name] or 0.0, peak)
