@@ -4,9 +4,10 @@
 applied *just in time*: a wrapper around the layer's forward recomputes the adapter's
 tensors from the tensors the layer holds when it runs (what FSDP all-gathered, accelerate
 loaded, an enclosing context showed) and shows them to PEFT's forward until it returns
-(:func:`_jit_patches`). The forward-time instructions become the exact fallback (output
-interpolation), per-row coefficients and the vmap-safe forwards some adapters need, and
-gradient checkpointing recomputes with the same effects (see :mod:`funcadapt.swap`).
+(:func:`funcadapt.interpret.jit_patches`). The forward-time ops (:mod:`funcadapt.ops`) become
+the exact fallback (output interpolation), per-row coefficients and the rules' own forwards,
+interpreted in :mod:`funcadapt.interpret`; this module only assembles the frame. Gradient
+checkpointing recomputes with the same effects (see :mod:`funcadapt.swap`).
 
 A plain ``{key: tensor}`` mapping works like ``torch.func.functional_call`` (the tensors are
 swapped in at their modules for the call), with unknown or misspelled keys an error; under an
@@ -25,21 +26,18 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from . import engines, models, quantized
-from .rows import BATCH_MAJOR, row_coefficients
+from .interpret import Builder, batch_major, jit_patches, output_builders
+from .ops import ForwardOp, InterpolateRows, rule_ops
 from .rules.base import (
-    Coeff,
     Patch,
-    Rule,
-    Scaling,
     access_of,
     is_adapter_layer,
     is_number,
-    same_coeff,
     swap_under_transforms,
     under_transforms,
 )
 from .structure import Structure, active_adapters, adapters_disabled, layer_adapters, structure
-from .swap import Frame, run_undo, thread_guarded
+from .swap import Frame, thread_guarded
 from .transform import LayerEffect, Transformed
 from .tree import AdapterTree
 
@@ -72,15 +70,16 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     replaced = _replaced(model, modules, known, tensors, extracted)
     touched, recipes, modified = _touched(modules, known, tensors, replaced, effects, live_checked)
     loads = _offloaded_tensors(modules, known)
-    builders: list[Callable[[], list[Patch]]] = []
+    builders: list[Builder] = []
     for path in {**touched, **recipes, **loads}:
         builders.extend(
             _layer_builders(
                 path, modules, known, touched.get(path, {}), tuple(recipes.get(path, ())), tuple(loads.get(path, ()))
             )
         )
-    columns = list({id(c): c for e in effects if "rows" in e.forward for c in [e.forward["rows"]]}.values())
-    bnb = [(path, m, _batch_major(path, modules)) for path, m in known.bnb_linears]
+    rows = [op.coeffs for e in effects for op in e.ops if isinstance(op, InterpolateRows)]
+    columns = list({id(c): c for c in rows}.values())
+    bnb = [(path, m, batch_major(path, modules)) for path, m in known.bnb_linears]
     builders.append(lambda: quantized.patches(bnb, columns))
     builders.append(lambda: _input_grad_hooks(modules))
     plain_forwards = known.plain_forwards
@@ -198,24 +197,24 @@ def _touched(
     replaced: set[str],
     effects: tuple[LayerEffect, ...],
     live_checked: bool = False,
-) -> tuple[dict[str, dict[str, dict[str, Coeff]]], dict[str, list[LayerEffect]], set[tuple[str, str]]]:
-    """(layer path -> adapter -> forward args, for every layer the call touches; host layer path ->
+) -> tuple[dict[str, dict[str, list[ForwardOp]]], dict[str, list[LayerEffect]], set[tuple[str, str]]]:
+    """(layer path -> adapter -> forward-time ops, for every layer the call touches; host layer path ->
     the effects recomputing tensors when it runs; the (layer path, adapter) pairs whose effect
     changes, each checked to be live)."""
-    touched: dict[str, dict[str, dict[str, Coeff]]] = {}
+    touched: dict[str, dict[str, list[ForwardOp]]] = {}
     modified: set[tuple[str, str]] = set()
     recipes: dict[str, list[LayerEffect]] = {}
     for key in tensors:
         found = known.adapter_of.get(key) or _adapter_of(modules, key)
         if found is not None:
-            touched.setdefault(found[0], {}).setdefault(found[1], {})
+            touched.setdefault(found[0], {}).setdefault(found[1], [])
             if key in replaced:
                 modified.add(found)
     for e in effects:
         path, adapter = e.spec.path, e.spec.adapter
         if path not in modules or not is_adapter_layer(modules[path]):
             raise ValueError(f"params has an effect for layer {path!r}, which is not an adapter layer of this model")
-        touched.setdefault(path, {}).setdefault(adapter, {}).update(e.forward)
+        touched.setdefault(path, {}).setdefault(adapter, []).extend(e.ops)
         modified.add((path, adapter))
         if e.recompute is not None:
             recipes.setdefault(known.host(path), []).append(e)
@@ -249,158 +248,26 @@ def _layer_builders(
     path: str,
     modules: Mapping[str, nn.Module],
     known: Structure,
-    per_adapter: Mapping[str, Mapping[str, Coeff]],
+    per_adapter: Mapping[str, Sequence[ForwardOp]],
     recipes: tuple[LayerEffect, ...],
     loads: tuple[tuple[nn.Module, str], ...] = (),
-) -> list[Callable[[], list[Patch]]]:
+) -> list[Builder]:
     """One layer's patches, innermost first: the rules' own, the just-in-time effects (inside the
     output interpolation, which runs the layer twice, and outside PEFT's forward), the interpolation.
     ``loads``: offloaded tensors to load when the layer runs (see :func:`_offloaded_tensors`)."""
     layer, rule_of = modules[path], functools.partial(known.rule, path)
-    builders: list[Callable[[], list[Patch]]] = []
-    for adapter, args in per_adapter.items():
+    builders: list[Builder] = []
+    for adapter, ops in per_adapter.items():
         rule = rule_of(adapter)
         if rule is not None and rule.patches is not None:
-            builders.append(functools.partial(rule.patches, layer, adapter, args))
+            builders.append(functools.partial(rule.patches, layer, adapter, rule_ops(ops)))
     owners: dict[str, list[tuple[nn.Module, str]]] = {}
     for e in recipes:
         for key, names in known.owners(e.spec).items():
             owners.setdefault(key, [_owner(modules, name) for name in names if name.rpartition(".")[0] in modules])
-    builders.append(functools.partial(_jit_patches, path, layer, recipes, owners, loads))
-    builders.extend(_output_builders(path, layer, per_adapter, rule_of, modules))
+    builders.append(functools.partial(jit_patches, path, layer, recipes, owners, loads))
+    builders.extend(output_builders(path, layer, per_adapter, rule_of, modules))
     return builders
-
-
-def _batch_major(path: str, modules: Mapping[str, nn.Module]) -> bool:
-    """Whether the model runs the layer at ``path`` on its batch flattened batch-major (see
-    :data:`funcadapt.rows.BATCH_MAJOR`)."""
-    parent, _, attr = path.rpartition(".")
-    holder = modules.get(parent)
-    return holder is not None and attr in BATCH_MAJOR.get(models.qualified(type(holder)), ())
-
-
-def _output_builders(
-    path: str,
-    layer: Any,
-    per_adapter: Mapping[str, Mapping[str, Coeff]],
-    rule_of: Callable[[str], Rule | None],
-    modules: Mapping[str, nn.Module],
-) -> list[Callable[[], list[Patch]]]:
-    """The output interpolation (one coefficient, or one per row) of the adapters that ask for it."""
-    interp = {a: args["interp"] for a, args in per_adapter.items() if "interp" in args}
-    rows = {a: args["rows"] for a, args in per_adapter.items() if "rows" in args}
-    if interp and rows:
-        raise ValueError(
-            f"layer {path!r}: adapters {sorted(rows)} have per-row coefficients and {sorted(interp)} one "
-            f"coefficient for the whole batch; both are interpolated at the layer output, so give them the "
-            f"same kind of coefficient (or modify them in separate calls)"
-        )
-    batch_major = bool(rows) and _batch_major(path, modules)
-    # on a layer its model runs on the batch flattened, the rows of the batch its holder receives
-    seen: list[int] = []
-    watch = [_watching_batch(modules[path.rpartition(".")[0]], seen)] if batch_major else []
-    fast = _row_scaling(path, layer, rows, rule_of, batch_major, seen) if rows else None
-    if fast is not None:
-        return [functools.partial(list, fast), *watch]
-    if interp or rows:
-        reuse_base = bool(rows) and _reusable_base(layer, set(rows), rule_of)
-        return [
-            _interpolation(
-                path,
-                layer,
-                interp or rows,
-                per_row=bool(rows),
-                reuse_base=reuse_base,
-                batch_major=batch_major,
-                seen=seen,
-            ),
-            *watch,
-        ]
-    return []
-
-
-def _watching_batch(holder: nn.Module, seen: list[int]) -> Callable[[], list[Patch]]:
-    """A patch recording the rows of the hidden states ``holder`` receives (its first argument)."""
-
-    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
-        def watched(*args: Any, **kwargs: Any) -> Any:
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            seen[:] = [int(hidden.shape[0])] if isinstance(hidden, Tensor) and hidden.dim() else []
-            return forward(*args, **kwargs)
-
-        return watched
-
-    return lambda: [Patch(holder, "forward", wrap, wrap=True)]
-
-
-_CHAIN = "_funcadapt_jit"
-"""On a layer while frames touch it: their effects, outermost frame first (see :func:`_jit_patches`)."""
-
-
-_Entry = tuple[tuple[LayerEffect, ...], Mapping[str, list[tuple[nn.Module, str]]], tuple[tuple[nn.Module, str], ...]]
-"""One frame's just-in-time work on a layer: (effects, tree key -> its (owner, name)s, tensors to load)."""
-
-
-def _jit_patches(
-    path: str,
-    layer: Any,
-    recipes: tuple[LayerEffect, ...],
-    owners: Mapping[str, list[tuple[nn.Module, str]]],
-    loads: tuple[tuple[nn.Module, str], ...] = (),
-) -> list[Patch]:
-    """The layer's effects applied just in time: when the layer runs, each effect recomputes its
-    adapter tensors from the tensors the layer holds *then* (what FSDP all-gathered, accelerate
-    loaded, or an enclosing frame showed), and those are shown to PEFT's forward until it returns.
-    Nested frames add their effects to one chain on the layer, applied outermost first, so an
-    inner context transforms what the outer one shows. ``loads``: offloaded tensors loaded for the
-    layer's run. (The layer refuses other threads, as every module the call changes does: see
-    :func:`funcadapt.swap.thread_guarded`.)"""
-    if not recipes and not loads:
-        return []
-    entry: _Entry = (recipes, owners, loads)
-    patches = [Patch(layer, _CHAIN, lambda chain: (*(chain or ()), entry), wrap=True)]
-    if _CHAIN not in layer.__dict__:
-        # a "forward" patch goes inside an accelerate hook on the layer itself (after it loaded the weights)
-        patches.append(Patch(layer, "forward", functools.partial(_just_in_time, path, layer), wrap=True))
-    return patches
-
-
-def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
-    def applied(*args: Any, **kwargs: Any) -> Any:
-        chain: tuple[_Entry, ...] = layer.__dict__.get(_CHAIN, ())
-        if not any(recipes or loads for recipes, _, loads in chain):
-            return forward(*args, **kwargs)
-        undo: list[Callable[[], None]] = []
-        try:
-            shown: dict[str, Tensor] = {}
-            for recipes, owners, loads in chain:
-                for owner, name in loads:
-                    engines.live(owner, name, undo)
-                # one frame transforms what the frames outside it show, each of its effects reading the
-                # same tensors (a tensor several layers share is transformed once, not once per layer)
-                outer: dict[str, Tensor] = dict(shown)
-                for e in recipes:
-                    p = {}
-                    # a scaling reads only the tensors it scales
-                    reads = e.recompute.roles if isinstance(e.recompute, Scaling) else e.spec.keys
-                    for role, key in e.spec.keys.items():
-                        if role not in reads:
-                            continue
-                        if key not in outer:  # read where this layer reaches it
-                            owner, name = owners[key][0]
-                            outer[key] = shown[key] = engines.live(owner, name, undo)
-                        p[role] = outer[key]
-                    assert e.recompute is not None
-                    for role, tensor in e.recompute(e.spec, p, e.coeff).params.items():
-                        key = e.spec.keys[role]
-                        shown[key] = tensor
-                        for owner, name in owners[key]:  # under every name it has
-                            engines.put(owner, name, tensor, undo)
-            return forward(*args, **kwargs)
-        finally:
-            run_undo(undo)
-
-    return applied
 
 
 def _vmapped_one(tensors: Mapping[str, Tensor], effects: tuple[LayerEffect, ...]) -> Tensor | None:
@@ -413,7 +280,7 @@ def _vmapped_one(tensors: Mapping[str, Tensor], effects: tuple[LayerEffect, ...]
     attention, ``mlp_output += attention_output``, whose MLP branch reads the block's input) then
     run, and nothing changes numerically (x·1 = x). What runs before the first such block still
     runs once."""
-    leaves = [*pytree.tree_leaves([(e.coeff, dict(e.forward)) for e in effects]), *tensors.values()]
+    leaves = [*pytree.tree_leaves([(e.coeff, e.ops) for e in effects]), *tensors.values()]
     one: Tensor | None = None
     seen: set[tuple[int, ...]] = set()
     for leaf in leaves:
@@ -563,196 +430,6 @@ def _adapter_of(modules: Mapping[str, nn.Module], key: str) -> tuple[str, str] |
                 return ".".join(parts[:i]), parts[i + 1]
             return None
     return None
-
-
-def _interpolation(
-    path: str,
-    layer: Any,
-    coeffs: Mapping[str, Coeff],
-    per_row: bool = False,
-    reuse_base: bool = False,
-    batch_major: bool = False,
-    seen: Sequence[int] = (),
-) -> Callable[[], list[Patch]]:
-    """The exact fallback: ``y = y0 + c·(y1 − y0)``, y0 with these adapters switched off.
-
-    ``per_row``: ``c`` is a 1-D tensor with one coefficient per row (first axis) of the
-    layer's output (each repeated per token where the model flattened its batch batch-major:
-    ``batch_major``). When every adapter on the layer is interpolated and all of them are
-    additive (``y1 = base_layer(x) + Δ(x)``), ``y0`` is the base layer's output captured
-    while ``y1`` runs, so the base layer runs once instead of twice. Layers read through a
-    :class:`~funcadapt.rules.base.LayerAccess` (adaption prompt) always take y0 that way, from
-    their access's ``base`` submodule: running them twice would update a KV cache twice.
-    """
-    values = list(coeffs.values())
-    c = values[0]
-    if not all(same_coeff(v, c) for v in values[1:]):
-        kind = "per-row coefficients" if per_row else "coefficients"
-        raise ValueError(
-            f"layer {path!r} has several adapters interpolated at its output ({sorted(coeffs)}) and they were "
-            f"given different {kind}; the output interpolation can only scale them together. Give them one "
-            f"coefficient, or modify them in separate calls"
-        )
-    adapters = set(coeffs)
-    access = access_of(layer)
-
-    def without(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        if access is not None:
-            return captured(forward, args, kwargs)[1]
-        saved = layer._active_adapter
-        remaining = [a for a in layer.active_adapters if a not in adapters]
-        layer._active_adapter = remaining
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            layer._active_adapter = saved
-
-    def with_base(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Any]:
-        """(y1, the base layer's output if it ran exactly once, on this very input)."""
-        y1, seen = _watching(layer.base_layer, forward, args, kwargs)
-        if len(seen) == 1 and args:
-            inputs, out, version = seen[0]
-            # PEFT layers that add their update in place (``result += …``) modify the base output
-            if inputs and inputs[0] is args[0] and version >= 0 and _version(out) == version:
-                return y1, out
-        return y1, None
-
-    # the outputs of a LayerAccess's base while `captured` runs the layer (recorded by a patch on the
-    # base's forward, applied with the frame: a hook registered inside the forward cannot be compiled)
-    recording: list[bool] = [False]
-    recorded: list[Any] = []
-
-    def record(base_forward: Callable[..., Any]) -> Callable[..., Any]:
-        def recorded_forward(*args: Any, **kwargs: Any) -> Any:
-            out = base_forward(*args, **kwargs)
-            if recording[0]:
-                recorded.append(out)
-            return out
-
-        return recorded_forward
-
-    def captured(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Any]:
-        """(y1, y0) from one run of a layer read through a LayerAccess: y0 is its base's output."""
-        recorded.clear()
-        recording[0] = True
-        try:
-            y1 = forward(*args, **kwargs)
-        finally:
-            recording[0] = False
-        outs = list(recorded)
-        recorded.clear()
-        if len(outs) != 1:
-            raise RuntimeError(f"layer {path!r}: its base ran {len(outs)} times in one forward, expected once")
-        return y1, outs[0]
-
-    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
-        def interpolated(*args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("adapter_names") is not None:
-                raise ValueError(
-                    f"layer {path!r}: PEFT's mixed-adapter batch (adapter_names=...) routes rows to adapters itself, "
-                    f"and this layer's coefficient works by switching its adapters off for y0, which that routing "
-                    f"ignores. Give each row its coefficient with funcadapt.per_row instead (0 for rows that "
-                    f"should not use the adapter)"
-                )
-            if not torch.compiler.is_compiling() and not per_row and is_number(c) and c == 0.0:
-                # (compiled, the lerp below gives y0 exactly at 0 too, and no value of c gets its own graph)
-                return without(forward, args, kwargs)
-            y0: Any = None
-            if access is not None:
-                y1, y0 = captured(forward, args, kwargs)
-            elif reuse_base and not torch.compiler.is_compiling():
-                # (compiled, y0 is computed again below: the graph's common-subexpression elimination
-                # shares the base layer's run, and hooks and version counters are not traced)
-                y1, y0 = with_base(forward, args, kwargs)
-                y0 = y0.to(y1.dtype) if y0 is not None and isinstance(y1, Tensor) else None
-            else:
-                y1 = forward(*args, **kwargs)
-            if y0 is None:
-                y0 = without(forward, args, kwargs)
-            return pytree.tree_map(_lerp, y0, y1)
-
-        return interpolated
-
-    def _lerp(y0: Any, y1: Any) -> Any:
-        if not isinstance(y0, Tensor) or not y0.is_floating_point():
-            return y1
-        if y0.dtype in (torch.float16, torch.bfloat16):  # interpolate in float32, round once
-            return _lerp(y0.float(), y1.float()).to(y0.dtype)
-        k = c.to(device=y0.device, dtype=y0.dtype) if isinstance(c, Tensor) else c
-        if per_row:
-            assert isinstance(k, Tensor)
-            batch = seen[-1] if seen else None
-            k = row_coefficients(f"layer {path!r}", k, y0.shape[0] if y0.dim() else 0, batch_major, batch)
-            k = k.reshape(-1, *([1] * (y0.dim() - 1)))
-        # torch.lerp is y0 + k·(y1 − y0), evaluated so that k = 0 gives y0 and k = 1 gives y1 bit for bit
-        return torch.lerp(y0, y1, k)
-
-    if access is None:
-        return lambda: [Patch(layer, "forward", wrap, wrap=True)]
-    return lambda: [
-        Patch(access.base(layer), "forward", record, wrap=True, outside_hooks=True),
-        Patch(layer, "forward", wrap, wrap=True),
-    ]
-
-
-def _row_scaling(
-    path: str,
-    layer: Any,
-    rows: Mapping[str, Any],
-    rule_of: Callable[[str], Rule | None],
-    batch_major: bool,
-    seen: Sequence[int],
-) -> list[Patch] | None:
-    """The rules' own per-row patches for every adapter given per-row coefficients on this layer,
-    or None (then the layer output is interpolated row by row)."""
-    patches: list[Patch] = []
-    for adapter, c in rows.items():
-        rule = rule_of(adapter)
-        if rule is None or rule.row_scale is None:
-            return None
-        where = f"layer {path!r} adapter {adapter!r}"
-
-        def coeffs_for(n: int, where: str = where, c: Tensor = c) -> Tensor:
-            return row_coefficients(where, c, n, batch_major, seen[-1] if seen else None)
-
-        found = rule.row_scale(layer, adapter, coeffs_for)
-        if found is None:
-            return None
-        patches.extend(found)
-    return patches
-
-
-def _watching(
-    module: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
-) -> tuple[Any, list[tuple[tuple, Any, int]]]:
-    """``forward(*args, **kwargs)``, and every call of ``module`` meanwhile: (inputs, output, its version)."""
-    seen: list[tuple[tuple, Any, int]] = []
-    handle = module.register_forward_hook(lambda m, a, out: seen.append((a, out, _version(out))))
-    try:
-        return forward(*args, **kwargs), seen
-    finally:
-        handle.remove()
-
-
-def _version(t: Any) -> int:
-    """Autograd's in-place version counter of ``t``; −1 when it has none (inference tensors)."""
-    try:
-        return int(t._version) if isinstance(t, Tensor) else -1
-    except RuntimeError:
-        return -1
-
-
-def _reusable_base(layer: Any, adapters: set[str], rule_of: Callable[[str], Rule | None]) -> bool:
-    """y0 is exactly ``base_layer(x)`` when all active adapters are interpolated and additive."""
-    if not isinstance(getattr(layer, "base_layer", None), nn.Module):
-        return False
-    for adapter in layer.active_adapters:
-        if adapter not in adapters:
-            return False
-        rule = rule_of(adapter)
-        if rule is None or not rule.additive:
-            return False
-    return True
 
 
 def vmap(

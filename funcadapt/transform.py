@@ -3,16 +3,16 @@
 ``transform(tree, coeff, op, mode)`` returns a :class:`Transformed`: a typed, registered
 pytree holding the source tree and, per adapted layer, a :class:`LayerEffect`: how that
 layer's adapter tensors follow from the tensors it holds (``recompute``, with its
-coefficient, the amount shifted or the tensors given by ``replace``) and the forward-time
-instructions (``forward``: the exact fallback's output interpolation, per-row
-coefficients, a rule's own forward arguments). Nothing is mutated and nothing is
+coefficient, the amount shifted or the tensors given by ``replace``) and its forward-time
+ops (``ops``, typed values from :mod:`funcadapt.ops`: the exact fallback's output
+interpolation, per-row coefficients, a rule's own forward arguments). Nothing is mutated and nothing is
 computed that the call does not need: :func:`funcadapt.call` applies each layer's effect
 *when that layer runs*, to whatever tensors it holds then (what FSDP all-gathered or
 accelerate loaded), so the coefficient is exact under any engine that places weights
 just in time. A ``Transformed`` is also a read-only ``Mapping`` from parameter keys to
 the transformed tensors (computed on first read, from the tree's tensors as they are then;
 a read after they changed in place raises), for inspection; it is not a ``dict``, so
-``torch.func.functional_call``, which would drop the forward-time instructions, refuses it
+``torch.func.functional_call``, which would drop the forward-time ops, refuses it
 loudly.
 
 A ``Transformed`` describes an effect, not a snapshot of tensors: params computed before
@@ -36,7 +36,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 import torch.utils._pytree as pytree
@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .engines import flat_shard, is_sharded, local_shard
 from .groups import Groups, check_vector, per_layer, resolve
+from .ops import ForwardOp, Interpolate, InterpolateRows
 from .rows import PerRow
 from .rules.base import Coeff, Effect, Rule, Scaling, is_number, rule_named, same_coeff
 from .rules.base import Transform as RuleTransform
@@ -53,6 +54,8 @@ Op = Literal["scale", "invert", "disable", "shift", "replace"]
 Mode = Literal["linear", "geometric"]
 OPS: tuple[Op, ...] = get_args(Op)
 MODES: tuple[Mode, ...] = get_args(Mode)
+
+OpT = TypeVar("OpT")
 
 Recompute = Callable[[LayerSpec, Mapping[str, Tensor], Any], Effect]
 """(spec, the layer's adapter tensors by role, coeff) -> the new tensors by role (``Effect.params``)."""
@@ -64,14 +67,12 @@ class LayerEffect:
 
     ``recompute(spec, p, coeff).params`` gives the adapter's new tensors (by role) from the
     tensors ``p`` the layer holds when it runs; None: its tensors are used as they are.
-    ``forward`` holds the forward-time instructions, by name (``"interp"``: the output
-    interpolation y0 + c·(y1 − y0) with this c; ``"rows"``: one coefficient per batch row;
-    names a rule's ``patches`` read)."""
+    ``ops``: what the layer does differently while it runs (:mod:`funcadapt.ops`)."""
 
     spec: LayerSpec
     recompute: Recompute | None = None
     coeff: Any = None
-    forward: Mapping[str, Any] = field(default_factory=dict)
+    ops: tuple[ForwardOp, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,11 +138,11 @@ class Transformed(Mapping[str, Tensor]):
     def __iter__(self) -> Iterator[str]:
         """The parameter keys; refused when some effect acts at forward time, because the natural
         next step, ``dict(params)``, would silently drop it (``call`` on that dict runs c = 1 there)."""
-        forward = sorted({name for e in self.effects for name in e.forward})
+        forward = self._op_kinds()
         if forward:
             raise TypeError(
                 f"this Transformed has forward-time effects ({', '.join(forward)} at "
-                f"{sum(bool(e.forward) for e in self.effects)} layers) that a plain dict of tensors cannot carry; "
+                f"{sum(bool(e.ops) for e in self.effects)} layers) that a plain dict of tensors cannot carry; "
                 f"pass it to funcadapt.call or AdapterModifier as it is. Single tensors can still be read with "
                 f"params[key]; the keys are those of params.tree.params"
             )
@@ -153,12 +154,15 @@ class Transformed(Mapping[str, Tensor]):
     def __contains__(self, key: object) -> bool:
         return key in self.tree.params
 
-    def forward_args(self, name: str) -> dict[tuple[str, str], Any]:
-        """``{(layer path, adapter): value}`` of the forward-time instruction ``name`` (``"interp"``, ...)."""
-        return {(e.spec.path, e.spec.adapter): e.forward[name] for e in self.effects if name in e.forward}
+    def ops_of(self, kind: type[OpT]) -> dict[tuple[str, str], OpT]:
+        """``{(layer path, adapter): op}`` for the forward-time ops of one kind (``funcadapt.ops.Interpolate``, ...)."""
+        return {(e.spec.path, e.spec.adapter): op for e in self.effects for op in e.ops if isinstance(op, kind)}
+
+    def _op_kinds(self) -> list[str]:
+        return sorted({type(op).__name__ for e in self.effects for op in e.ops})
 
     def __repr__(self) -> str:
-        kinds = sorted({name for e in self.effects for name in e.forward})
+        kinds = self._op_kinds()
         recomputed = sum(e.recompute is not None for e in self.effects)
         return (
             f"Transformed({len(self.effects)} layer effects: {recomputed} recompute tensors, forward-time "
@@ -175,14 +179,14 @@ def _version(t: Tensor) -> int:
 
 
 def _flatten(t: Transformed) -> tuple[list[Any], Any]:
-    children = [t.tree, [e.coeff for e in t.effects], [dict(e.forward) for e in t.effects]]
+    children = [t.tree, [e.coeff for e in t.effects], [e.ops for e in t.effects]]
     return children, tuple((e.spec, e.recompute) for e in t.effects)
 
 
 def _unflatten(children: Any, context: Any) -> Transformed:
-    tree, coeffs, forwards = children
+    tree, coeffs, ops = children
     effects = tuple(
-        LayerEffect(spec, recompute, c, f) for (spec, recompute), c, f in zip(context, coeffs, forwards, strict=True)
+        LayerEffect(spec, recompute, c, tuple(o)) for (spec, recompute), c, o in zip(context, coeffs, ops, strict=True)
     )
     return Transformed(tree, effects)
 
@@ -351,7 +355,7 @@ def _scaled(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff, mode
     if fn is not None:
         return fn(spec, p, c)
     if mode == "linear":
-        return Effect(forward={"interp": c})
+        return Effect(ops=(Interpolate(c),))
     raise _refuse(rule, spec, "mode='geometric'")
 
 
@@ -526,7 +530,7 @@ def transform(
         else:
             recompute, operand = functools.partial(_inverted_effect, rule), None
         # run once on the tree's tensors: validates (a bad mode or value raises here, before any call)
-        # and gives the forward-time instructions, which depend on the spec and coefficient only.
+        # and gives the forward-time ops, which depend on the spec and coefficient only.
         # Sharded tensors (FSDP2's DTensors) are validated on their local shards, without a graph,
         # and the values are not kept: the call recomputes them from the gathered tensors.
         p = {role: tree.params[key] for role, key in spec.keys.items()}
@@ -536,7 +540,7 @@ def transform(
         else:
             effect = recompute(spec, p, operand)
             eager.update((spec.keys[role], t) for role, t in effect.params.items())
-        effects.append(LayerEffect(spec, recompute if effect.params else None, operand, dict(effect.forward)))
+        effects.append(LayerEffect(spec, recompute if effect.params else None, operand, effect.ops))
     if torch.compiler.is_compiling():  # the Mapping view is not read in compiled code
         return Transformed(tree, tuple(effects))
     versions = tuple(_version(t) for t in tree.params.values())
@@ -564,9 +568,9 @@ def _scale_effect(
                 f"each coefficient as its own call, or torch.func.vmap over the coefficients (funcadapt.vmap), "
                 f"which keeps the batches apart"
             )
-        return Effect(forward={"rows": c.values})
+        return Effect(ops=(InterpolateRows(c.values),))
     if joint:
-        return Effect(forward={"interp": c})
+        return Effect(ops=(Interpolate(c),))
     return _scaled(rule, spec, p, c, mode)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 import funcadapt
 from funcadapt import AdapterModifier, LayerEffect, Transformed, swap
+from funcadapt.ops import Interpolate
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -297,7 +298,7 @@ def test_call_effect_for_non_adapter_layer():
     model = build(case("lora"))
     tree = funcadapt.extract(model)
     stray = dataclasses.replace(tree.layers[0], path="base_model.model.lm_head")
-    params = Transformed(tree, (LayerEffect(stray, forward={"interp": -1.0}),))
+    params = Transformed(tree, (LayerEffect(stray, ops=(Interpolate(-1.0),)),))
     raises_cleanly(
         model,
         ValueError,
@@ -313,7 +314,7 @@ def test_forward_effects_not_silently_dropped_by_functional_call(c):
     model = build(case("dora"))
     tree = funcadapt.extract(model)
     params = funcadapt.transform(tree, c)
-    assert params.forward_args("interp")
+    assert params.ops_of(Interpolate)
     raises_cleanly(model, ValueError, r"to be a dict", lambda: torch.func.functional_call(model, params, (), BATCH))
     # funcadapt.call is the way to run them
     with torch.no_grad():
@@ -454,7 +455,7 @@ def test_transformed_with_forward_effects_is_not_a_plain_dict():
     model = build(case("dora"))
     tree = funcadapt.extract(model)
     params = funcadapt.transform(tree, -1.0)
-    with pytest.raises(TypeError, match=r"forward-time effects \(interp at \d+ layers\).*funcadapt.call"):
+    with pytest.raises(TypeError, match=r"forward-time effects \(Interpolate at \d+ layers\).*funcadapt.call"):
         dict(params)
     assert all(params[k] is v for k, v in tree.params.items())
     lora = funcadapt.extract(build(case("lora")))

@@ -18,6 +18,7 @@ from peft.tuners.road.layer import _apply_road, _prepare_cols
 from torch import nn
 
 import funcadapt
+from funcadapt.ops import Rotate
 from funcadapt.rules.oft import rotate
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -245,7 +246,7 @@ def test_oft_negated_generator_is_inverse_only_without_neumann(neumann):
         r = rot.get_weight()
         err = (neg(rot(x)) - x).norm() / x.norm()
         orth = (r @ r.T - torch.eye(r.shape[0], dtype=F64)).abs().max()
-        exact = rotate(rot, rot(x), (("inverse",),))
+        exact = rotate(rot, rot(x), (Rotate("inverse"),))
     torch.testing.assert_close(exact, x, **tolerance(x, OFT_INVERSE))
     if neumann:  # the truncated series is off by O(|Q|^5) ~ 1e-3 here, far above any rounding
         assert orth > 1e-3, "Cayley–Neumann R should not be orthogonal for this Q"

@@ -41,6 +41,7 @@ from peft import (
 
 import funcadapt
 from funcadapt import AdapterModifier, swap
+from funcadapt.ops import Interpolate
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -146,7 +147,7 @@ def test_adaption_prompt_is_gate_scaling(case_arch):
     for c in (-1.0, 0.5, 2.0):
         want = _scaled_gate_reference(model, c, batch)
         params = funcadapt.transform(tree, torch.tensor(c, dtype=torch.float64))
-        assert not any(e.forward for e in params.effects), "gate scaling is exact: no fallback"
+        assert not any(e.ops for e in params.effects), "gate scaling is exact: no fallback"
         tol = tolerance(want, case(case_id))  # PEFT takes the prompt's softmax in float32
         torch.testing.assert_close(_run(model, params, **batch), want, **tol)
         geometric = funcadapt.transform(tree, c, mode="geometric")
@@ -174,7 +175,7 @@ def test_adaption_prompt_biased_o_proj_peft_gate_zero_is_not_base():
     tree = funcadapt.extract(model)
     assert all(s.static["o_proj_bias"] for s in tree.layers)
     params = funcadapt.transform(tree, 0.5)
-    assert params.forward_args("interp"), "a biased o_proj takes the output interpolation"
+    assert params.ops_of(Interpolate), "a biased o_proj takes the output interpolation"
     before = snapshot(model)
     assert torch.equal(_run(model, funcadapt.transform(tree, 1.0), **batch), y1)
     assert torch.equal(_run(model, funcadapt.transform(tree, 0.0), **batch), y0)

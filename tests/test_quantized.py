@@ -51,6 +51,7 @@ from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 import funcadapt
 from funcadapt import AdapterModifier, quantized, swap
+from funcadapt.ops import Interpolate, Rotate
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -341,10 +342,11 @@ def peft_at(model: nn.Module, params: funcadapt.Transformed) -> Iterator[None]:
     try:
         with torch.no_grad():
             for e in params.effects:
-                assert set(e.forward) <= {"oft_linear"}, f"no independent reference for {sorted(e.forward)}"
-                if "oft_linear" in e.forward:
+                lerps = [op for op in e.ops if isinstance(op, Rotate) and op.how == "lerp"]
+                assert len(lerps) == len(e.ops), f"no independent reference for {e.ops}"
+                for op in lerps:
                     rot = model.get_submodule(e.spec.path).oft_R[e.spec.adapter]
-                    c = float(e.forward["oft_linear"])
+                    c = float(op.coeff)
 
                     def hook(module: Any, args: tuple, y: torch.Tensor, c: float = c) -> torch.Tensor:
                         return args[0] + c * (y - args[0])
@@ -430,7 +432,7 @@ def test_endpoints_and_linear_mode(llama_dir, quant, adapter):
                 params = funcadapt.transform(tree, coeff)
                 got = logits(model, params)
                 close(got, ref, LOSSY_INPUT.get(quant, 0.0))
-                if params.forward_args("interp"):
+                if params.ops_of(Interpolate):
                     continue  # DoRA's linear mode *is* the output interpolation: compared just above
                 with peft_at(model, params):
                     want = logits(model)
@@ -975,7 +977,7 @@ def test_input_side_adapters_interpolate_on_every_bnb_base(llama_dir, quant, ada
     tree = funcadapt.extract(model)
     rule = funcadapt.RULES[[r.name for r in funcadapt.RULES].index(RULE.get(adapter, adapter))]
     params = funcadapt.transform(tree, -1.0)
-    interpolated = {path for path, _ in params.forward_args("interp")}
+    interpolated = {path for path, _ in params.ops_of(Interpolate)}
     input_side = {s.path for s in tree.layers if rule.acts_on_input(s)}
     assert input_side, "the case must have layers acting on the input"
     assert interpolated == input_side

@@ -9,7 +9,6 @@ step as one forward on the doubled batch.
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 import funcadapt
-from funcadapt import AdapterModifier
+from funcadapt import AdapterModifier, interpret
 from funcadapt.rules.base import rule_named
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -92,11 +91,9 @@ def test_lora_scales_its_rank_r_activations_per_row(case_id, fast, monkeypatch):
     """Vanilla LoRA without a B bias applies per-row coefficients by scaling B's rank-r input
     (no output interpolation at all); with lora_bias, or for other rules, the layer output is
     interpolated. Either way the rows equal separate runs (test_rows_equal_separate_runs)."""
-    call_module = sys.modules["funcadapt.call"]  # the module (funcadapt.call is the function)
-
     interpolated = []
-    real = call_module._interpolation
-    monkeypatch.setattr(call_module, "_interpolation", lambda *a, **k: interpolated.append(a[0]) or real(*a, **k))
+    real = interpret.Interpolation
+    monkeypatch.setattr(interpret, "Interpolation", lambda *a, **k: interpolated.append(a[0]) or real(*a, **k))
     model = build(case(case_id))
     tree = funcadapt.extract(model)
     with torch.no_grad():

@@ -143,7 +143,7 @@ def test_shared_tensors_untouched(case_id):
     for op, kw in (("scale", {"coeff": -1.5}), ("scale", {"coeff": 0.5, "mode": "geometric"}), ("invert", {})):
         params = funcadapt.transform(tree, op=op, **kw)
         assert all(params[k] is v for k, v in tree.params.items()), "a parameter was transformed"
-        assert any(e.forward for e in params.effects)
+        assert any(e.ops for e in params.effects)
 
 
 @pytest.mark.parametrize("case_id", ["vblora", "unilora"])

@@ -24,6 +24,7 @@ from cases import (
 
 import funcadapt
 from funcadapt import LayerEffect, Transformed
+from funcadapt.ops import Interpolate
 from funcadapt.rules.base import RULES
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -77,7 +78,7 @@ def test_linear_matches_reference(case, arch, c):
 
 def _fallback(tree, c):
     """The same coefficient through the generic output-interpolation fallback only."""
-    return Transformed(tree, tuple(LayerEffect(spec, forward={"interp": c}) for spec in tree.layers))
+    return Transformed(tree, tuple(LayerEffect(spec, ops=(Interpolate(c),)) for spec in tree.layers))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.rule not in ("dora", "lora-variant")], ids=lambda c: c.id)

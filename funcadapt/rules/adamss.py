@@ -24,6 +24,7 @@ from typing import Any
 from peft.tuners.adamss.layer import AdamssLayer
 from torch import Tensor
 
+from ..ops import RuleOp
 from .base import Coeff, Effect, LayerSpec, Patch, Rule, RuleDoc, register, scale
 
 
@@ -32,7 +33,7 @@ def _linear(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     return Effect({role: scale(t, c) for role, t in p.items() if role.startswith("adamss_B.")})
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     return [Patch(layer, "dtype", layer.get_base_layer().weight.dtype)]
 
 

@@ -36,7 +36,7 @@ from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention
 from peft.tuners.adaption_prompt.model import AdaptionPromptModel
 from torch import Tensor
 
-from .base import Coeff, Effect, LayerAccess, LayerSpec, Rule, RuleDoc, register, scale
+from .base import Coeff, Effect, LayerAccess, LayerSpec, Rule, RuleDoc, interpolated, register, scale
 
 ROLES = ("adaption_prompt", "adaption_gate")
 
@@ -70,7 +70,7 @@ def _static(layer: Any, adapter: str) -> dict[str, Any]:
 
 def _linear(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     if spec.static["o_proj_bias"]:
-        return Effect(forward={"interp": c})
+        return interpolated(spec, p, c)
     return Effect({"adaption_gate": scale(p["adaption_gate"], c)})
 
 

@@ -12,9 +12,9 @@ adapter's effect depends on a coefficient ``c``:
   and asking for it is an error. For additive families it equals ``linear``.
 * ``invert(spec, params)``: the exact inverse effect; ``None`` means ``geometric`` at
   ``c = −1``.
-* ``patches(layer, adapter, args)``: attribute swaps installed on the live modules
+* ``patches(layer, adapter, ops)``: attribute swaps installed on the live modules
   while a call runs, for layers whose PEFT forward cannot run under ``torch.func``
-  transforms, or that need a coefficient at forward time.
+  transforms, or that interpret the rule's forward-time ops (:mod:`funcadapt.ops`).
 
 Transforms are pure: they read the tensors they are given and return new ones.
 The support table in ``docs/support.md`` is generated from :data:`RULES`.
@@ -33,8 +33,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import Tensor
 
-Coeff = float | Tensor
-"""A coefficient: a Python number, or a 0-d tensor (possibly requiring grad, possibly vmapped)."""
+from ..ops import Coeff, ForwardOp, Interpolate, RuleOp, ScaleInside
 
 Params = dict[str, Tensor]
 
@@ -55,11 +54,11 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class Effect:
-    """What a rule returns for one (layer, adapter): new raw parameters by role, and
-    the arguments the forward needs at call time (e.g. an interpolation coefficient)."""
+    """What a rule returns for one (layer, adapter): new raw parameters by role, and the
+    forward-time ops (:mod:`funcadapt.ops`) the layer runs with."""
 
     params: Mapping[str, Tensor] = field(default_factory=dict)
-    forward: Mapping[str, Coeff] = field(default_factory=dict)
+    ops: tuple[ForwardOp, ...] = ()
 
 
 Transform = Callable[[LayerSpec, Mapping[str, Tensor], Coeff], Effect]
@@ -122,10 +121,14 @@ def swap_under_transforms(obj: Any, attr: str, fn: Callable[..., Any]) -> Patch:
     return Patch(obj, attr, transform_safe(replacing(fn, obj)), wrap=True)
 
 
-def swapping(attr: str, fn: Callable[..., Any]) -> Callable[[Any, str, Mapping[str, Coeff]], list[Patch]]:
+Patches = Callable[[Any, str, tuple[RuleOp, ...]], list[Patch]]
+"""A rule's ``patches``: (layer, adapter, the rule's forward-time ops for it) -> attribute swaps."""
+
+
+def swapping(attr: str, fn: Callable[..., Any]) -> Patches:
     """A rule's ``patches`` that is just :func:`swap_under_transforms` of one layer method."""
 
-    def patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+    def patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
         return [swap_under_transforms(layer, attr, fn)]
 
     return patches
@@ -194,7 +197,7 @@ class Rule:
     invert: Inverse | None = None
     match: Callable[[Any, str], bool] = lambda layer, adapter: True
     static: Callable[[Any, str], dict[str, Any]] = lambda layer, adapter: {}
-    patches: Callable[[Any, str, Mapping[str, Coeff]], list[Patch]] | None = None
+    patches: Patches | None = None
     no_geometric_reason: str = ""
     additive: bool = False
     """Effects of several adapters of additive rules on one layer add up (ΔW_a + ΔW_b)."""
@@ -346,20 +349,17 @@ def as_compute(c: Coeff, like: Tensor) -> Coeff:
     return c
 
 
-def at_forward(name: str) -> Transform:
-    """A transform that changes no tensor and hands c to the layer's forward under ``name`` (for
-    the rule's ``patches``, or funcadapt's own output interpolation for ``"interp"``): for
-    adapters whose scalable part is built at forward time or shared between layers."""
-
-    def transform(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-        return Effect(forward={name: c})
-
-    return transform
+def scaled_inside(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    """A transform that changes no tensor and scales the adapter's forward-built part on this layer
+    (:class:`~funcadapt.ops.ScaleInside`, interpreted by the rule's ``patches``): for adapters whose
+    scalable part is built at forward time from tensors shared between layers."""
+    return Effect(ops=(ScaleInside(c),))
 
 
-interpolated = at_forward("interp")
-"""The exact fallback as a transform: interpolate the layer output, y(c) = y0 + c·(y1 − y0)
-(for rules that choose it in geometric mode or invert too, where it is the same map)."""
+def interpolated(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
+    """The exact fallback as a transform: interpolate the layer output, y(c) = y0 + c·(y1 − y0)
+    (for rules that choose it in geometric mode or invert too, where it is the same map)."""
+    return Effect(ops=(Interpolate(c),))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import torch
 from peft.tuners.boft.layer import BOFTLayer, MultiplicativeDropoutLayer
 from torch import Tensor
 
+from ..ops import RuleOp
 from .base import (
     Coeff,
     Effect,
@@ -94,7 +95,7 @@ def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     return Effect({"boft_R": scale(p["boft_R"], -1.0), "boft_s": s_inv})
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     dropout = layer.boft_dropout[adapter]
     if not isinstance(dropout, MultiplicativeDropoutLayer):
         return []

@@ -27,14 +27,15 @@ float32 whatever the kernel's dtype, and so does this.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from peft.tuners.c3a.layer import C3ALayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, scaling
+from ..ops import RuleOp
+from .base import Patch, Rule, RuleDoc, register, scaling
 
 _linear = scaling("c3a_kernel")
 
@@ -70,7 +71,7 @@ def c3a_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
 _INSTALLED = "_funcadapt_c3a_forward"
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     """PEFT's forward is replaced once, at the bottom of the layer's forward chain: wrappers
     that enclosing calls installed above it (output interpolation) stay in place, and
     :func:`c3a_forward` reads the kernels live, so nested calls see their own."""

@@ -17,17 +17,18 @@ from typing import Any
 from peft.tuners.hra.layer import HRALayer
 from torch import Tensor
 
-from .base import Coeff, Effect, LayerSpec, Patch, Rule, RuleDoc, register
+from ..ops import ReverseChain, RuleOp
+from .base import Effect, LayerSpec, Patch, Rule, RuleDoc, register
 
 
 def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     if spec.static["apply_GS"]:
         return Effect()  # I − 2·U·Uᵀ is an involution
-    return Effect(forward={"hra_reverse": 1.0})
+    return Effect(ops=(ReverseChain(),))
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    if "hra_reverse" not in args:
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
+    if not any(isinstance(op, ReverseChain) for op in ops):
         return []
 
     def wrap(current: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -19,18 +19,13 @@ adds out of place, so it runs under torch.func transforms as it is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from peft.tuners.lily.layer import LilyLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, at_forward, register, scale
-
-_ARG = "lily_scale"
-
-
-_scaled = at_forward(_ARG)
+from ..ops import RuleOp, scale_inside
+from .base import Coeff, Patch, Rule, RuleDoc, register, scale, scaled_inside
 
 
 def _times(c: Coeff, s: Any) -> Any:
@@ -40,10 +35,10 @@ def _times(c: Coeff, s: Any) -> Any:
     return c * s
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    if _ARG not in args:
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
+    c = scale_inside(ops)
+    if c is None:
         return []
-    c = args[_ARG]
     return [Patch(layer.scaling, adapter, lambda s: _times(c, s), item=True)]
 
 
@@ -59,8 +54,8 @@ LILY = register(
             geometric="= linear (additive)",
             invert="exact: the added output negated",
         ),
-        linear=_scaled,
-        geometric=_scaled,
+        linear=scaled_inside,
+        geometric=scaled_inside,
         patches=_patches,
         rows_coupled="Lily's router averages its expert weights over all tokens of the batch",
         additive=True,

@@ -22,7 +22,7 @@ use the same exact fallback.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,7 +34,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import UPCAST_DTYPES
 from torch import Tensor, nn
 
-from .base import Coeff, Patch, Rule, RuleDoc, known_value, register, scaling, swap_under_transforms
+from ..ops import RuleOp
+from .base import Patch, Rule, RuleDoc, known_value, register, scaling, swap_under_transforms
 from .lora_mha import LORA_MHA as LORA_MHA_RULE
 
 _SVD4BIT: Any
@@ -115,7 +116,7 @@ def adalora_conv2d_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> 
     return result
 
 
-def _adalora_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _adalora_patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     if isinstance(layer, _SVD_LINEAR):
         forward = adalora_forward
     elif isinstance(layer, SVDConv2d):
@@ -175,7 +176,7 @@ def param_wrapper_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> T
 _PARAM_INSTALLED = "_funcadapt_param_forward"
 
 
-def _param_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _param_patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     """:func:`param_wrapper_forward` as the layer's forward for the whole call, not only under
     transforms: PEFT's parametrization calls ``set_`` on the base parameter in place on every forward,
     which bumps its autograd version, so a base output computed earlier in the same graph (y0 of

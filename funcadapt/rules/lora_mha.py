@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -43,7 +42,8 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from torch import Tensor, nn
 
-from .base import Coeff, Patch, Rule, RuleDoc, scaling, under_transforms
+from ..ops import RuleOp
+from .base import Patch, Rule, RuleDoc, scaling, under_transforms
 
 
 def is_mha_part(layer: Any, adapter: str = "") -> bool:
@@ -171,7 +171,7 @@ def mha_forward(layer: Any, query: Tensor, *args: Any, **kwargs: Any) -> Any:
 _INSTALLED = "_funcadapt_mha_forward"
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     """:func:`mha_forward` as the layer's forward, once: a frame already applied (an enclosing
     context, or this frame for another adapter) has installed it beneath whatever wraps it now
     (an output interpolation), and replacing that would drop the enclosing effect."""

@@ -16,7 +16,6 @@ plain ops; module dropout becomes a 0/1 factor drawn the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,7 +23,8 @@ from peft.tuners.loha.layer import LoHaLayer
 from peft.tuners.lokr.layer import LoKrLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, register, scaling, swap_under_transforms
+from ..ops import RuleOp
+from .base import Patch, Rule, RuleDoc, register, scaling, swap_under_transforms
 
 
 def loha_delta_weight(layer: Any, adapter: str, *, apply_rank_dropout: bool = False) -> Tensor:
@@ -65,14 +65,14 @@ def lycoris_forward(layer: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return result.to(previous_dtype)
 
 
-def _loha_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _loha_patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     return [
         swap_under_transforms(layer, "get_delta_weight", loha_delta_weight),
         swap_under_transforms(layer, "forward", lycoris_forward),
     ]
 
 
-def _lokr_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _lokr_patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     return [swap_under_transforms(layer, "forward", lycoris_forward)]
 
 

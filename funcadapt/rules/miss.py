@@ -33,7 +33,8 @@ import torch
 from peft.tuners.miss.layer import MissLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, LayerSpec, Patch, Rule, RuleDoc, compute_dtype, register, scaling
+from ..ops import RuleOp
+from .base import Effect, LayerSpec, Patch, Rule, RuleDoc, compute_dtype, register, scaling
 
 _linear = scaling("miss_block")
 
@@ -68,7 +69,7 @@ def _bat_invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     return Effect({"miss_block": (torch.linalg.inv(eye + wide) - eye).to(b.dtype)})
 
 
-def _bat_patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _bat_patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     def delta(adapter_name: str, orig_weight: Tensor, reverse: bool = False) -> Tensor:
         return bat_delta_weight(layer, adapter_name, orig_weight, reverse)
 

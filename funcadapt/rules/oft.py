@@ -21,14 +21,15 @@ COFT's projection, which PEFT applies to the stored weight in place under
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from peft.tuners.oft.layer import OFTLayer
 from torch import Tensor
 
-from .base import Coeff, Effect, LayerSpec, Patch, Rule, RuleDoc, lerp, register, scale
+from ..ops import Interpolate, Rotate, RuleOp, cayley_neumann, on_path, rotations, scaled_generator
+from .base import Coeff, Effect, LayerSpec, Patch, Rule, RuleDoc, register, scale
 
 _ROLES = ("oft_R.weight", "oft_embedding_R.weight")
 
@@ -52,48 +53,24 @@ def _cayley(rot: Any, vec: Tensor) -> Tensor:
     b = rot.block_size
     q = _skew(rot, vec)
     if rot.use_cayley_neumann:
-        terms = rot.num_cayley_neumann_terms
-        r = torch.eye(b, device=vec.device, dtype=vec.dtype).expand_as(q)
-        if terms > 1:
-            r = r + 2.0 * q
-            if terms > 2:
-                q2 = torch.bmm(q, q)
-                r = r + 2.0 * q2
-                qp = q2
-                for _ in range(3, terms - 1):
-                    qp = torch.bmm(qp, q)
-                    r = r + 2.0 * qp
-                qp = torch.bmm(qp, q)
-                r = r + qp
-        return r.to(vec.dtype)
+        return cayley_neumann(q, rot.num_cayley_neumann_terms).to(vec.dtype)
     eye = torch.eye(b, device=q.device).unsqueeze(0).expand_as(q)
     return torch.linalg.solve(eye + q, eye - q, left=False).to(vec.dtype)
 
 
-def rotate(rot: Any, x: Tensor, ops: tuple = ()) -> Tensor:
-    """PEFT's ``OFTRotationModule.forward`` in pure ops. ``ops``: ``("generator", c)`` scales the
-    (projected) generator, Q ↦ c·Q; then, in order, ``("lerp", c)``: R ↦ I + c·(R − I) (so
-    x·R ↦ x + c·(x·R − x)) and ``("inverse",)``: R ↦ R⁻¹. Nested funcadapt contexts append
-    their ops, so they compose."""
+def rotate(rot: Any, x: Tensor, ops: Sequence[Rotate] = ()) -> Tensor:
+    """PEFT's ``OFTRotationModule.forward`` in pure ops, with R taken along ``ops``: the (projected)
+    generator scaled by every ``"generator"`` op, then R ↦ I + c·(R − I) for ``"lerp"`` (so
+    x·R ↦ x + c·(x·R − x)) and R ↦ R⁻¹ for ``"inverse"``, in order. Nested funcadapt contexts
+    append their ops, so they compose."""
     out_dtype = x.dtype
     weight = rot.weight
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
     if rot.coft:
         weight = weight + (_project(rot, weight, rot.eps) - weight).detach()
-    for op in ops:  # COFT's geometric path scales the projected generator: Cayley(c·P(Q))
-        if op[0] == "generator":
-            weight = _as(op[1], weight) * weight
-    r = _cayley(rot, weight)
-    for op in ops:
-        if op[0] == "generator":
-            continue
-        if op[0] == "lerp":  # in float32 at least, rounded once
-            r32 = r.to(torch.promote_types(r.dtype, torch.float32))
-            eye = torch.eye(r.shape[-1], device=r.device, dtype=r32.dtype)
-            r = lerp(eye, r32, op[1]).to(r.dtype)
-        else:
-            r = torch.linalg.inv(r.to(torch.promote_types(r.dtype, torch.float32))).to(r.dtype)
+    weight = scaled_generator(weight, ops)  # COFT's geometric path scales the projected generator: Cayley(c·P(Q))
+    r = on_path(_cayley(rot, weight), ops)
     shape = x.shape
     xx = rot._unfold(x) if len(shape) == 4 else x
     folded = xx.shape
@@ -106,10 +83,6 @@ def rotate(rot: Any, x: Tensor, ops: tuple = ()) -> Tensor:
     return y.to(out_dtype)
 
 
-def _as(c: Coeff, like: Tensor) -> Coeff:
-    return c.to(device=like.device, dtype=like.dtype) if isinstance(c, Tensor) else c
-
-
 def _rot_module(layer: Any, adapter: str) -> Any:
     if adapter in layer.oft_R:
         return layer.oft_R[adapter]
@@ -118,8 +91,8 @@ def _rot_module(layer: Any, adapter: str) -> Any:
 
 def _linear(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     if spec.layer_type == "Conv2d":
-        return Effect(forward={"interp": c})  # see _refuse_conv: R = I is not the base layer there
-    return Effect(forward={"oft_linear": c})
+        return Effect(ops=(Interpolate(c),))  # see _refuse_conv: R = I is not the base layer there
+    return Effect(ops=(Rotate("lerp", c),))
 
 
 def _refuse_conv(spec: LayerSpec) -> None:
@@ -135,31 +108,25 @@ def _refuse_conv(spec: LayerSpec) -> None:
 def _geometric(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
     _refuse_conv(spec)
     if spec.static["coft"]:  # the projection must come first: P(c·Q) saturates, c·P(Q) does not
-        return Effect(forward={"oft_generator": c})
+        return Effect(ops=(Rotate("generator", c),))
     return Effect({role: scale(t, c) for role, t in p.items() if role in _ROLES})
 
 
 def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
     _refuse_conv(spec)
     if spec.static["use_cayley_neumann"]:
-        return Effect(forward={"oft_inverse": 1.0})
+        return Effect(ops=(Rotate("inverse"),))
     return _geometric(spec, p, -1.0)
 
 
 _OPS = "_funcadapt_oft_ops"
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     rot = _rot_module(layer, adapter)
-    ops: tuple = ()
-    if "oft_linear" in args:
-        ops = (("lerp", args["oft_linear"]),)
-    elif "oft_generator" in args:
-        ops = (("generator", args["oft_generator"]),)
-    elif "oft_inverse" in args:
-        ops = (("inverse",),)
+    own = rotations(ops)
     return [
-        Patch(rot, _OPS, lambda current: (current or ()) + ops, wrap=True),
+        Patch(rot, _OPS, lambda current: (current or ()) + own, wrap=True),
         Patch(rot, "forward", lambda x: rotate(rot, x, getattr(rot, _OPS, ()))),
     ]
 

@@ -27,7 +27,7 @@ from .base import Effect, LayerSpec, Rule, RuleDoc, interpolated, register
 
 
 def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
-    return Effect(forward={"interp": -1.0})
+    return interpolated(spec, p, -1.0)
 
 
 OSF = register(

@@ -18,7 +18,6 @@ forward is swapped in (:func:`poly_forward`). Task ids reach the layer as PEFT p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,7 +25,8 @@ from peft.tuners.poly.layer import Linear as PolyLinear
 from peft.tuners.poly.layer import PolyLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, additive_rule, register, swap_under_transforms
+from ..ops import RuleOp
+from .base import Patch, additive_rule, register, swap_under_transforms
 
 
 def poly_forward(layer: Any, x: Tensor, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -49,7 +49,7 @@ def poly_forward(layer: Any, x: Tensor, *args: Any, task_ids: Tensor | None = No
     return result.to(previous_dtype)
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     if not isinstance(layer, PolyLinear):
         return []
     return [swap_under_transforms(layer, "forward", poly_forward)]

@@ -25,13 +25,14 @@ norm, both of which ``torch.func.vmap`` refuses. While a call runs the r×r modu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from peft.tuners.psoft.layer import PsoftLayer
 from torch import Tensor
 
+from ..ops import Rotate, RuleOp, cayley_neumann, on_path, rotations, scaled_generator
 from .base import (
     Coeff,
     Effect,
@@ -39,7 +40,6 @@ from .base import (
     Patch,
     Rule,
     RuleDoc,
-    lerp,
     power,
     register,
     require_positive,
@@ -47,14 +47,10 @@ from .base import (
 )
 
 
-def _as(c: Coeff, like: Tensor) -> Coeff:
-    return c.to(device=like.device, dtype=like.dtype) if isinstance(c, Tensor) else c
-
-
-def psoft_matrix(rot: Any, ops: tuple = ()) -> Tensor:
-    """PEFT's ``OrthLayer.get_matrix`` out of place. ``ops``: ``("generator", c)`` scales Q
-    (after the eps rescaling), then in order ``("lerp", c)``: R' ↦ I + c·(R' − I) and
-    ``("inverse",)``: R' ↦ R'⁻¹."""
+def psoft_matrix(rot: Any, ops: Sequence[Rotate] = ()) -> Tensor:
+    """PEFT's ``OrthLayer.get_matrix`` out of place, taken along ``ops``: Q scaled by every
+    ``"generator"`` op (after the eps rescaling), then in order R' ↦ I + c·(R' − I) for ``"lerp"``
+    and R' ↦ R'⁻¹ for ``"inverse"``."""
     cast_to_fp32 = False
     orig_dtype = None
     if not rot.orth:
@@ -70,26 +66,9 @@ def psoft_matrix(rot: Any, ops: tuple = ()) -> Tensor:
                 eps = rot.cayley_neumann_eps
                 norm = torch.linalg.norm(q, ord="fro")
                 q = torch.where(torch.isfinite(norm) & (norm > eps), q * (eps / (norm + 1e-12)), q)
-            for op in ops:
-                if op[0] == "generator":
-                    q = _as(op[1], q) * q
-            t = int(rot.num_cayley_neumann_terms)
-            r = eye.clone()
-            if t > 1:
-                r = r + 2.0 * q
-                if t > 2:
-                    q2 = q @ q
-                    r = r + 2.0 * q2
-                    qp = q2
-                    for _ in range(3, t - 1):
-                        qp = qp @ q
-                        r = r + 2.0 * qp
-                    qp = qp @ q
-                    r = r + qp
+            r = cayley_neumann(scaled_generator(q, ops), int(rot.num_cayley_neumann_terms))
         else:
-            for op in ops:
-                if op[0] == "generator":
-                    q = _as(op[1], q) * q
+            q = scaled_generator(q, ops)
             cast_to_fp32 = orig_dtype in (torch.float16, torch.bfloat16)
             if cast_to_fp32:
                 q = q.float()
@@ -98,21 +77,13 @@ def psoft_matrix(rot: Any, ops: tuple = ()) -> Tensor:
         r = rot.vector_b[:, None] * r
     if rot.vector_a is not None:
         r = r * rot.vector_a[None, :]
-    for op in ops:
-        if op[0] == "generator":
-            continue
-        wide = r.to(torch.promote_types(r.dtype, torch.float32))
-        if op[0] == "lerp":
-            eye32 = torch.eye(rot.size, device=r.device, dtype=wide.dtype)
-            r = lerp(eye32, wide, op[1]).to(r.dtype)
-        else:
-            r = torch.linalg.inv(wide).to(r.dtype)
+    r = on_path(r, ops)
     if cast_to_fp32:
         r = r.to(orig_dtype)
     return r
 
 
-def psoft_map(rot: Any, x: Tensor, ops: tuple = ()) -> Tensor:
+def psoft_map(rot: Any, x: Tensor, ops: Sequence[Rotate] = ()) -> Tensor:
     """PEFT's ``OrthLayer.forward`` (x ↦ x·R'ᵀ) on :func:`psoft_matrix`."""
     r = psoft_matrix(rot, ops)
     half_on_cpu = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
@@ -121,7 +92,7 @@ def psoft_map(rot: Any, x: Tensor, ops: tuple = ()) -> Tensor:
 
 
 def _linear(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
-    return Effect(forward={"psoft_lerp": c})
+    return Effect(ops=(Rotate("lerp", c),))
 
 
 def _geometric(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
@@ -136,31 +107,25 @@ def _geometric(spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff) -> Effect:
         if role in p:
             require_positive(p[role], f"the PSOFT magnitude vector {role.rsplit('.', 1)[1]}", spec.path, spec.adapter)
             params[role] = power(p[role], c)
-    return Effect(params, forward={"psoft_generator": c})
+    return Effect(params, ops=(Rotate("generator", c),))
 
 
 def _invert(spec: LayerSpec, p: Mapping[str, Tensor]) -> Effect:
-    return Effect(forward={"psoft_inverse": 1.0})
+    return Effect(ops=(Rotate("inverse"),))
 
 
 _OPS = "_funcadapt_psoft_ops"
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     rot = layer.psoft_R[adapter]
-    ops: tuple = ()
-    if "psoft_generator" in args:
-        ops = (("generator", args["psoft_generator"]),)
-    elif "psoft_lerp" in args:
-        ops = (("lerp", args["psoft_lerp"]),)
-    elif "psoft_inverse" in args:
-        ops = (("inverse",),)
-    if not ops:
+    own = rotations(ops)
+    if not own:
         if getattr(rot, _OPS, ()):  # an outer context's ops are in force: keep running them
             return []
         return [Patch(rot, "forward", transform_safe(lambda current, x: psoft_map(rot, x)), wrap=True)]
     return [
-        Patch(rot, _OPS, lambda current: (current or ()) + ops, wrap=True),
+        Patch(rot, _OPS, lambda current: (current or ()) + own, wrap=True),
         Patch(rot, "forward", lambda x: psoft_map(rot, x, getattr(rot, _OPS, ()))),
     ]
 

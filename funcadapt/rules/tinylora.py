@@ -15,24 +15,20 @@ every layer that uses it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from peft.tuners.tinylora.layer import TinyLoraLayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, at_forward, register, scale
-
-_KEY = "tinylora_scale"
-
-
-_linear = at_forward(_KEY)
+from ..ops import RuleOp, scale_inside
+from .base import Patch, Rule, RuleDoc, register, scale, scaled_inside
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    if _KEY not in args:
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
+    c = scale_inside(ops)
+    if c is None:
         return []
-    c = args[_KEY]
 
     def wrap(current: Callable[[str], Tensor]) -> Callable[[str], Tensor]:
         def compute_r(adapter_name: str) -> Tensor:
@@ -60,8 +56,8 @@ TINYLORA = register(
             geometric="= linear (additive)",
             invert="exact: ΔW ↦ −ΔW",
         ),
-        linear=_linear,
-        geometric=_linear,
+        linear=scaled_inside,
+        geometric=scaled_inside,
         patches=_patches,
         static=_static,
         additive=True,

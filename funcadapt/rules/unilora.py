@@ -15,14 +15,8 @@ from __future__ import annotations
 
 from peft.tuners.unilora.layer import UniLoraLayer
 
-from .base import Rule, RuleDoc, at_forward, register
+from .base import Rule, RuleDoc, register, scaled_inside
 from .vblora import scaled_lora_matrices
-
-_ARG = "unilora_scale"
-
-
-_scaled = at_forward(_ARG)
-
 
 UNILORA = register(
     Rule(
@@ -36,9 +30,9 @@ UNILORA = register(
             geometric="= linear (additive)",
             invert="exact: ΔW ↦ −ΔW",
         ),
-        linear=_scaled,
-        geometric=_scaled,
-        patches=scaled_lora_matrices(_ARG),
+        linear=scaled_inside,
+        geometric=scaled_inside,
+        patches=scaled_lora_matrices,
         additive=True,
         commutative=True,
         static=lambda layer, a: {"r": layer.r[a]},

@@ -14,40 +14,32 @@ PEFT's forward adds out of place, so it runs under torch.func transforms as it i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from peft.tuners.vblora.layer import VBLoRALayer
 from torch import Tensor
 
-from .base import Coeff, Patch, Rule, RuleDoc, at_forward, register, scale
-
-_ARG = "vblora_scale"
-
-
-_scaled = at_forward(_ARG)
+from ..ops import RuleOp, scale_inside
+from .base import Patch, Rule, RuleDoc, register, scale, scaled_inside
 
 
-def scaled_lora_matrices(arg: str) -> Callable[[Any, str, Mapping[str, Coeff]], list[Patch]]:
+def scaled_lora_matrices(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     """Patches that make ``layer._get_lora_matrices(adapter, ...)`` return (A, c·B) for this
-    adapter, with c the forward-time argument ``arg``. Nested calls wrap what is installed,
-    so their coefficients multiply."""
+    adapter, with c the coefficient of its :class:`~funcadapt.ops.ScaleInside`. Nested calls wrap
+    what is installed, so their coefficients multiply."""
+    c = scale_inside(ops)
+    if c is None:
+        return []
 
-    def patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-        if arg not in args:
-            return []
-        c = args[arg]
+    def wrap(current: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
+        def lora_matrices(adapter_name: str, *rest: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            a, b = current(adapter_name, *rest, **kwargs)
+            return (a, scale(b, c)) if adapter_name == adapter else (a, b)
 
-        def wrap(current: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
-            def lora_matrices(adapter_name: str, *rest: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-                a, b = current(adapter_name, *rest, **kwargs)
-                return (a, scale(b, c)) if adapter_name == adapter else (a, b)
+        return lora_matrices
 
-            return lora_matrices
-
-        return [Patch(layer, "_get_lora_matrices", wrap, wrap=True)]
-
-    return patches
+    return [Patch(layer, "_get_lora_matrices", wrap, wrap=True)]
 
 
 VBLORA = register(
@@ -62,9 +54,9 @@ VBLORA = register(
             geometric="= linear (additive)",
             invert="exact: ΔW ↦ −ΔW",
         ),
-        linear=_scaled,
-        geometric=_scaled,
-        patches=scaled_lora_matrices(_ARG),
+        linear=scaled_inside,
+        geometric=scaled_inside,
+        patches=scaled_lora_matrices,
         additive=True,
         commutative=True,
         static=lambda layer, a: {"r": layer.r[a], "topk": layer.topk[a]},

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from peft.tuners.lora.layer import Linear as LoraLinear
@@ -43,7 +43,8 @@ from peft.tuners.xlora.layer import XLoraLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import Tensor
 
-from .base import Coeff, Patch, RuleDoc, register, rule_named, transform_safe, under_transforms
+from ..ops import RuleOp
+from .base import Patch, RuleDoc, register, rule_named, transform_safe, under_transforms
 
 _XLORA: weakref.WeakKeyDictionary[Any, weakref.ref[XLoraLayer]] = weakref.WeakKeyDictionary()
 """LoRA layer -> the XLoraLayer whose forward PEFT installed on it, learned while the layer's
@@ -106,8 +107,8 @@ def _once(wrap: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return install
 
 
-def _patches(layer: Any, adapter: str, args: Mapping[str, Coeff]) -> list[Patch]:
-    patches = list(_LORA.patches(layer, adapter, args)) if _LORA.patches is not None else []
+def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
+    patches = list(_LORA.patches(layer, adapter, ops)) if _LORA.patches is not None else []
     xlora = _xlora(layer)
     if xlora is None:
         return patches

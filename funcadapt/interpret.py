@@ -1,0 +1,362 @@
+"""How a frame's forward-time ops run at each layer: plain tensor code that Dynamo traces.
+
+:func:`funcadapt.call.frame` assembles, for every layer a call touches, the patches built here:
+
+* :func:`output_builders`: the output interpolation of :class:`~funcadapt.ops.Interpolate` and
+  :class:`~funcadapt.ops.InterpolateRows` (``y = y0 + c·(y1 − y0)``, one c or one per row), or a
+  rule's own per-row patches where it has them (``Rule.row_scale``);
+* :func:`jit_patches`: the adapter tensors recomputed *just in time* from what the layer holds
+  when it runs (what FSDP all-gathered, accelerate loaded, an enclosing context showed).
+
+The rules' own ops (:data:`~funcadapt.ops.RuleOp`) are interpreted by their ``patches``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from . import engines, models
+from .ops import Coeff, ForwardOp, Interpolate, InterpolateRows
+from .rows import BATCH_MAJOR, row_coefficients
+from .rules.base import Patch, Rule, Scaling, access_of, is_number, same_coeff
+from .swap import run_undo
+from .transform import LayerEffect
+
+Builder = Callable[[], list[Patch]]
+"""Makes a layer's patches when the frame is applied."""
+
+
+def output_builders(
+    path: str,
+    layer: Any,
+    per_adapter: Mapping[str, Sequence[ForwardOp]],
+    rule_of: Callable[[str], Rule | None],
+    modules: Mapping[str, nn.Module],
+) -> list[Builder]:
+    """The output interpolation (one coefficient, or one per row) of the adapters that ask for it."""
+    interp = {a: op.coeff for a, ops in per_adapter.items() for op in ops if isinstance(op, Interpolate)}
+    rows = {a: op.coeffs for a, ops in per_adapter.items() for op in ops if isinstance(op, InterpolateRows)}
+    if interp and rows:
+        raise ValueError(
+            f"layer {path!r}: adapters {sorted(rows)} have per-row coefficients and {sorted(interp)} one "
+            f"coefficient for the whole batch; both are interpolated at the layer output, so give them the "
+            f"same kind of coefficient (or modify them in separate calls)"
+        )
+    by_batch = bool(rows) and batch_major(path, modules)
+    # on a layer its model runs on the batch flattened, the rows of the batch its holder receives
+    seen: list[int] = []
+    watch = [_watching_batch(modules[path.rpartition(".")[0]], seen)] if by_batch else []
+    fast = _row_scaling(path, layer, rows, rule_of, by_batch, seen) if rows else None
+    if fast is not None:
+        return [functools.partial(list, fast), *watch]
+    if interp or rows:
+        interpolation = Interpolation(
+            path,
+            layer,
+            interp or rows,
+            per_row=bool(rows),
+            reuse_base=bool(rows) and _reusable_base(layer, set(rows), rule_of),
+            batch_major=by_batch,
+            seen=seen,
+        )
+        return [interpolation.patches, *watch]
+    return []
+
+
+class Interpolation:
+    """The exact fallback at one layer: ``y = y0 + c·(y1 − y0)``, y0 with these adapters switched off.
+
+    ``per_row``: ``c`` is a 1-D tensor with one coefficient per row (first axis) of the layer's
+    output (each repeated per token where the model flattened its batch batch-major:
+    ``batch_major``; ``seen`` holds the batch size its holder received). ``reuse_base``: every
+    adapter on the layer is interpolated and all are additive (``y1 = base_layer(x) + Δ(x)``), so
+    y0 is the base layer's output captured while y1 runs and the base layer runs once instead of
+    twice. Layers read through a :class:`~funcadapt.rules.base.LayerAccess` (adaption prompt)
+    always take y0 that way, from their access's ``base`` submodule: running them twice would
+    update a KV cache twice.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        layer: Any,
+        coeffs: Mapping[str, Coeff],
+        per_row: bool = False,
+        reuse_base: bool = False,
+        batch_major: bool = False,
+        seen: Sequence[int] = (),
+    ) -> None:
+        values = list(coeffs.values())
+        if not all(same_coeff(v, values[0]) for v in values[1:]):
+            kind = "per-row coefficients" if per_row else "coefficients"
+            raise ValueError(
+                f"layer {path!r} has several adapters interpolated at its output ({sorted(coeffs)}) and they were "
+                f"given different {kind}; the output interpolation can only scale them together. Give them one "
+                f"coefficient, or modify them in separate calls"
+            )
+        self.path, self.layer, self.c = path, layer, values[0]
+        self.adapters = set(coeffs)
+        self.per_row, self.reuse_base, self.batch_major, self.seen = per_row, reuse_base, batch_major, seen
+        self.access = access_of(layer)
+        # the outputs of a LayerAccess's base while the layer runs (recorded by a patch on the base's
+        # forward, applied with the frame: a hook registered inside the forward cannot be compiled)
+        self.recording: list[bool] = [False]
+        self.recorded: list[Any] = []
+
+    def patches(self) -> list[Patch]:
+        if self.access is None:
+            return [Patch(self.layer, "forward", self.wrap, wrap=True)]
+        return [
+            Patch(self.access.base(self.layer), "forward", self.record, wrap=True, outside_hooks=True),
+            Patch(self.layer, "forward", self.wrap, wrap=True),
+        ]
+
+    def wrap(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def interpolated(*args: Any, **kwargs: Any) -> Any:
+            return self.run(forward, args, kwargs)
+
+        return interpolated
+
+    def run(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                f"layer {self.path!r}: PEFT's mixed-adapter batch (adapter_names=...) routes rows to adapters "
+                f"itself, and this layer's coefficient works by switching its adapters off for y0, which that "
+                f"routing ignores. Give each row its coefficient with funcadapt.per_row instead (0 for rows that "
+                f"should not use the adapter)"
+            )
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not self.per_row and is_number(self.c) and self.c == 0.0:
+            # (compiled, the lerp below gives y0 exactly at 0 too, and no value of c gets its own graph)
+            return self.without(forward, args, kwargs)
+        y0: Any = None
+        if self.access is not None:
+            y1, y0 = self.captured(forward, args, kwargs)
+        elif self.reuse_base and not compiling:
+            # (compiled, y0 is computed again below: the graph's common-subexpression elimination
+            # shares the base layer's run, and hooks and version counters are not traced)
+            y1, y0 = self.with_base(forward, args, kwargs)
+            y0 = y0.to(y1.dtype) if y0 is not None and isinstance(y1, Tensor) else None
+        else:
+            y1 = forward(*args, **kwargs)
+        if y0 is None:
+            y0 = self.without(forward, args, kwargs)
+        return pytree.tree_map(self.lerp, y0, y1)
+
+    def without(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """y0: the layer's output with these adapters switched off."""
+        if self.access is not None:
+            return self.captured(forward, args, kwargs)[1]
+        layer = self.layer
+        saved = layer._active_adapter
+        layer._active_adapter = [a for a in layer.active_adapters if a not in self.adapters]
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            layer._active_adapter = saved
+
+    def with_base(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        """(y1, the base layer's output if it ran exactly once, on this very input)."""
+        y1, seen = _watching(self.layer.base_layer, forward, args, kwargs)
+        if len(seen) == 1 and args:
+            inputs, out, version = seen[0]
+            # PEFT layers that add their update in place (``result += …``) modify the base output
+            if inputs and inputs[0] is args[0] and version >= 0 and _version(out) == version:
+                return y1, out
+        return y1, None
+
+    def record(self, base_forward: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded_forward(*args: Any, **kwargs: Any) -> Any:
+            out = base_forward(*args, **kwargs)
+            if self.recording[0]:
+                self.recorded.append(out)
+            return out
+
+        return recorded_forward
+
+    def captured(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        """(y1, y0) from one run of a layer read through a LayerAccess: y0 is its base's output."""
+        self.recorded.clear()
+        self.recording[0] = True
+        try:
+            y1 = forward(*args, **kwargs)
+        finally:
+            self.recording[0] = False
+        outs = list(self.recorded)
+        self.recorded.clear()
+        if len(outs) != 1:
+            raise RuntimeError(f"layer {self.path!r}: its base ran {len(outs)} times in one forward, expected once")
+        return y1, outs[0]
+
+    def lerp(self, y0: Any, y1: Any) -> Any:
+        if not isinstance(y0, Tensor) or not y0.is_floating_point():
+            return y1
+        if y0.dtype in (torch.float16, torch.bfloat16):  # interpolate in float32, round once
+            return self.lerp(y0.float(), y1.float()).to(y0.dtype)
+        c = self.c
+        k = c.to(device=y0.device, dtype=y0.dtype) if isinstance(c, Tensor) else c
+        if self.per_row:
+            assert isinstance(k, Tensor)
+            batch = self.seen[-1] if self.seen else None
+            k = row_coefficients(f"layer {self.path!r}", k, y0.shape[0] if y0.dim() else 0, self.batch_major, batch)
+            k = k.reshape(-1, *([1] * (y0.dim() - 1)))
+        # torch.lerp is y0 + k·(y1 − y0), evaluated so that k = 0 gives y0 and k = 1 gives y1 bit for bit
+        return torch.lerp(y0, y1, k)
+
+
+def batch_major(path: str, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether the model runs the layer at ``path`` on its batch flattened batch-major (see
+    :data:`funcadapt.rows.BATCH_MAJOR`)."""
+    parent, _, attr = path.rpartition(".")
+    holder = modules.get(parent)
+    return holder is not None and attr in BATCH_MAJOR.get(models.qualified(type(holder)), ())
+
+
+def _watching_batch(holder: nn.Module, seen: list[int]) -> Callable[[], list[Patch]]:
+    """A patch recording the rows of the hidden states ``holder`` receives (its first argument)."""
+
+    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            seen[:] = [int(hidden.shape[0])] if isinstance(hidden, Tensor) and hidden.dim() else []
+            return forward(*args, **kwargs)
+
+        return watched
+
+    return lambda: [Patch(holder, "forward", wrap, wrap=True)]
+
+
+def _row_scaling(
+    path: str,
+    layer: Any,
+    rows: Mapping[str, Any],
+    rule_of: Callable[[str], Rule | None],
+    batch_major: bool,
+    seen: Sequence[int],
+) -> list[Patch] | None:
+    """The rules' own per-row patches for every adapter given per-row coefficients on this layer,
+    or None (then the layer output is interpolated row by row)."""
+    patches: list[Patch] = []
+    for adapter, c in rows.items():
+        rule = rule_of(adapter)
+        if rule is None or rule.row_scale is None:
+            return None
+        where = f"layer {path!r} adapter {adapter!r}"
+
+        def coeffs_for(n: int, where: str = where, c: Tensor = c) -> Tensor:
+            return row_coefficients(where, c, n, batch_major, seen[-1] if seen else None)
+
+        found = rule.row_scale(layer, adapter, coeffs_for)
+        if found is None:
+            return None
+        patches.extend(found)
+    return patches
+
+
+def _watching(
+    module: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
+) -> tuple[Any, list[tuple[tuple, Any, int]]]:
+    """``forward(*args, **kwargs)``, and every call of ``module`` meanwhile: (inputs, output, its version)."""
+    seen: list[tuple[tuple, Any, int]] = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append((a, out, _version(out))))
+    try:
+        return forward(*args, **kwargs), seen
+    finally:
+        handle.remove()
+
+
+def _version(t: Any) -> int:
+    """Autograd's in-place version counter of ``t``; −1 when it has none (inference tensors)."""
+    try:
+        return int(t._version) if isinstance(t, Tensor) else -1
+    except RuntimeError:
+        return -1
+
+
+def _reusable_base(layer: Any, adapters: set[str], rule_of: Callable[[str], Rule | None]) -> bool:
+    """y0 is exactly ``base_layer(x)`` when all active adapters are interpolated and additive."""
+    if not isinstance(getattr(layer, "base_layer", None), nn.Module):
+        return False
+    for adapter in layer.active_adapters:
+        if adapter not in adapters:
+            return False
+        rule = rule_of(adapter)
+        if rule is None or not rule.additive:
+            return False
+    return True
+
+
+_CHAIN = "_funcadapt_jit"
+"""On a layer while frames touch it: their effects, outermost frame first (see :func:`jit_patches`)."""
+
+
+_Entry = tuple[tuple[LayerEffect, ...], Mapping[str, list[tuple[nn.Module, str]]], tuple[tuple[nn.Module, str], ...]]
+"""One frame's just-in-time work on a layer: (effects, tree key -> its (owner, name)s, tensors to load)."""
+
+
+def jit_patches(
+    path: str,
+    layer: Any,
+    recipes: tuple[LayerEffect, ...],
+    owners: Mapping[str, list[tuple[nn.Module, str]]],
+    loads: tuple[tuple[nn.Module, str], ...] = (),
+) -> list[Patch]:
+    """The layer's effects applied just in time: when the layer runs, each effect recomputes its
+    adapter tensors from the tensors the layer holds *then* (what FSDP all-gathered, accelerate
+    loaded, or an enclosing frame showed), and those are shown to PEFT's forward until it returns.
+    Nested frames add their effects to one chain on the layer, applied outermost first, so an
+    inner context transforms what the outer one shows. ``loads``: offloaded tensors loaded for the
+    layer's run. (The layer refuses other threads, as every module the call changes does: see
+    :func:`funcadapt.swap.thread_guarded`.)"""
+    if not recipes and not loads:
+        return []
+    entry: _Entry = (recipes, owners, loads)
+    patches = [Patch(layer, _CHAIN, lambda chain: (*(chain or ()), entry), wrap=True)]
+    if _CHAIN not in layer.__dict__:
+        # a "forward" patch goes inside an accelerate hook on the layer itself (after it loaded the weights)
+        patches.append(Patch(layer, "forward", functools.partial(_just_in_time, path, layer), wrap=True))
+    return patches
+
+
+def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
+    def applied(*args: Any, **kwargs: Any) -> Any:
+        chain: tuple[_Entry, ...] = layer.__dict__.get(_CHAIN, ())
+        if not any(recipes or loads for recipes, _, loads in chain):
+            return forward(*args, **kwargs)
+        undo: list[Callable[[], None]] = []
+        try:
+            shown: dict[str, Tensor] = {}
+            for recipes, owners, loads in chain:
+                for owner, name in loads:
+                    engines.live(owner, name, undo)
+                # one frame transforms what the frames outside it show, each of its effects reading the
+                # same tensors (a tensor several layers share is transformed once, not once per layer)
+                outer: dict[str, Tensor] = dict(shown)
+                for e in recipes:
+                    p = {}
+                    # a scaling reads only the tensors it scales
+                    reads = e.recompute.roles if isinstance(e.recompute, Scaling) else e.spec.keys
+                    for role, key in e.spec.keys.items():
+                        if role not in reads:
+                            continue
+                        if key not in outer:  # read where this layer reaches it
+                            owner, name = owners[key][0]
+                            outer[key] = shown[key] = engines.live(owner, name, undo)
+                        p[role] = outer[key]
+                    assert e.recompute is not None
+                    for role, tensor in e.recompute(e.spec, p, e.coeff).params.items():
+                        key = e.spec.keys[role]
+                        shown[key] = tensor
+                        for owner, name in owners[key]:  # under every name it has
+                            engines.put(owner, name, tensor, undo)
+            return forward(*args, **kwargs)
+        finally:
+            run_undo(undo)
+
+    return applied
