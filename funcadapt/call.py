@@ -27,16 +27,15 @@ from torch import Tensor, nn
 
 from . import engines, models, quantized
 from .interpret import Builder, batch_major, jit_patches, output_builders
-from .ops import ForwardOp, InterpolateRows, rule_ops
+from .ops import ForwardOp, Interpolate, InterpolateRows, rule_ops
 from .rules.base import (
     Patch,
-    access_of,
     is_adapter_layer,
     is_number,
     swap_under_transforms,
     under_transforms,
 )
-from .structure import Structure, active_adapters, adapters_disabled, layer_adapters, structure
+from .structure import Structure, active_adapters, adapters_disabled, structure
 from .swap import Frame, thread_guarded
 from .transform import LayerEffect, Transformed
 from .tree import AdapterTree
@@ -70,12 +69,15 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     replaced = _replaced(model, modules, known, tensors, extracted)
     touched, recipes, modified = _touched(modules, known, tensors, replaced, effects, live_checked)
     loads = _offloaded_tensors(modules, known)
+    # a layer's just-in-time wrapper also makes its thread check where it is the outermost wrapper this frame
+    # puts on the layer (no output interpolation around it) and there is no engine hook to stay outside of
+    self_guarded = set() if known.engine is not None else {p for p in recipes if not _interpolated(touched.get(p, {}))}
     builders: list[Builder] = []
     for path in {**touched, **recipes, **loads}:
+        recomputed = tuple(recipes.get(path, ()))
+        guard = f"layer {path!r}" if path in self_guarded else None
         builders.extend(
-            _layer_builders(
-                path, modules, known, touched.get(path, {}), tuple(recipes.get(path, ())), tuple(loads.get(path, ()))
-            )
+            _layer_builders(path, modules, known, touched.get(path, {}), recomputed, tuple(loads.get(path, ())), guard)
         )
     rows = [op.coeffs for e in effects for op in e.ops if isinstance(op, InterpolateRows)]
     columns = list({id(c): c for c in rows}.values())
@@ -95,17 +97,21 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     # every module whose behaviour this call changes refuses other threads: the layers with
     # effects, the owners of swapped tensors, the blocks batched under vmap
     changed = {path for path, _ in modified} | {k.rpartition(".")[0] for k in swapped if k not in known.adapter_of}
-    named = {id(modules[p]): (f"layer {p!r}", modules[p]) for p in {*changed, *recipes, *loads}}
-    for m in entries:
-        named.setdefault(id(m), (type(m).__name__, m))
-    guarded = [m for _, m in named.values()]
+    named = {id(modules[p]): (p, modules[p]) for p in {*changed, *recipes, *loads}}
+    guarded = [m for _, m in named.values()] + [m for m in entries if id(m) not in named]
+    checks = [(f"layer {p!r}", m) for p, m in named.values() if p not in self_guarded]
+    checks += [(type(m).__name__, m) for m in entries if id(m) not in named]
     builders.append(
         lambda: [
             Patch(m, "forward", functools.partial(thread_guarded, what), wrap=True, outside_hooks=True)
-            for what, m in named.values()
+            for what, m in checks
         ]
     )
     return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded)
+
+
+def _interpolated(per_adapter: Mapping[str, Sequence[ForwardOp]]) -> bool:
+    return any(isinstance(op, Interpolate | InterpolateRows) for ops in per_adapter.values() for op in ops)
 
 
 def entry_modules(model: nn.Module) -> list[nn.Module]:
@@ -251,6 +257,7 @@ def _layer_builders(
     per_adapter: Mapping[str, Sequence[ForwardOp]],
     recipes: tuple[LayerEffect, ...],
     loads: tuple[tuple[nn.Module, str], ...] = (),
+    guard: str | None = None,
 ) -> list[Builder]:
     """One layer's patches, innermost first: the rules' own, the just-in-time effects (inside the
     output interpolation, which runs the layer twice, and outside PEFT's forward), the interpolation.
@@ -263,9 +270,9 @@ def _layer_builders(
             builders.append(functools.partial(rule.patches, layer, adapter, rule_ops(ops)))
     owners: dict[str, list[tuple[nn.Module, str]]] = {}
     for e in recipes:
-        for key, names in known.owners(e.spec).items():
-            owners.setdefault(key, [_owner(modules, name) for name in names if name.rpartition(".")[0] in modules])
-    builders.append(functools.partial(jit_patches, path, layer, recipes, owners, loads))
+        for key, pairs in known.reached(e.spec, modules[""]).items():
+            owners.setdefault(key, pairs)
+    builders.append(functools.partial(jit_patches, path, layer, recipes, owners, loads, guard))
     builders.extend(output_builders(path, layer, per_adapter, rule_of, modules))
     return builders
 
@@ -323,11 +330,6 @@ def _batched(module: nn.Module, one: Tensor, forward: Callable[..., Any]) -> Cal
     return batched
 
 
-def _owner(modules: Mapping[str, nn.Module], key: str) -> tuple[nn.Module, str]:
-    prefix, _, name = key.rpartition(".")
-    return modules[prefix], name
-
-
 def _input_grad_hooks(modules: Mapping[str, nn.Module]) -> list[Patch]:
     """transformers' and PEFT's ``enable_input_require_grads`` hook calls ``output.requires_grad_()``,
     which torch.func transforms refuse. It only serves reentrant checkpointing, which funcadapt
@@ -368,8 +370,7 @@ def _check_live(path: str, layer: Any, adapter: str) -> None:
             f"layer {path!r} has adapter {adapter!r} merged into its base weights, so these params cannot change "
             f"its effect (were they computed before model.merge_adapter()?). Call model.unmerge_adapter() first"
         )
-    held = layer_adapters(layer) if access_of(layer) is None else [adapter]
-    if adapters_disabled(layer) or adapter not in active_adapters(layer, held):
+    if adapters_disabled(layer) or adapter not in active_adapters(layer, [adapter]):
         raise ValueError(
             f"layer {path!r}: adapter {adapter!r} is not in effect (not active, or inside disable_adapter()), so "
             f"PEFT's forward ignores it and these params would change nothing (were they computed before "

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from . import engines, models
 from .ops import Coeff, ForwardOp, Interpolate, InterpolateRows
 from .rows import BATCH_MAJOR, row_coefficients
-from .rules.base import Patch, Rule, Scaling, access_of, is_number, same_coeff
-from .swap import run_undo
+from .rules.base import Patch, Rule, Scaling, access_of, is_number, rule_named, same_coeff, scale, under_transforms
+from .swap import current_thread, other_thread, run_undo
 from .transform import LayerEffect
 
 Builder = Callable[[], list[Patch]]
@@ -296,8 +296,100 @@ _CHAIN = "_funcadapt_jit"
 """On a layer while frames touch it: their effects, outermost frame first (see :func:`jit_patches`)."""
 
 
-_Entry = tuple[tuple[LayerEffect, ...], Mapping[str, list[tuple[nn.Module, str]]], tuple[tuple[nn.Module, str], ...]]
-"""One frame's just-in-time work on a layer: (effects, tree key -> its (owner, name)s, tensors to load)."""
+class _Recomputed:
+    """One frame's just-in-time work on a layer: its effects, each with the (role, key) pairs it reads
+    (a scaling reads only the tensors it scales), where each key is reached (tree key -> its
+    (owner, name)s, the layer's own path first), and the offloaded tensors to load.
+
+    ``factors`` (attribute name, {adapter: c}): set where every effect is a scaling of a rule with a
+    ``scaled_output`` dict (LoRA's ``scaling``) and nothing is loaded; then, when every frame on the
+    layer has them, the layer runs with those entries multiplied by the coefficients instead of with
+    recomputed tensors (:func:`_run_scaled`): the same map, Δy(c) = c·Δy, without touching a tensor."""
+
+    __slots__ = ("factors", "loads", "owners", "steps")
+
+    def __init__(
+        self,
+        recipes: tuple[LayerEffect, ...],
+        owners: Mapping[str, list[tuple[nn.Module, str]]],
+        loads: tuple[tuple[nn.Module, str], ...],
+        layer: Any = None,
+    ) -> None:
+        self.owners = owners
+        self.loads = loads
+        self.steps: list[tuple[LayerEffect, tuple[tuple[str, str], ...]]] = []
+        for e in recipes:
+            reads = e.recompute.roles if isinstance(e.recompute, Scaling) else e.spec.keys
+            self.steps.append((e, tuple((role, key) for role, key in e.spec.keys.items() if role in reads)))
+        self.factors = None if loads else _factors(layer, recipes)
+
+    def show(self, shown: dict[str, Tensor], undo: list[Callable[[], None]]) -> None:
+        """Recompute this frame's tensors from what the frames outside it show (``shown``, else the
+        layer's own), each effect reading the same tensors (a tensor several layers share is
+        transformed once, not once per layer), and show them under every name they have."""
+        for owner, name in self.loads:
+            engines.live(owner, name, undo)
+        outer = dict(shown)
+        for e, reads in self.steps:
+            p = {}
+            for role, key in reads:
+                t = outer.get(key)
+                if t is None:  # read where this layer reaches it
+                    owner, name = self.owners[key][0]
+                    t = outer[key] = shown[key] = engines.live(owner, name, undo)
+                p[role] = t
+            recompute = e.recompute
+            assert recompute is not None
+            if isinstance(recompute, Scaling):  # c·t for each tensor read: the same values, no Effect built
+                new = {role: scale(t, e.coeff) for role, t in p.items()}
+            else:
+                new = dict(recompute(e.spec, p, e.coeff).params)
+            for role, tensor in new.items():
+                key = e.spec.keys[role]
+                shown[key] = tensor
+                for owner, name in self.owners[key]:  # under every name it has
+                    engines.put(owner, name, tensor, undo)
+
+
+def _factors(layer: Any, recipes: tuple[LayerEffect, ...]) -> tuple[str, dict[str, Coeff]] | None:
+    """(the dict's name, {adapter: c}) where every effect scales an entry of one ``scaled_output`` dict."""
+    names = {rule_named(e.spec.rule).scaled_output if isinstance(e.recompute, Scaling) else "" for e in recipes}
+    if len(names) != 1 or "" in names:
+        return None
+    name = names.pop()
+    store = getattr(layer, name, None)
+    if not isinstance(store, dict) or any(e.spec.adapter not in store for e in recipes):
+        return None
+    return name, {e.spec.adapter: e.coeff for e in recipes}
+
+
+def _run_scaled(
+    layer: Any, chain: tuple[_Recomputed, ...], forward: Callable[..., Any], args: tuple, kwargs: dict
+) -> Any:
+    """``forward`` with each adapter's output multiplier times the product of its coefficients over the
+    frames of ``chain`` (all with :attr:`_Recomputed.factors` on one dict), restored on return."""
+    name = ""
+    total: dict[str, Coeff] = {}
+    for entry in chain:
+        assert entry.factors is not None
+        name, factors = entry.factors
+        for adapter, c in factors.items():
+            total[adapter] = c if adapter not in total else _times(total[adapter], c)
+    store = getattr(layer, name)
+    saved = {adapter: store[adapter] for adapter in total}
+    try:
+        for adapter, c in total.items():
+            store[adapter] = _times(saved[adapter], c)
+        return forward(*args, **kwargs)
+    finally:
+        store.update(saved)
+
+
+def _times(s: Any, c: Coeff) -> Any:
+    """s·c, for a multiplier or coefficient s (a number, or a tensor) and a coefficient c."""
+    if isinstance(s, Tensor):
+        return scale(s, c)
+    return c * s
 
 
 def jit_patches(
@@ -306,57 +398,46 @@ def jit_patches(
     recipes: tuple[LayerEffect, ...],
     owners: Mapping[str, list[tuple[nn.Module, str]]],
     loads: tuple[tuple[nn.Module, str], ...] = (),
+    guard: str | None = None,
 ) -> list[Patch]:
     """The layer's effects applied just in time: when the layer runs, each effect recomputes its
     adapter tensors from the tensors the layer holds *then* (what FSDP all-gathered, accelerate
     loaded, or an enclosing frame showed), and those are shown to PEFT's forward until it returns.
     Nested frames add their effects to one chain on the layer, applied outermost first, so an
     inner context transforms what the outer one shows. ``loads``: offloaded tensors loaded for the
-    layer's run. (The layer refuses other threads, as every module the call changes does: see
-    :func:`funcadapt.swap.thread_guarded`.)"""
+    layer's run. The layer refuses other threads, as every module the call changes does (see
+    :func:`funcadapt.swap.thread_guarded`): with ``guard`` (the layer's name in the error) the check is
+    made here, in the same wrapper, instead of by a second one."""
     if not recipes and not loads:
         return []
-    entry: _Entry = (recipes, owners, loads)
+    entry = _Recomputed(recipes, owners, loads, layer)
     patches = [Patch(layer, _CHAIN, lambda chain: (*(chain or ()), entry), wrap=True)]
     if _CHAIN not in layer.__dict__:
         # a "forward" patch goes inside an accelerate hook on the layer itself (after it loaded the weights)
-        patches.append(Patch(layer, "forward", functools.partial(_just_in_time, path, layer), wrap=True))
+        patches.append(Patch(layer, "forward", functools.partial(_just_in_time, layer, guard), wrap=True))
     return patches
 
 
-def _just_in_time(path: str, layer: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
+def _just_in_time(layer: Any, guard: str | None, forward: Callable[..., Any]) -> Callable[..., Any]:
+    owner = current_thread()
+
     def applied(*args: Any, **kwargs: Any) -> Any:
-        chain: tuple[_Entry, ...] = layer.__dict__.get(_CHAIN, ())
-        if not any(recipes or loads for recipes, _, loads in chain):
-            return forward(*args, **kwargs)
+        if guard is not None and current_thread() is not owner:
+            raise other_thread(guard, owner)
+        chain: tuple[_Recomputed, ...] = layer.__dict__.get(_CHAIN, ())
+        # (compiled or under torch.func transforms the tensors are recomputed: the graph has no Python
+        # dict to write, and a batched coefficient stays on the tensors it batches)
+        scaled = chain and all(e.factors is not None for e in chain)
+        if scaled and not torch.compiler.is_compiling() and not under_transforms():
+            return _run_scaled(layer, chain, forward, args, kwargs)
         undo: list[Callable[[], None]] = []
         try:
             shown: dict[str, Tensor] = {}
-            for recipes, owners, loads in chain:
-                for owner, name in loads:
-                    engines.live(owner, name, undo)
-                # one frame transforms what the frames outside it show, each of its effects reading the
-                # same tensors (a tensor several layers share is transformed once, not once per layer)
-                outer: dict[str, Tensor] = dict(shown)
-                for e in recipes:
-                    p = {}
-                    # a scaling reads only the tensors it scales
-                    reads = e.recompute.roles if isinstance(e.recompute, Scaling) else e.spec.keys
-                    for role, key in e.spec.keys.items():
-                        if role not in reads:
-                            continue
-                        if key not in outer:  # read where this layer reaches it
-                            owner, name = owners[key][0]
-                            outer[key] = shown[key] = engines.live(owner, name, undo)
-                        p[role] = outer[key]
-                    assert e.recompute is not None
-                    for role, tensor in e.recompute(e.spec, p, e.coeff).params.items():
-                        key = e.spec.keys[role]
-                        shown[key] = tensor
-                        for owner, name in owners[key]:  # under every name it has
-                            engines.put(owner, name, tensor, undo)
+            for entry in chain:
+                entry.show(shown, undo)
             return forward(*args, **kwargs)
         finally:
-            run_undo(undo)
+            if undo:
+                run_undo(undo)
 
     return applied

@@ -101,12 +101,14 @@ class Structure:
     """The engine that places the weights just in time (FSDP, accelerate offload), named; None if none."""
 
     by_path: dict[str, AdapterLayer] = field(init=False)
+    _reached: dict[int, tuple[LayerSpec, dict[str, list[tuple[nn.Module, str]]]]] = field(init=False)
     hosts: dict[str, str] = field(init=False)
     """Adapter layer path -> the outermost adapter layer enclosing it (itself if none): where its
     effect is applied, since an outer layer's forward may read a nested layer's tensors."""
 
     def __post_init__(self) -> None:
         self.by_path = {info.path: info for info in self.layers}
+        self._reached = {}
         self.hosts = {}
         for path in sorted(self.by_path, key=len):  # outer layers first
             parent = next((p for p in _prefixes(path) if p in self.by_path), None)
@@ -120,6 +122,26 @@ class Structure:
         for role, key in spec.keys.items():
             mine = info.local.get(spec.adapter, {}).get(role, key) if info is not None else key
             out[key] = list(dict.fromkeys([mine, key, *self.aliases.get(key, ())]))
+        return out
+
+    def reached(self, spec: LayerSpec, root: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+        """:meth:`owners` as (owning module, attribute name) pairs (``root``: the model), cached per spec."""
+        # (not read or filled while torch.compile traces: a guard on the cache's contents would recompile)
+        compiling = torch.compiler.is_compiling()
+        cached = None if compiling else self._reached.get(id(spec))
+        if cached is not None and cached[0] is spec:
+            return cached[1]
+        out = {}
+        for key, names in self.owners(spec).items():
+            pairs = []
+            for name in names:
+                prefix, _, attr = name.rpartition(".")
+                owner = self.modules.get(prefix) if prefix else root
+                if owner is not None:
+                    pairs.append((owner, attr))
+            out[key] = pairs
+        if not compiling:
+            self._reached[id(spec)] = (spec, out)
         return out
 
     def host(self, path: str) -> str:

@@ -115,17 +115,27 @@ def thread_guarded(what: str, forward: Callable[..., Any]) -> Callable[..., Any]
     compiled model keeps it without a graph break."""
     owner = _me()
 
-    @functools.wraps(forward)  # keeps the signature, which transformers' generate() reads
     def guarded(*args: Any, **kwargs: Any) -> Any:
         if _me() is not owner:
-            raise RuntimeError(
-                f"{what} is being modified by funcadapt in another thread ({owner}), so running it from this "
-                f"thread would see that thread's coefficients. Give each thread its own model (copy.deepcopy), "
-                f"or serialise the calls with a lock"
-            )
+            raise other_thread(what, owner)
         return forward(*args, **kwargs)
 
+    guarded.__wrapped__ = forward  # type: ignore[attr-defined]  # inspect.signature follows it (generate() reads it)
     return guarded
+
+
+def other_thread(what: str, owner: Thread) -> RuntimeError:
+    """The error for running ``what``, which ``owner`` is modifying, from another thread."""
+    return RuntimeError(
+        f"{what} is being modified by funcadapt in another thread ({owner}), so running it from this "
+        f"thread would see that thread's coefficients. Give each thread its own model (copy.deepcopy), "
+        f"or serialise the calls with a lock"
+    )
+
+
+def current_thread() -> Thread:
+    """The thread frames are applied for now (see :func:`thread_guarded`)."""
+    return _me()
 
 
 def _orphan_checked(root: Any, forward: Callable[..., Any]) -> Callable[..., Any]:

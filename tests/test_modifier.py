@@ -222,6 +222,34 @@ def test_nested_scales_compose(case, outer, inner):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("scale_outside", [True, False], ids=["scale-then-shift", "shift-then-scale"])
+def test_nested_scale_and_shift_compose_on_lora(scale_outside):
+    """LoRA's scale multiplies PEFT's ``scaling`` entry while a layer runs, a shift recomputes tensors; nested,
+    the inner context still acts on what the outer one shows. Reference: the composed tensors written into
+    a copy of the model (float64), run by plain PEFT."""
+    import copy
+
+    model = build(case("lora"), dtype=torch.float64)
+    c, delta = -1.5, 0.125
+    contexts = [AdapterModifier(model, "scale", c), AdapterModifier(model, "shift", delta)]
+    if not scale_outside:
+        contexts.reverse()
+    before = snapshot(model)
+    with contexts[0], contexts[1]:
+        got = _run(model)
+    assert_unchanged(model, before)
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            if ".lora_A." in name:
+                p.add_(delta)
+            elif ".lora_B." in name:
+                p.copy_(c * p + delta if scale_outside else c * (p + delta))
+    want = _run(ref_model)
+    assert not torch.allclose(got, _run(model)), "the contexts must change the output"
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_out_of_order_exit_raises_and_keeps_state():
     model = build(case("lora"))
     tree = funcadapt.extract(model)
@@ -337,26 +365,37 @@ def test_ops_equal_functional(case_id, op, value):
     assert_unchanged(model, before)
 
 
-def test_named_parameters_inside_and_after():
+@pytest.mark.parametrize(("op", "value"), [("scale", -1.0), ("shift", 0.25)])
+def test_named_parameters_inside_and_after(op, value):
     """Coefficients apply when each layer runs: between forwards (inside the context too) the model
-    shows its own Parameters, so an optimizer or state_dict built there sees them; while an adapted
-    layer runs, it computes with the transformed tensors, connected to those Parameters."""
+    shows its own Parameters, so an optimizer or state_dict built there sees them. While an adapted
+    layer runs, a shift computes with the transformed tensors, connected to those Parameters; LoRA's
+    scale multiplies PEFT's per-adapter ``scaling`` entry instead (the same map: B(A·x)·(c·s) = (c·B)(A·x)·s)
+    and leaves the tensors alone."""
     model = build(case("lora"))
     tree = funcadapt.extract(model)
     originals = dict(model.named_parameters())
-    expected = funcadapt.transform(tree, -1.0)
+    expected = funcadapt.transform(tree, value, op=op)
     scaled = {k for k in tree.params if ".lora_B." in k}
     assert scaled
     modules = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
+    multipliers: dict[str, object] = {}
+    layers = {k.split(".lora_B.")[0] for k in scaled}
     hooks = [
         modules[k.rpartition(".")[0]].register_forward_pre_hook(
             lambda m, args, k=k: seen.__setitem__(k, m._parameters[k.rpartition(".")[2]])
         )
         for k in scaled
+    ] + [
+        modules[path].lora_B["default"].register_forward_pre_hook(
+            lambda m, args, path=path: multipliers.__setitem__(path, modules[path].scaling["default"])
+        )
+        for path in layers
     ]
+    s = {path: modules[path].scaling["default"] for path in layers}
     try:
-        with AdapterModifier(model, "scale", -1.0):
+        with AdapterModifier(model, op, value):
             inside = dict(model.named_parameters())
             assert inside.keys() == originals.keys()
             assert all(t is originals[k] for k, t in inside.items())
@@ -364,11 +403,17 @@ def test_named_parameters_inside_and_after():
     finally:
         for h in hooks:
             h.remove()
-    assert seen.keys() == scaled
+    assert seen.keys() == scaled and multipliers.keys() == layers
     for k, t in seen.items():
+        if op == "scale":
+            assert t is originals[k], "LoRA's scale leaves its tensors alone"
+            continue
         assert not isinstance(t, nn.Parameter)
         assert torch.equal(t, expected[k])
         assert t.requires_grad and t.grad_fn is not None, "must stay connected to the original Parameter"
+    for path, m in multipliers.items():
+        assert m == (value * s[path] if op == "scale" else s[path])
+        assert modules[path].scaling["default"] == s[path], "restored after the layer ran"
     after = dict(model.named_parameters())
     assert after.keys() == originals.keys()
     for k, t in after.items():

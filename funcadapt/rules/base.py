@@ -221,6 +221,10 @@ class Rule:
     (int8 quantises its input; 4-bit rounds to a bfloat16 grid on some CPUs), so on those bases
     linear mode falls back to output interpolation."""
     access: LayerAccess | None = None
+    scaled_output: str = ""
+    """The layer's per-adapter dict of output multipliers, where the rule's :class:`Scaling` is exactly that
+    entry times c (PEFT LoRA's ``scaling``: Δy = B(A·x)·s, and c·B gives B(A·x)·(c·s)). A call multiplies
+    the entry instead of recomputing the tensors when it can (see :mod:`funcadapt.interpret`)."""
     """For a ``layer_type`` that is not a PEFT tuner layer: how to read its adapters."""
 
 

@@ -299,6 +299,7 @@ LORA = register(
         geometric=_lora_linear,
         static=_lora_static,
         row_scale=_lora_rows,
+        scaled_output="scaling",
     )
 )
 
