@@ -26,6 +26,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from . import engines, models, quantized
+from .attention import folding_patches
 from .interpret import Builder, batch_major, jit_patches, output_builders
 from .ops import ForwardOp, Interpolate, InterpolateRows, rule_ops
 from .rules.base import (
@@ -91,6 +92,7 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     entries = known.adapted_blocks if one is not None else []
     if one is not None:
         builders.append(lambda: [Patch(m, "forward", functools.partial(_batched, m, one), wrap=True) for m in entries])
+        builders.append(lambda: folding_patches(modules.values()))
     # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
     # layers they belong to still get their patches above
     swapped = {k: v for k, v in tensors.items() if k in replaced}

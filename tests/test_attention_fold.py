@@ -1,0 +1,112 @@
+"""SDPA under funcadapt.vmap: the vmapped coefficient axis is folded into the batch (funcadapt.attention).
+
+Reference: each coefficient as its own call (float64), for models that dispatch attention through
+transformers' AttentionInterface (Llama with grouped-query attention, GPT-2, BERT with a padding mask);
+models that test for "sdpa" in their own code (Falcon) are left alone; with attention dropout in
+training the fold is skipped. The configs are as they were after every call.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from cases import build, case, inputs, output
+
+import funcadapt
+from funcadapt import attention
+
+TOL64 = {"rtol": 1e-10, "atol": 1e-12}
+COEFFS = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+
+
+def _sdpa_model(arch: str):
+    model = build(case("lora"), arch=arch, dtype=torch.float64)
+    model.get_base_model().set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    return model
+
+
+def _batch(arch: str) -> dict[str, torch.Tensor]:
+    batch = inputs(arch, batch=2, seq=6)
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, :2] = 0  # left padding in row 0: the mask is a real tensor, not only is_causal
+    return {**batch, "attention_mask": mask}
+
+
+def _count_folds(monkeypatch) -> list[int]:
+    folds: list[int] = []
+    real = attention._fold
+
+    def counted(t, level, size, batch):
+        folds.append(size)
+        return real(t, level, size, batch)
+
+    monkeypatch.setattr(attention, "_fold", counted)
+    return folds
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_vmapped_sdpa_folds_and_equals_separate_calls(arch, monkeypatch):
+    model = _sdpa_model(arch)
+    batch = _batch(arch)
+    tree = funcadapt.extract(model)
+    folds = _count_folds(monkeypatch)
+
+    def loss(c):
+        return output(funcadapt.call(model, funcadapt.transform(tree, c), **batch)).square().mean()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch's "performance drop" warning is a UserWarning
+        c = COEFFS.clone().requires_grad_()
+        got = funcadapt.vmap(loss)(c)
+        got.sum().backward()
+    assert folds and set(folds) == {len(COEFFS)}, "SDPA ran on the folded batch"
+    assert model.config._attn_implementation == "sdpa", "the config is restored"
+    for i, ci in enumerate(COEFFS):
+        one = ci.clone().requires_grad_()
+        want = loss(one)
+        want.backward()
+        torch.testing.assert_close(got[i], want, **TOL64)
+        torch.testing.assert_close(c.grad[i], one.grad, **TOL64)
+
+
+def test_models_that_test_for_sdpa_themselves_are_left_alone(monkeypatch):
+    """Falcon reads ``config._attn_implementation == "sdpa"`` in its own attention: switching it would
+    run its eager branch, so its config keeps "sdpa" (torch's per-coefficient loop runs, exactly)."""
+    from architectures import build_peft
+
+    model = build_peft("falcon", "lora")  # float64, eval, adapter randomized
+    model.get_base_model().config._attn_implementation = "sdpa"  # (Falcon refuses set_attn_implementation)
+    seen: list[str] = []
+    attn = next(m for name, m in model.named_modules() if name.endswith("self_attention"))
+    attn.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
+    folds = _count_folds(monkeypatch)
+    tree = funcadapt.extract(model)
+    ids = torch.randint(3, 32, (2, 5))
+    got = funcadapt.vmap(lambda c: output(funcadapt.call(model, funcadapt.transform(tree, c), input_ids=ids)))(COEFFS)
+    assert seen and set(seen) == {"sdpa"} and not folds
+    for i, ci in enumerate(COEFFS):
+        want = output(funcadapt.call(model, funcadapt.transform(tree, ci), input_ids=ids))
+        torch.testing.assert_close(got[i], want, **TOL64)
+
+
+def test_attention_dropout_in_training_is_not_folded(monkeypatch):
+    """With dropout the fold would draw one mask for the folded batch whatever vmap's ``randomness``;
+    torch's loop is kept, so randomness='same' still shares one mask between coefficients."""
+    model = _sdpa_model("llama")
+    model.get_base_model().config.attention_dropout = 0.5
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    model.train()
+    folds = _count_folds(monkeypatch)
+    tree = funcadapt.extract(model)
+    ids = inputs("llama", batch=2, seq=6)["input_ids"]
+    torch.manual_seed(0)
+    got = funcadapt.vmap(
+        lambda c: output(funcadapt.call(model, funcadapt.transform(tree, c), input_ids=ids)), randomness="same"
+    )(torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert not folds
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
