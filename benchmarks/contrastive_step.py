@@ -123,6 +123,17 @@ def seed_inplace(model: nn.Module, coeff: float) -> Iterator[None]:
             p.data.copy_(data)
 
 
+def unfolded(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with funcadapt's SDPA fold under vmap switched off (funcadapt.attention), to measure it."""
+    from unittest import mock
+
+    def run() -> None:
+        with mock.patch.object(sys.modules["funcadapt.call"], "folding_patches", lambda modules: []):
+            step()
+
+    return run
+
+
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """transformers' causal-LM loss: next-token cross-entropy, mean over tokens."""
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
@@ -221,6 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--isolate", action="store_true", help="run each method in a fresh process and report its peak RSS (CPU memory)"
     )
+    parser.add_argument(
+        "--unfolded",
+        action="store_true",
+        help="also time funcadapt_vmap with attention run by torch's per-coefficient loop (no SDPA fold)",
+    )
     parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -294,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
         "peft_concat": concat,
     }
     assert tuple(methods) == METHODS, "METHODS (used by --isolate) must list the methods above"
+    if args.unfolded:
+        methods["funcadapt_vmap_unfolded"] = unfolded(fvmap)
     if args.only:
         with RssPeak() as rss:
             time_s = measure_all({args.only: methods[args.only]}, args)[args.only][0]

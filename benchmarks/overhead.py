@@ -10,7 +10,9 @@ running a coefficient, the time above PEFT's own forward on the same model, per 
   inside(c=-1)       a forward inside an entered AdapterModifier (what each generate() step pays)
   inside(c=1)        the same at c = 1.0
 
-Minimum of --repeats runs of each (the least disturbed); printed side by side in one run.
+Each timed alternately with PEFT's own forward (so that a slow stretch of the shared machine hits
+both), minimum of --repeats; the last row is the slope between the smallest and largest model, the
+cost of each further adapted layer without the fixed cost per call. Printed side by side in one run.
 
     python benchmarks/overhead.py
 """
@@ -56,43 +58,72 @@ def fastest(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
+def paired(fn: Callable[[], Any], plain: Callable[[], Any], repeats: int) -> float:
+    """Seconds ``fn`` takes above ``plain``: each timed alternately with the other (so that a slow
+    stretch of the machine hits both), minimum of ``repeats`` each."""
+    fn(), plain()
+    best_fn = best_plain = float("inf")
+    for _ in range(repeats):
+        for which in (fn, plain):
+            t = time.perf_counter()
+            which()
+            took = time.perf_counter() - t
+            if which is fn:
+                best_fn = min(best_fn, took)
+            else:
+                best_plain = min(best_plain, took)
+    return best_fn - best_plain
+
+
+COLUMNS = {"call(c=1)": 11, "call(c=-1)": 12, "modifier": 10, "inside(-1)": 12, "inside(1)": 11}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, nargs="+", default=[2, 8, 32])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=25)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     ids = torch.randint(0, 96, (1, 8))
     minus = torch.tensor(-1.0)
-    print(f"torch {torch.__version__}, one thread; µs per adapted layer above PEFT's forward (min of {args.repeats})")
-    heads = {"layers": 7, "PEFT ms": 9, "call(c=1)": 11, "call(c=-1)": 12, "modifier": 10, "inside(-1)": 12}
-    print("".join(f"{h:>{w}}" for h, w in heads.items()) + f"{'inside(1)':>11}")
+    print(
+        f"torch {torch.__version__}, one thread; µs per adapted layer above PEFT's forward (each timed alternately "
+        f"with PEFT's, min of {args.repeats})"
+    )
+    print(f"{'layers':>7}{'PEFT ms':>9}" + "".join(f"{h:>{w}}" for h, w in COLUMNS.items()))
+    extra: dict[int, dict[str, float]] = {}
     for blocks in args.blocks:
         model = model_with(blocks)
         tree = funcadapt.extract(model)
         layers = len(tree.layers)
+
+        def forward(m: nn.Module = model) -> None:
+            m(input_ids=ids)
 
         def modifier(c: Any, m: nn.Module = model) -> None:
             with funcadapt.AdapterModifier(m, "scale", c):
                 m(input_ids=ids)
 
         with torch.no_grad():
-            plain = fastest(lambda m=model: m(input_ids=ids), args.repeats)
+            plain = fastest(forward, args.repeats)
             runs = {
-                "call1": lambda m=model, t=tree: funcadapt.call(m, funcadapt.transform(t, 1.0), input_ids=ids),
-                "call": lambda m=model, t=tree: funcadapt.call(m, funcadapt.transform(t, minus), input_ids=ids),
+                "call(c=1)": lambda m=model, t=tree: funcadapt.call(m, funcadapt.transform(t, 1.0), input_ids=ids),
+                "call(c=-1)": lambda m=model, t=tree: funcadapt.call(m, funcadapt.transform(t, minus), input_ids=ids),
                 "modifier": lambda: modifier(minus),
             }
-            times = {name: fastest(fn, args.repeats) for name, fn in runs.items()}
-            for name, c in (("inside", minus), ("inside1", 1.0)):
+            times = {name: paired(fn, forward, args.repeats) for name, fn in runs.items()}
+            for name, c in (("inside(-1)", minus), ("inside(1)", 1.0)):
                 with funcadapt.AdapterModifier(model, "scale", c):
-                    times[name] = fastest(lambda m=model: m(input_ids=ids), args.repeats)
-        per = {name: 1e6 * (t - plain) / layers for name, t in times.items()}
-        print(
-            f"{layers:>7}{1e3 * plain:>9.2f}{per['call1']:>11.1f}{per['call']:>12.1f}{per['modifier']:>10.1f}"
-            f"{per['inside']:>12.1f}{per['inside1']:>11.1f}"
-        )
+                    inside = fastest(forward, args.repeats)
+                times[name] = inside - fastest(forward, args.repeats)
+        extra[layers] = times
+        per = {name: 1e6 * t / layers for name, t in times.items()}
+        print(f"{layers:>7}{1e3 * plain:>9.2f}" + "".join(f"{per[h]:>{w}.1f}" for h, w in COLUMNS.items()))
+    if len(extra) > 1:  # the slope: what each further adapted layer costs, fixed costs per call removed
+        few, many = min(extra), max(extra)
+        slope = {h: 1e6 * (extra[many][h] - extra[few][h]) / (many - few) for h in COLUMNS}
+        print(f"{'slope':>7}{'':>9}" + "".join(f"{slope[h]:>{w}.1f}" for h, w in COLUMNS.items()))
 
 
 if __name__ == "__main__":

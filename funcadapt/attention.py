@@ -15,8 +15,8 @@ training the fold is skipped (torch's own loop keeps vmap's ``randomness`` setti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -95,7 +95,8 @@ def _register() -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     # the mask is built by the function registered under the same name: SDPA's
-    AttentionMaskInterface.register(FOLDED, AttentionMaskInterface._global_mapping["sdpa"])
+    sdpa_mask = cast(Callable[..., Any], AttentionMaskInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register(FOLDED, sdpa_mask)
     AttentionInterface.register(FOLDED, folded_sdpa)
     _registered = True
     return True

@@ -75,6 +75,8 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     self_guarded = set() if known.engine is not None else {p for p in recipes if not _interpolated(touched.get(p, {}))}
     builders: list[Builder] = []
     for path in {**touched, **recipes, **loads}:
+        if path not in recipes and path not in loads and _untouched(known, path, touched[path]):
+            continue  # its tensors are the model's own and nothing acts on it (c = 1): no patch at all
         recomputed = tuple(recipes.get(path, ()))
         guard = f"layer {path!r}" if path in self_guarded else None
         builders.extend(
@@ -110,6 +112,16 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
         ]
     )
     return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded)
+
+
+def _untouched(known: Structure, path: str, per_adapter: Mapping[str, Sequence[ForwardOp]]) -> bool:
+    """No op acts on the layer, and none of its rules patches it regardless (a rule whose ``patches`` run
+    for every call fixes PEFT's forward there, e.g. for torch.func transforms)."""
+    for adapter, ops in per_adapter.items():
+        rule = known.rule(path, adapter)
+        if ops or (rule is not None and rule.patches is not None):
+            return False
+    return True
 
 
 def _interpolated(per_adapter: Mapping[str, Sequence[ForwardOp]]) -> bool:

@@ -306,7 +306,7 @@ class _Recomputed:
     layer has them, the layer runs with those entries multiplied by the coefficients instead of with
     recomputed tensors (:func:`_run_scaled`): the same map, Δy(c) = c·Δy, without touching a tensor."""
 
-    __slots__ = ("factors", "loads", "owners", "steps")
+    __slots__ = ("factors", "loads", "owners", "products", "steps")
 
     def __init__(
         self,
@@ -322,6 +322,22 @@ class _Recomputed:
             reads = e.recompute.roles if isinstance(e.recompute, Scaling) else e.spec.keys
             self.steps.append((e, tuple((role, key) for role, key in e.spec.keys.items() if role in reads)))
         self.factors = None if loads else _factors(layer, recipes)
+        self.products: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
+
+    def times(self, adapter: str, s: Any, c: Coeff) -> Any:
+        """s·c, the product of a tensor c with a number s kept from the last forward while neither c
+        (its in-place version), s nor the inference mode changed: a forward inside a context under
+        ``no_grad`` (each ``generate()`` step) then runs no extra op. Not kept where autograd records
+        it: each forward's graph owns its product (a backward frees what the product saved)."""
+        if not isinstance(c, Tensor) or isinstance(s, Tensor) or (c.requires_grad and torch.is_grad_enabled()):
+            return _times(s, c)
+        key = (s, c._version, torch.is_inference_mode_enabled())
+        kept = self.products.get(adapter)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        product = _times(s, c)
+        self.products[adapter] = (key, product)
+        return product
 
     def show(self, shown: dict[str, Tensor], undo: list[Callable[[], None]]) -> None:
         """Recompute this frame's tensors from what the frames outside it show (``shown``, else the
@@ -379,7 +395,8 @@ def _run_scaled(
     saved = {adapter: store[adapter] for adapter in total}
     try:
         for adapter, c in total.items():
-            store[adapter] = _times(saved[adapter], c)
+            s = saved[adapter]
+            store[adapter] = chain[0].times(adapter, s, c) if len(chain) == 1 else _times(s, c)
         return forward(*args, **kwargs)
     finally:
         store.update(saved)

@@ -250,6 +250,45 @@ def test_nested_scale_and_shift_compose_on_lora(scale_outside):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_a_learned_coefficient_stepped_inside_a_context_is_read_at_every_forward():
+    """LoRA's scale keeps c·s between forwards inside a context; an optimizer step on c (in place),
+    a switch between no_grad and grad, and two backwards through one forward's graph must all see
+    the current c. Reference: a copy of the model run by ``call`` with a fresh leaf at each value."""
+    import copy
+
+    model = build(case("lora"), dtype=torch.float64)
+    ref_model = copy.deepcopy(model)
+    ref_tree = funcadapt.extract(ref_model)
+    c = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([c], lr=5.0)
+
+    def loss_of(out: torch.Tensor) -> torch.Tensor:
+        return out.square().mean()
+
+    with AdapterModifier(model, "scale", c):
+        _run(model)  # under no_grad first: the kept product must not be reused with grad enabled
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = loss_of(output(model(**BATCH)))
+            loss.backward()
+            again = loss_of(output(model(**BATCH)))  # the same c: the kept product, a second graph through it
+            again.backward()
+            leaf = c.detach().clone().requires_grad_()
+            want = loss_of(output(funcadapt.call(ref_model, funcadapt.transform(ref_tree, leaf), **BATCH)))
+            want.backward()
+            torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(c.grad, 2 * leaf.grad, rtol=1e-10, atol=1e-12)
+            before = c.detach().clone()
+            optimizer.step()
+            assert not torch.equal(c.detach(), before), "the step must move c for this test"
+        for _ in range(2):  # under no_grad the product is kept between forwards, until c changes in place
+            got = _run(model)
+            with torch.no_grad():
+                want = output(funcadapt.call(ref_model, funcadapt.transform(ref_tree, c.detach().clone()), **BATCH))
+                c.mul_(0.5)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_out_of_order_exit_raises_and_keeps_state():
     model = build(case("lora"))
     tree = funcadapt.extract(model)
