@@ -3,29 +3,29 @@
 torch has no batching rule for its CPU flash-attention kernel, so under ``torch.func.vmap`` every
 SDPA call (forward and backward) runs once per coefficient and stacks the results, and prints a
 "performance drop" warning; measured on the CPU that costs 25–30 % of each attention's forward and
-backward. While a call runs under vmap, funcadapt switches the model's transformers configs that
-use ``"sdpa"`` to :data:`FOLDED`, an attention function registered with transformers'
-``AttentionInterface`` (adding a name, changing none; its masks are SDPA's, registered with
-``AttentionMaskInterface`` under the same name), which moves the vmapped axis of the query,
-key, value and mask into the batch axis, runs transformers' own ``sdpa_attention_forward`` once on
-the folded batch, and splits the output again. Row ``v·B + b`` of the folded batch is member ``v``'s
-row ``b``, so each member computes exactly what it computes alone. With attention dropout in
-training the fold is skipped (torch's own loop keeps vmap's ``randomness`` setting).
+backward. While a call runs under vmap, transformers' attention registry (``AttentionInterface``)
+maps ``"sdpa"`` to :func:`folded_sdpa`, which moves the vmapped axis of the query, key, value and
+mask into the batch axis, runs transformers' own ``sdpa_attention_forward`` once on the folded
+batch, and splits the output again. Row ``v·B + b`` of the folded batch is member ``v``'s row ``b``,
+so each member computes exactly what it computes alone; called with no tensor batched at the
+current vmap level (any other model, any other thread) it *is* ``sdpa_attention_forward``. The
+implementation's name stays ``"sdpa"``, so models that test for it in their own code (sparse
+attention, KV sharing) keep their branches. Only transformers' own SDPA entry is replaced, never one
+a user registered; with attention dropout in training the fold is skipped (torch's own loop keeps
+vmap's ``randomness`` setting).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .rules.base import Patch
 
-FOLDED = "funcadapt_folded_sdpa"
 _functorch = torch._C._functorch
-_registered = False
 
 
 def folded_sdpa(
@@ -41,8 +41,7 @@ def folded_sdpa(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     level = _functorch.maybe_current_level()
-    tensors = (query, key, value, attention_mask)
-    size = _vmapped_size(tensors, level)
+    size = _vmapped_size((query, key, value, attention_mask), level)
     if size is None or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
     assert level is not None
@@ -75,43 +74,22 @@ def _fold(t: Tensor, level: int, size: int, batch: int) -> Tensor:
     return physical.reshape(size * batch, *physical.shape[2:])
 
 
-def folding_patches(modules: Iterable[nn.Module]) -> list[Patch]:
-    """Patches switching the config of every transformers model among ``modules`` that dispatches its
-    attention through ``AttentionInterface`` (``_supports_attention_backend``) and uses ``"sdpa"`` to
-    :data:`FOLDED` while a frame is applied. Models that test for ``"sdpa"`` in their own code (Falcon,
-    Bloom) keep theirs, and so does a config one of them shares."""
-    configs = _sdpa_configs(modules)
-    if not configs or not _register():
-        return []
-    return [Patch(config, "_attn_implementation_internal", FOLDED) for config in configs]
-
-
-def _register() -> bool:
-    global _registered
-    if _registered:
-        return True
+def folding_patches() -> list[Patch]:
+    """A patch mapping ``"sdpa"`` in transformers' attention registry to :func:`folded_sdpa` while a
+    frame is applied, where it maps to transformers' own function (none where it does not: a user's
+    own registration is kept, and transformers without the registry gets nothing). Several frames at
+    once, in any threads, are fine: each restores only its own entry, and every one of them is the
+    same function, exact for every caller."""
     try:
-        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
     except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    # the mask is built by the function registered under the same name: SDPA's
-    sdpa_mask = cast(Callable[..., Any], AttentionMaskInterface._global_mapping["sdpa"])
-    AttentionMaskInterface.register(FOLDED, sdpa_mask)
-    AttentionInterface.register(FOLDED, folded_sdpa)
-    _registered = True
-    return True
+        return []
+    mapping = AttentionInterface._global_mapping
 
+    def folded(current: Callable[..., Any]) -> Callable[..., Any]:
+        return folded_sdpa if current is sdpa_attention_forward else current
 
-def _sdpa_configs(modules: Iterable[nn.Module]) -> list[Any]:
-    dispatching: dict[int, Any] = {}
-    own_code: set[int] = set()
-    for m in modules:
-        flag = getattr(type(m), "_supports_attention_backend", None)
-        config = getattr(m, "config", None) if flag is not None else None
-        if config is None or not hasattr(config, "_attn_implementation_internal"):
-            continue
-        if flag:
-            dispatching[id(config)] = config
-        else:
-            own_code.add(id(config))
-    return [c for k, c in dispatching.items() if k not in own_code and c._attn_implementation_internal == "sdpa"]
+    if mapping.get("sdpa") not in (sdpa_attention_forward, folded_sdpa):
+        return []
+    return [Patch(mapping, "sdpa", folded, item=True)]

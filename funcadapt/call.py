@@ -33,6 +33,7 @@ from .rules.base import (
     Patch,
     is_adapter_layer,
     is_number,
+    rule_named,
     swap_under_transforms,
     under_transforms,
 )
@@ -55,8 +56,29 @@ def call(model: nn.Module, params: Transformed | Mapping[str, Tensor], *args: An
     ddp_error = engines.ddp_vmap_error(model)
     if ddp_error is not None and under_transforms():
         raise ddp_error
+    if _changes_nothing(model, params):
+        return model(*args, **kwargs)
     with frame(model, params):
         return model(*args, **kwargs)
+
+
+def _changes_nothing(model: nn.Module, params: Transformed | Mapping[str, Tensor]) -> bool:
+    """``params`` (a transform at c = 1, say) change nothing the model computes and nothing needs patching
+    for the call to run: no effect, every tensor the model's own (as extracted from it), no torch.func
+    transform, engine or bitsandbytes layer, and no rule that patches its layers on every call. ``call`` is
+    then the plain forward, with no frame to build. (Not while compiling: the structure's caches are not
+    filled inside a trace.)"""
+    if not isinstance(params, Transformed) or params.effects or not params.tree.own:
+        return False
+    if under_transforms() or torch.compiler.is_compiling():
+        return False
+    known = structure(model)
+    if known.engine is not None or known.bnb_refs:
+        return False
+    own = known.own_tensors
+    if any(own.get(key) is not t for key, t in params.tree.params.items()):
+        return False  # (frame() says why: another model's tree, a replaced adapter, ...)
+    return all(rule_named(spec.rule).patches is None for spec in params.tree.layers)
 
 
 def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_checked: bool = False) -> Frame:
@@ -94,7 +116,7 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     entries = known.adapted_blocks if one is not None else []
     if one is not None:
         builders.append(lambda: [Patch(m, "forward", functools.partial(_batched, m, one), wrap=True) for m in entries])
-        builders.append(lambda: folding_patches(modules.values()))
+        builders.append(folding_patches)
     # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
     # layers they belong to still get their patches above
     swapped = {k: v for k, v in tensors.items() if k in replaced}

@@ -301,12 +301,13 @@ class _Recomputed:
     (a scaling reads only the tensors it scales), where each key is reached (tree key -> its
     (owner, name)s, the layer's own path first), and the offloaded tensors to load.
 
-    ``factors`` (attribute name, {adapter: c}): set where every effect is a scaling of a rule with a
-    ``scaled_output`` dict (LoRA's ``scaling``) and nothing is loaded; then, when every frame on the
+    ``factors`` (attribute name, {adapter: c}, the device of the adapter's tensors): set where every
+    effect is a scaling, of the layer itself (not of an adapter layer nested in it), by a rule with a
+    ``scaled_output`` dict (LoRA's ``scaling``), and nothing is loaded; then, when every frame on the
     layer has them, the layer runs with those entries multiplied by the coefficients instead of with
     recomputed tensors (:func:`_run_scaled`): the same map, Δy(c) = c·Δy, without touching a tensor."""
 
-    __slots__ = ("factors", "loads", "owners", "products", "steps")
+    __slots__ = ("factors", "loads", "owners", "steps")
 
     def __init__(
         self,
@@ -314,6 +315,7 @@ class _Recomputed:
         owners: Mapping[str, list[tuple[nn.Module, str]]],
         loads: tuple[tuple[nn.Module, str], ...],
         layer: Any = None,
+        path: str = "",
     ) -> None:
         self.owners = owners
         self.loads = loads
@@ -321,23 +323,7 @@ class _Recomputed:
         for e in recipes:
             reads = e.recompute.roles if isinstance(e.recompute, Scaling) else e.spec.keys
             self.steps.append((e, tuple((role, key) for role, key in e.spec.keys.items() if role in reads)))
-        self.factors = None if loads else _factors(layer, recipes)
-        self.products: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
-
-    def times(self, adapter: str, s: Any, c: Coeff) -> Any:
-        """s·c, the product of a tensor c with a number s kept from the last forward while neither c
-        (its in-place version), s nor the inference mode changed: a forward inside a context under
-        ``no_grad`` (each ``generate()`` step) then runs no extra op. Not kept where autograd records
-        it: each forward's graph owns its product (a backward frees what the product saved)."""
-        if not isinstance(c, Tensor) or isinstance(s, Tensor) or (c.requires_grad and torch.is_grad_enabled()):
-            return _times(s, c)
-        key = (s, c._version, torch.is_inference_mode_enabled())
-        kept = self.products.get(adapter)
-        if kept is not None and kept[0] == key:
-            return kept[1]
-        product = _times(s, c)
-        self.products[adapter] = (key, product)
-        return product
+        self.factors = None if loads else _factors(path, layer, recipes, owners)
 
     def show(self, shown: dict[str, Tensor], undo: list[Callable[[], None]]) -> None:
         """Recompute this frame's tensors from what the frames outside it show (``shown``, else the
@@ -367,16 +353,23 @@ class _Recomputed:
                     engines.put(owner, name, tensor, undo)
 
 
-def _factors(layer: Any, recipes: tuple[LayerEffect, ...]) -> tuple[str, dict[str, Coeff]] | None:
-    """(the dict's name, {adapter: c}) where every effect scales an entry of one ``scaled_output`` dict."""
+def _factors(
+    path: str, layer: Any, recipes: tuple[LayerEffect, ...], owners: Mapping[str, list[tuple[nn.Module, str]]]
+) -> tuple[str, dict[str, Coeff], torch.device] | None:
+    """(the dict's name, {adapter: c}, the adapter tensors' device) where every effect scales an entry of
+    one ``scaled_output`` dict of the layer at ``path`` itself."""
     names = {rule_named(e.spec.rule).scaled_output if isinstance(e.recompute, Scaling) else "" for e in recipes}
-    if len(names) != 1 or "" in names:
+    if len(names) != 1 or "" in names or any(e.spec.path != path for e in recipes):
         return None
     name = names.pop()
     store = getattr(layer, name, None)
     if not isinstance(store, dict) or any(e.spec.adapter not in store for e in recipes):
         return None
-    return name, {e.spec.adapter: e.coeff for e in recipes}
+    owner, attr = owners[next(iter(recipes[0].spec.keys.values()))][0]
+    tensor = getattr(owner, attr, None)
+    if not isinstance(tensor, Tensor):
+        return None
+    return name, {e.spec.adapter: e.coeff for e in recipes}, tensor.device
 
 
 def _run_scaled(
@@ -385,18 +378,20 @@ def _run_scaled(
     """``forward`` with each adapter's output multiplier times the product of its coefficients over the
     frames of ``chain`` (all with :attr:`_Recomputed.factors` on one dict), restored on return."""
     name = ""
+    device = None
     total: dict[str, Coeff] = {}
     for entry in chain:
         assert entry.factors is not None
-        name, factors = entry.factors
+        name, factors, device = entry.factors
         for adapter, c in factors.items():
             total[adapter] = c if adapter not in total else _times(total[adapter], c)
     store = getattr(layer, name)
     saved = {adapter: store[adapter] for adapter in total}
     try:
         for adapter, c in total.items():
-            s = saved[adapter]
-            store[adapter] = chain[0].times(adapter, s, c) if len(chain) == 1 else _times(s, c)
+            if isinstance(c, Tensor) and c.device != device:  # (PEFT multiplies its output by the entry)
+                c = c.to(device)
+            store[adapter] = _times(saved[adapter], c)
         return forward(*args, **kwargs)
     finally:
         store.update(saved)
@@ -427,7 +422,7 @@ def jit_patches(
     made here, in the same wrapper, instead of by a second one."""
     if not recipes and not loads:
         return []
-    entry = _Recomputed(recipes, owners, loads, layer)
+    entry = _Recomputed(recipes, owners, loads, layer, path)
     patches = [Patch(layer, _CHAIN, lambda chain: (*(chain or ()), entry), wrap=True)]
     if _CHAIN not in layer.__dict__:
         # a "forward" patch goes inside an accelerate hook on the layer itself (after it loaded the weights)

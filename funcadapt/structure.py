@@ -149,6 +149,15 @@ class Structure:
         return self.hosts.get(path, path)
 
     @property
+    def own_tensors(self) -> dict[str, Tensor]:
+        """Every adapter tensor by the key ``extract`` gives it (computed once per structure)."""
+        found = self.__dict__.get("_own_tensors")
+        if found is None:
+            found = {key: t for info in self.layers for per in info.tensors.values() for key, t in per.items()}
+            self.__dict__["_own_tensors"] = found
+        return found
+
+    @property
     def bnb_linears(self) -> list[tuple[str, nn.Module]]:
         """(path, module) of every bitsandbytes linear layer."""
         return [(path, m) for path, m in ((path, ref()) for path, ref in self.bnb_refs) if m is not None]

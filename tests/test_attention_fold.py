@@ -2,8 +2,9 @@
 
 Reference: each coefficient as its own call (float64), for models that dispatch attention through
 transformers' AttentionInterface (Llama with grouped-query attention, GPT-2, BERT with a padding mask);
-models that test for "sdpa" in their own code (Falcon) are left alone; with attention dropout in
-training the fold is skipped. The configs are as they were after every call.
+models that call torch's SDPA themselves (Falcon) are left alone; a user's own "sdpa" registration is
+kept; with attention dropout in training the fold is skipped. Models still see the name "sdpa" (some
+branch on it), and the registry is as it was after every call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import warnings
 import pytest
 import torch
 from cases import build, case, inputs, output
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import funcadapt
 from funcadapt import attention
@@ -57,13 +60,18 @@ def test_vmapped_sdpa_folds_and_equals_separate_calls(arch, monkeypatch):
     def loss(c):
         return output(funcadapt.call(model, funcadapt.transform(tree, c), **batch)).square().mean()
 
+    names: list[str] = []
+    for m in model.modules():
+        if type(m).__name__.endswith(("Attention", "SelfAttention")) and hasattr(m, "config"):
+            m.register_forward_pre_hook(lambda m, args: names.append(m.config._attn_implementation))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # torch's "performance drop" warning is a UserWarning
         c = COEFFS.clone().requires_grad_()
         got = funcadapt.vmap(loss)(c)
         got.sum().backward()
     assert folds and set(folds) == {len(COEFFS)}, "SDPA ran on the folded batch"
-    assert model.config._attn_implementation == "sdpa", "the config is restored"
+    assert names and set(names) == {"sdpa"}, "the model sees its own implementation's name"
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward, "the registry is restored"
     for i, ci in enumerate(COEFFS):
         one = ci.clone().requires_grad_()
         want = loss(one)
@@ -110,3 +118,24 @@ def test_attention_dropout_in_training_is_not_folded(monkeypatch):
     )(torch.tensor([1.0, 1.0], dtype=torch.float64))
     assert not folds
     torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
+
+
+def test_a_users_own_sdpa_registration_is_kept(monkeypatch):
+    """A function the user registered as "sdpa" runs under vmap as it is (no fold, nothing replaced)."""
+    calls: list[int] = []
+
+    def mine(*args, **kwargs):
+        calls.append(1)
+        return sdpa_attention_forward(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", mine)
+    model = _sdpa_model("llama")
+    batch = _batch("llama")
+    tree = funcadapt.extract(model)
+    folds = _count_folds(monkeypatch)
+    got = funcadapt.vmap(lambda c: output(funcadapt.call(model, funcadapt.transform(tree, c), **batch)))(COEFFS)
+    assert calls and not folds
+    assert AttentionInterface._global_mapping["sdpa"] is mine
+    for i, ci in enumerate(COEFFS):
+        want = output(funcadapt.call(model, funcadapt.transform(tree, ci), **batch))
+        torch.testing.assert_close(got[i], want, **TOL64)

@@ -294,3 +294,57 @@ def test_param_wrapper_vmap_and_model_unchanged(mode):
         torch.testing.assert_close(g, r, **TOL64)
     assert not nn.utils.parametrize.is_parametrized(owner)
     assert owner.weight is weight and owner.weight._version == version
+
+
+class _Block(nn.Module):
+    """A bare Parameter (for ``target_parameters``) beside a Linear (for ``target_modules``): PEFT then
+    nests the Linear's LoRA layer inside the ParamWrapper, both holding adapter "default"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w) + self.lin(x)
+
+
+class _Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = _Block()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blk(x))
+
+
+@pytest.mark.parametrize("c", [0.5, -1.0])
+def test_lora_nested_in_a_param_wrapper_scales_its_own_b(c):
+    """The nested Linear's scale acts on its own B, not on the enclosing ParamWrapper's ``scaling``
+    entry of the same adapter name (both are applied at the host layer). Reference, written into a
+    copy: the nested B times c, and the ParamWrapper's output interpolation y0 + c·(y1 − y0) through the
+    affine head, y0 with only the ParamWrapper's adapter switched off (PEFT's active-adapter list)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], target_parameters=["blk.w"], init_lora_weights=False)
+    model = get_peft_model(_Nested(), config).double().eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    wrapper = next(m for m in ref.modules() if isinstance(m, ParamWrapper))
+    lin = next(m for name, m in ref.named_modules() if name.endswith(".lin"))
+    with torch.no_grad():
+        lin.lora_B["default"].weight.mul_(c)
+        h1 = ref(x)
+        saved, wrapper._active_adapter = wrapper._active_adapter, []
+        h0 = ref(x)
+        wrapper._active_adapter = saved
+    want = h0 + c * (h1 - h0)
+    tree = funcadapt.extract(model)
+    with torch.no_grad():
+        with funcadapt.AdapterModifier(model, "scale", c):
+            got = model(x)
+        got_call = funcadapt.call(model, funcadapt.transform(tree, torch.tensor(c, dtype=torch.float64)), x)
+    torch.testing.assert_close(got, want, **TOL64)
+    torch.testing.assert_close(got_call, want, **TOL64)

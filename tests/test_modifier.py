@@ -289,6 +289,37 @@ def test_a_learned_coefficient_stepped_inside_a_context_is_read_at_every_forward
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("how", ["data_mul", "data_assign", "inference_tensor"])
+def test_a_coefficient_is_read_when_each_layer_runs(how):
+    """Inside one context, a coefficient changed through ``.data`` (which bumps no version counter) is
+    what the next forward uses, and a coefficient made under ``torch.inference_mode()`` works (it has no
+    version counter at all). Reference: ``call`` on a copy of the model at each value."""
+    import copy
+
+    model = build(case("lora"), dtype=torch.float64)
+    ref_model = copy.deepcopy(model)
+    ref_tree = funcadapt.extract(ref_model)
+    if how == "inference_tensor":
+        with torch.inference_mode():
+            c = torch.tensor(0.5, dtype=torch.float64)
+    else:
+        c = torch.tensor(0.5, dtype=torch.float64)
+
+    def want(value: float) -> torch.Tensor:
+        with torch.no_grad():
+            return output(funcadapt.call(ref_model, funcadapt.transform(ref_tree, value), **BATCH))
+
+    with AdapterModifier(model, "scale", c):
+        torch.testing.assert_close(_run(model), want(0.5), rtol=1e-10, atol=1e-12)
+        if how == "data_mul":
+            c.data.mul_(-4.0)
+        elif how == "data_assign":
+            c.data = torch.tensor(-2.0, dtype=torch.float64)
+        else:
+            return
+        torch.testing.assert_close(_run(model), want(-2.0), rtol=1e-10, atol=1e-12)
+
+
 def test_out_of_order_exit_raises_and_keeps_state():
     model = build(case("lora"))
     tree = funcadapt.extract(model)
