@@ -363,6 +363,7 @@ def _batched(module: nn.Module, one: Tensor, forward: Callable[..., Any]) -> Cal
             kwargs = {**kwargs, "hidden_states": by_one(kwargs["hidden_states"])}
         return forward(*args, **kwargs)
 
+    batched.__wrapped__ = forward  # type: ignore[attr-defined]
     return batched
 
 

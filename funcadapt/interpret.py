@@ -121,6 +121,7 @@ class Interpolation:
         def interpolated(*args: Any, **kwargs: Any) -> Any:
             return self.run(forward, args, kwargs)
 
+        interpolated.__wrapped__ = forward  # type: ignore[attr-defined]  # (see rules.base.transform_safe)
         return interpolated
 
     def run(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -227,6 +228,7 @@ def _watching_batch(holder: nn.Module, seen: list[int]) -> Callable[[], list[Pat
             seen[:] = [int(hidden.shape[0])] if isinstance(hidden, Tensor) and hidden.dim() else []
             return forward(*args, **kwargs)
 
+        watched.__wrapped__ = forward  # type: ignore[attr-defined]
         return watched
 
     return lambda: [Patch(holder, "forward", wrap, wrap=True)]
@@ -452,4 +454,5 @@ def _just_in_time(layer: Any, guard: str | None, forward: Callable[..., Any]) ->
             if undo:
                 run_undo(undo)
 
+    applied.__wrapped__ = forward  # type: ignore[attr-defined]  # (see rules.base.transform_safe)
     return applied

@@ -323,3 +323,29 @@ def test_lycoris_dropout_under_vmap(config):
         torch.testing.assert_close(funcadapt.vmap(logits)(ones)[0], model(input_ids=ids).logits, **TOL64)
     model.train()
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_nested_contexts_under_vmap_multiply(case):
+    """Two nested contexts inside a vmapped function: the inner coefficient acts on what the outer one
+    shows, under vmap as in eager mode (a rule that swaps a forward for torch.func transforms must not
+    install its swap again on top of the outer context's wrappers, which would bypass them). Reference:
+    one context at the product, per coefficient, eagerly."""
+    model = build(case, dtype=torch.float64)
+    x = inputs()
+
+    def nested(c):
+        with funcadapt.AdapterModifier(model, "scale", 0.5), funcadapt.AdapterModifier(model, "scale", c):
+            return output(model(**x))
+
+    def single(c):
+        with funcadapt.AdapterModifier(model, "scale", c):
+            return output(model(**x))
+
+    coeffs = torch.tensor([3.0, -1.0], dtype=torch.float64)
+    with torch.no_grad():
+        got = funcadapt.vmap(nested)(coeffs)
+        want = torch.stack([single(0.5 * c) for c in coeffs])
+        plain = output(model(**x))
+    assert not torch.allclose(want[0], plain), "the coefficients must change the output for this test"
+    torch.testing.assert_close(got, want, **tolerance(want, case))

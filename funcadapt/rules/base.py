@@ -92,17 +92,38 @@ def under_transforms() -> bool:
 
 def transform_safe(replacement: Callable[..., Any]) -> Callable[[Any], Any]:
     """A ``wrap`` value for a forward or method swapped in only so torch.func transforms can run
-    it: outside transforms PEFT's own code (whatever is installed now) runs unchanged."""
+    it: outside transforms PEFT's own code (whatever is installed now) runs unchanged.
+
+    Where an enclosing frame's swap is already installed underneath what is there now (found through
+    ``__wrapped__``: that frame's wrappers, its just-in-time recompute among them, sit around it),
+    nothing is installed again: a second swap on top would call the replacement directly under
+    transforms and bypass the enclosing frame's wrappers, and with them its effect."""
 
     def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
+        if _swapped_below(current):
+            return current
+
         def dispatch(*args: Any, **kwargs: Any) -> Any:
             if under_transforms():
                 return replacement(current, *args, **kwargs)
             return current(*args, **kwargs)
 
+        dispatch._funcadapt_swap = True  # type: ignore[attr-defined]
+        dispatch.__wrapped__ = current  # type: ignore[attr-defined]
         return dispatch
 
     return wrap
+
+
+def _swapped_below(fn: Any) -> bool:
+    """Whether a :func:`transform_safe` swap is installed in the ``__wrapped__`` chain below ``fn``."""
+    for _ in range(64):  # (a bound on the chain's length, should one ever be cyclic)
+        if fn is None:
+            return False
+        if getattr(fn, "_funcadapt_swap", False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 def replacing(fn: Callable[..., Any], layer: Any) -> Callable[..., Any]:
