@@ -2,7 +2,7 @@
 
 Reference: each coefficient as its own call (float64), for models that dispatch attention through
 transformers' AttentionInterface (Llama with grouped-query attention, GPT-2, BERT with a padding mask);
-models that call torch's SDPA themselves (Falcon) are left alone; a user's own "sdpa" registration is
+a module that calls torch's SDPA itself is left alone; a user's own "sdpa" registration is
 kept; with attention dropout in training the fold is skipped. Models still see the name "sdpa" (some
 branch on it), and the registry is as it was after every call.
 """
@@ -80,24 +80,49 @@ def test_vmapped_sdpa_folds_and_equals_separate_calls(arch, monkeypatch):
         torch.testing.assert_close(c.grad[i], one.grad, **TOL64)
 
 
-def test_models_that_test_for_sdpa_themselves_are_left_alone(monkeypatch):
-    """Falcon reads ``config._attn_implementation == "sdpa"`` in its own attention: switching it would
-    run its eager branch, so its config keeps "sdpa" (torch's per-coefficient loop runs, exactly)."""
-    from architectures import build_peft
+class _OwnSdpa(torch.nn.Module):
+    """An attention that calls torch's SDPA itself (as Falcon did before transformers 5.25)."""
 
-    model = build_peft("falcon", "lora")  # float64, eval, adapter randomized
-    model.get_base_model().config._attn_implementation = "sdpa"  # (Falcon refuses set_attn_implementation)
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).unflatten(-1, (2, 4)).transpose(1, 2)
+        y = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return self.out(y.transpose(1, 2).flatten(-2))
+
+
+def test_models_that_call_sdpa_themselves_are_exact(monkeypatch):
+    """A module calling torch's SDPA in its own code is not folded (torch's per-coefficient loop runs),
+    and is exact; so is Falcon, whichever way this transformers release runs its attention, and it
+    sees the name "sdpa" (Falcon branches on it)."""
+    from architectures import build_peft
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    own = get_peft_model(_OwnSdpa().double(), LoraConfig(r=2, target_modules=["q"], init_lora_weights=False)).eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    falcon = build_peft("falcon", "lora")  # float64, eval, adapter randomized
+    falcon.get_base_model().config._attn_implementation = "sdpa"  # (older Falcon refuses set_attn_implementation)
     seen: list[str] = []
-    attn = next(m for name, m in model.named_modules() if name.endswith("self_attention"))
+    attn = next(m for name, m in falcon.named_modules() if name.endswith("self_attention"))
     attn.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
-    folds = _count_folds(monkeypatch)
-    tree = funcadapt.extract(model)
     ids = torch.randint(3, 32, (2, 5))
-    got = funcadapt.vmap(lambda c: output(funcadapt.call(model, funcadapt.transform(tree, c), input_ids=ids)))(COEFFS)
-    assert seen and set(seen) == {"sdpa"} and not folds
-    for i, ci in enumerate(COEFFS):
-        want = output(funcadapt.call(model, funcadapt.transform(tree, ci), input_ids=ids))
-        torch.testing.assert_close(got[i], want, **TOL64)
+    for model, batch in ((own, {"x": x}), (falcon, {"input_ids": ids})):
+        folds = _count_folds(monkeypatch)
+        tree = funcadapt.extract(model)
+
+        def run(c, model=model, tree=tree, batch=batch):
+            return output(funcadapt.call(model, funcadapt.transform(tree, c), **batch))
+
+        got = funcadapt.vmap(run)(COEFFS)
+        if model is own:
+            assert not folds
+        for i, ci in enumerate(COEFFS):
+            torch.testing.assert_close(got[i], run(ci), **TOL64)
+    assert seen and set(seen) == {"sdpa"}
 
 
 def test_attention_dropout_in_training_is_not_folded(monkeypatch):
