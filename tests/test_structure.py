@@ -137,3 +137,30 @@ def test_peft_scaling_is_read_live():
         with reference_interpolation(model, -1.0):
             want = output(model(**inputs()))
     torch.testing.assert_close(got, want, **TOL64)
+
+
+def test_call_that_changes_nothing_builds_no_frame(monkeypatch):
+    """``call`` at c = 1 with the model's own tree runs the plain forward (no frame built); a tree from
+    another model, or a coefficient that changes something, still goes through a frame (which refuses
+    the first and applies the second)."""
+    import sys
+
+    call_module = sys.modules["funcadapt.call"]
+    built: list[int] = []
+    real = call_module.frame
+    monkeypatch.setattr(call_module, "frame", lambda *a, **k: built.append(1) or real(*a, **k))
+    model = build(case("lora"))
+    tree = funcadapt.extract(model)
+    x = inputs()
+    with torch.no_grad():
+        plain = output(model(**x))
+        got = output(funcadapt.call(model, funcadapt.transform(tree, 1.0), **x))
+    assert not built
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    with torch.no_grad():
+        funcadapt.call(model, funcadapt.transform(tree, 0.5), **x)
+    assert built == [1]
+    other = build(case("lora"))
+    with pytest.raises(ValueError, match="extracted from another model"):
+        funcadapt.call(other, funcadapt.transform(tree, 1.0), **x)
+    assert built == [1, 1]
