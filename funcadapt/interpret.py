@@ -24,7 +24,18 @@ from torch import Tensor, nn
 from . import engines, models
 from .ops import Coeff, ForwardOp, Interpolate, InterpolateRows
 from .rows import BATCH_MAJOR, row_coefficients
-from .rules.base import Patch, Rule, Scaling, access_of, is_number, rule_named, same_coeff, scale, under_transforms
+from .rules.base import (
+    Patch,
+    Rule,
+    Scaling,
+    access_of,
+    is_number,
+    rule_named,
+    same_coeff,
+    scale,
+    scaled_multiplier,
+    under_transforms,
+)
 from .swap import current_thread, other_thread, run_undo
 from .transform import LayerEffect
 
@@ -316,8 +327,8 @@ class _Recomputed:
         recipes: tuple[LayerEffect, ...],
         owners: Mapping[str, list[tuple[nn.Module, str]]],
         loads: tuple[tuple[nn.Module, str], ...],
-        layer: Any = None,
-        path: str = "",
+        layer: Any,
+        path: str,
     ) -> None:
         self.owners = owners
         self.loads = loads
@@ -386,24 +397,17 @@ def _run_scaled(
         assert entry.factors is not None
         name, factors, device = entry.factors
         for adapter, c in factors.items():
-            total[adapter] = c if adapter not in total else _times(total[adapter], c)
+            total[adapter] = c if adapter not in total else scaled_multiplier(total[adapter], c)
     store = getattr(layer, name)
     saved = {adapter: store[adapter] for adapter in total}
     try:
         for adapter, c in total.items():
             if isinstance(c, Tensor) and c.device != device:  # (PEFT multiplies its output by the entry)
                 c = c.to(device)
-            store[adapter] = _times(saved[adapter], c)
+            store[adapter] = scaled_multiplier(saved[adapter], c)
         return forward(*args, **kwargs)
     finally:
         store.update(saved)
-
-
-def _times(s: Any, c: Coeff) -> Any:
-    """s·c, for a multiplier or coefficient s (a number, or a tensor) and a coefficient c."""
-    if isinstance(s, Tensor):
-        return scale(s, c)
-    return c * s
 
 
 def jit_patches(

@@ -413,6 +413,14 @@ def scale(p: Tensor, c: Coeff) -> Tensor:
     return (p.to(compute_dtype(p)) * as_compute(c, p)).to(p.dtype)
 
 
+def scaled_multiplier(s: Any, c: Coeff) -> Any:
+    """s·c for an output multiplier s (PEFT's float ``scaling``, or a tensor an enclosing call left there)
+    and a coefficient c."""
+    if isinstance(s, Tensor):
+        return scale(s, c)
+    return c * s
+
+
 def lerp(start: Tensor, end: Tensor, c: Coeff) -> Tensor:
     """``start + c·(end − start)`` (``torch.lerp``), evaluated so that c = 0 gives ``start`` and
     c = 1 gives ``end`` bit for bit, also when c is a tensor (a coefficient vector of ones must

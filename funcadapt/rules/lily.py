@@ -22,24 +22,16 @@ from __future__ import annotations
 from typing import Any
 
 from peft.tuners.lily.layer import LilyLayer
-from torch import Tensor
 
 from ..ops import RuleOp, scale_inside
-from .base import Coeff, Patch, Rule, RuleDoc, register, scale, scaled_inside
-
-
-def _times(c: Coeff, s: Any) -> Any:
-    """c·s for the layer's scale s (a float, or a tensor left by an enclosing call)."""
-    if isinstance(s, Tensor):
-        return scale(s, c)
-    return c * s
+from .base import Patch, Rule, RuleDoc, register, scaled_inside, scaled_multiplier
 
 
 def _patches(layer: Any, adapter: str, ops: tuple[RuleOp, ...]) -> list[Patch]:
     c = scale_inside(ops)
     if c is None:
         return []
-    return [Patch(layer.scaling, adapter, lambda s: _times(c, s), item=True)]
+    return [Patch(layer.scaling, adapter, lambda s: scaled_multiplier(s, c), item=True)]
 
 
 LILY = register(
