@@ -365,6 +365,22 @@ def adapter_generations(model: nn.Module, tokenizer: Any, batch: dict, settings:
         return generate_groups(model, tokenizer, batch, len(settings.coeffs), settings)
 
 
+def response_generations(model: nn.Module, tokenizer: Any, batch: dict, settings: Settings) -> list[list]:
+    """Response-only steering: every coefficient from ONE generate() call, each row at the base model
+    (c = 0) on its prompt and at its coefficient from its first generated position on
+    (``funcadapt.per_token``; with left padding that position is the padded prompt length for every
+    row). The first new token is predicted at the last prompt position, so it is the base model's."""
+    n, width = batch["input_ids"].shape
+    after = (torch.arange(width + settings.max_new_tokens) >= width).float()
+    values = torch.tensor(settings.coeffs).repeat_interleave(n)[:, None] * after
+    with funcadapt.AdapterModifier(model, "scale", funcadapt.per_token(values)):
+        return generate_groups(model, tokenizer, batch, len(settings.coeffs), settings)
+
+
+RESPONSE = "-response"
+"""The suffix of the response-only variant of an adapter's method name (``lora-response``)."""
+
+
 def prompt_generations(model: nn.Module, tokenizer: Any, concept: Concept, settings: Settings) -> dict[float, list]:
     """The prompting baseline: each pole's instruction (plain at c = ±1, stronger at ±2) on its own
     line before every held-out prompt, all four in ONE generate() call."""
@@ -582,6 +598,8 @@ def run_concept(name: str, settings: Settings) -> dict[str, Any]:
             settings.coeffs, rows, proxy_sweep(model, tokenizer, concept, batch, settings), strict=True
         ):
             groups[adapter, c], proxies[adapter, c] = group, proxy
+        for c, group in zip(settings.coeffs, response_generations(model, tokenizer, batch, settings), strict=True):
+            groups[adapter + RESPONSE, c] = group
         log(name, f"{adapter}: trained in {trained - start:.0f}s, generated in {timings[adapter]:.0f}s", t0)
         del model
 
@@ -591,7 +609,7 @@ def run_concept(name: str, settings: Settings) -> dict[str, Any]:
         "cells": [asdict(c) for c in cells],
         "zero_equals_base": {
             m: sum(a == b for a, b in zip(groups[m, 0.0], groups["base", 0.0], strict=True)) / len(prompts)
-            for m in (*settings.adapters, "repeng")
+            for m in (*settings.adapters, *(a + RESPONSE for a in settings.adapters), "repeng")
             if (m, 0.0) in groups
         },
         "ids": {f"{m} {c:+g}": rows for (m, c), rows in groups.items()},
@@ -666,7 +684,12 @@ def symmetry(cells: list[dict]) -> list[dict]:
     return out
 
 
-METHOD_ORDER = ("base", "prompt", "repeng", "lora", "ia3", "oft", "road")
+METHOD_ORDER = (
+    "base",
+    "prompt",
+    "repeng",
+    *(m for adapter in ("lora", "ia3", "oft", "road") for m in (adapter, adapter + RESPONSE)),
+)
 
 
 def markdown_tables(cells: list[dict], settings: Settings) -> str:

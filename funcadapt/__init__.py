@@ -17,6 +17,7 @@ from .rows import PerRow, per_row, tile, untile
 from .rules.base import RULES, Rule
 from .swap import ActiveContext, OpenContextWarning, active_contexts
 from .sweep import Sweep, sweep
+from .tokens import PerToken, after_prompt, per_token
 from .transform import MODES, OPS, LayerEffect, Mode, Op, Transformed, transform
 from .tree import AdapterTree, LayerSpec, extract
 
@@ -38,12 +39,14 @@ __all__ = [
     "Op",
     "OpenContextWarning",
     "PerRow",
+    "PerToken",
     "Rule",
     "Sweep",
     "Transformed",
     "active_contexts",
     "adamw_init",
     "adamw_update",
+    "after_prompt",
     "attribute",
     "call",
     "combine",
@@ -51,6 +54,7 @@ __all__ = [
     "layer_groups",
     "load_params",
     "per_row",
+    "per_token",
     "stack",
     "sweep",
     "tile",

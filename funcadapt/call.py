@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import engines, models, quantized
 from .attention import folding_patches
 from .interpret import Builder, batch_major, jit_patches, output_builders
-from .ops import ForwardOp, Interpolate, InterpolateRows, rule_ops
+from .ops import ForwardOp, Interpolate, InterpolateRows, InterpolateTokens, rule_ops
 from .rules.base import (
     Patch,
     is_adapter_layer,
@@ -39,6 +39,7 @@ from .rules.base import (
 )
 from .structure import Structure, active_adapters, adapters_disabled, structure
 from .swap import Frame, thread_guarded
+from .tokens import Positions
 from .transform import LayerEffect, Transformed
 from .tree import AdapterTree
 
@@ -96,13 +97,21 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     # puts on the layer (no output interpolation around it) and there is no engine hook to stay outside of
     self_guarded = set() if known.engine is not None else {p for p in recipes if not _interpolated(touched.get(p, {}))}
     builders: list[Builder] = []
+    per_token = any(isinstance(op, InterpolateTokens) for e in effects for op in e.ops)
+    positions = Positions() if per_token else None
+    if positions is not None:  # recorded where a forward enters the model, read by every layer
+        _refuse_encoder_decoder(model)
+        entries = entry_modules(model)
+        builders.append(lambda: [Patch(m, "forward", positions.recording, wrap=True) for m in entries])
     for path in {**touched, **recipes, **loads}:
         if path not in recipes and path not in loads and _untouched(known, path, touched[path]):
             continue  # its tensors are the model's own and nothing acts on it (c = 1): no patch at all
         recomputed = tuple(recipes.get(path, ()))
         guard = f"layer {path!r}" if path in self_guarded else None
         builders.extend(
-            _layer_builders(path, modules, known, touched.get(path, {}), recomputed, tuple(loads.get(path, ())), guard)
+            _layer_builders(
+                path, modules, known, touched.get(path, {}), recomputed, tuple(loads.get(path, ())), guard, positions
+            )
         )
     rows = [op.coeffs for e in effects for op in e.ops if isinstance(op, InterpolateRows)]
     columns = list({id(c): c for c in rows}.values())
@@ -113,9 +122,9 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     if plain_forwards:
         builders.append(lambda: [swap_under_transforms(m, "forward", fn) for m, fn in plain_forwards])
     one = _vmapped_one(tensors, effects) if under_transforms() else None
-    entries = known.adapted_blocks if one is not None else []
+    blocks = known.adapted_blocks if one is not None else []
     if one is not None:
-        builders.append(lambda: [Patch(m, "forward", functools.partial(_batched, m, one), wrap=True) for m in entries])
+        builders.append(lambda: [Patch(m, "forward", functools.partial(_batched, m, one), wrap=True) for m in blocks])
         builders.append(folding_patches)
     # only tensors that differ from the model's own are swapped (c = 1 swaps nothing); the
     # layers they belong to still get their patches above
@@ -124,16 +133,17 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     # effects, the owners of swapped tensors, the blocks batched under vmap
     changed = {path for path, _ in modified} | {k.rpartition(".")[0] for k in swapped if k not in known.adapter_of}
     named = {id(modules[p]): (p, modules[p]) for p in {*changed, *recipes, *loads}}
-    guarded = [m for _, m in named.values()] + [m for m in entries if id(m) not in named]
+    guarded = [m for _, m in named.values()] + [m for m in blocks if id(m) not in named]
     checks = [(f"layer {p!r}", m) for p, m in named.values() if p not in self_guarded]
-    checks += [(type(m).__name__, m) for m in entries if id(m) not in named]
+    checks += [(type(m).__name__, m) for m in blocks if id(m) not in named]
     builders.append(
         lambda: [
             Patch(m, "forward", functools.partial(thread_guarded, what), wrap=True, outside_hooks=True)
             for what, m in checks
         ]
     )
-    return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded)
+    states = () if positions is None else (positions,)
+    return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded, states=states)
 
 
 def _untouched(known: Structure, path: str, per_adapter: Mapping[str, Sequence[ForwardOp]]) -> bool:
@@ -147,7 +157,8 @@ def _untouched(known: Structure, path: str, per_adapter: Mapping[str, Sequence[F
 
 
 def _interpolated(per_adapter: Mapping[str, Sequence[ForwardOp]]) -> bool:
-    return any(isinstance(op, Interpolate | InterpolateRows) for ops in per_adapter.values() for op in ops)
+    kinds = Interpolate | InterpolateRows | InterpolateTokens
+    return any(isinstance(op, kinds) for ops in per_adapter.values() for op in ops)
 
 
 def entry_modules(model: nn.Module) -> list[nn.Module]:
@@ -191,6 +202,17 @@ def _not_params(params: object) -> str:
         f"{{parameter key: tensor}} dict; it got {what}. For example: {fix}, or with a context manager: "
         f"with funcadapt.AdapterModifier(model, 'scale', -1.0): model(**batch)"
     )
+
+
+def _refuse_encoder_decoder(model: nn.Module) -> None:
+    """Per-token coefficients are placed by one sequence's positions; an encoder-decoder runs two."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"per-token coefficients are refused on an encoder-decoder model ({type(model).__name__}): its encoder "
+            f"and decoder run different sequences, and a [B, L] value cannot say which one a position belongs to. "
+            f"Give the adapters one coefficient or one per row (funcadapt.per_row)"
+        )
 
 
 def _refuse_fsdp1_under_transforms(engine: str | None) -> None:
@@ -294,10 +316,12 @@ def _layer_builders(
     recipes: tuple[LayerEffect, ...],
     loads: tuple[tuple[nn.Module, str], ...] = (),
     guard: str | None = None,
+    positions: Positions | None = None,
 ) -> list[Builder]:
     """One layer's patches, innermost first: the rules' own, the just-in-time effects (inside the
     output interpolation, which runs the layer twice, and outside PEFT's forward), the interpolation.
-    ``loads``: offloaded tensors to load when the layer runs (see :func:`_offloaded_tensors`)."""
+    ``loads``: offloaded tensors to load when the layer runs (see :func:`_offloaded_tensors`);
+    ``positions``: the forward's positions, for per-token coefficients."""
     layer, rule_of = modules[path], functools.partial(known.rule, path)
     builders: list[Builder] = []
     for adapter, ops in per_adapter.items():
@@ -309,7 +333,7 @@ def _layer_builders(
         for key, pairs in known.reached(e.spec, modules[""]).items():
             owners.setdefault(key, pairs)
     builders.append(functools.partial(jit_patches, path, layer, recipes, owners, loads, guard))
-    builders.extend(output_builders(path, layer, per_adapter, rule_of, modules))
+    builders.extend(output_builders(path, layer, per_adapter, rule_of, modules, positions))
     return builders
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .rows import PerRow
 from .rules.base import Coeff, is_number
+from .tokens import PerToken
 from .tree import AdapterTree, LayerSpec
 
 By = Literal["block", "layer", "module"]
@@ -153,14 +154,25 @@ def resolve(tree: AdapterTree, groups: Groups) -> Grouping:
     return Grouping(tuple(str(name) for name in given), index)
 
 
-Vector: TypeAlias = "Tensor | tuple[float, ...] | PerRow"
-"""A checked coefficient vector: a 1-d tensor, numbers, or per-row vectors ([rows, G])."""
+Vector: TypeAlias = "Tensor | tuple[float, ...] | PerRow | PerToken"
+"""A checked coefficient vector: a 1-d tensor, numbers, per-row vectors ([rows, G]) or per-token vectors
+([B, L, G] or [L, G])."""
 
 
 def check_vector(v: Any, grouping: Grouping, where: str, check_finite: Callable[[Any, str], None]) -> Vector:
     """``v`` as one coefficient per group, or a clear error."""
     size = len(grouping)
     shown = f"{size} groups ({', '.join(grouping.names[:6])}{' …' if size > 6 else ''})"
+    if isinstance(v, PerToken):
+        values = v.values
+        if values.dim() not in (2, 3) or values.shape[-1] != size:
+            raise ValueError(
+                f"per-token coefficients{where} with groups must have shape [B, L, {size}] or [L, {size}], one "
+                f"vector per token (funcadapt.per_token(values, groups=...)), got {tuple(values.shape)}; the "
+                f"grouping has {shown}"
+            )
+        check_finite(values, where)
+        return v
     if isinstance(v, PerRow):
         values = v.values
         if values.dim() != 2 or values.shape[1] != size:
@@ -194,9 +206,11 @@ def check_vector(v: Any, grouping: Grouping, where: str, check_finite: Callable[
     )
 
 
-def entry(vector: Vector, g: int) -> Coeff | PerRow:
+def entry(vector: Vector, g: int) -> Coeff | PerRow | PerToken:
     """Group ``g``'s coefficient: a number, a 0-d tensor (vmapped or requiring grad as the vector
-    is), or one coefficient per row."""
+    is), one coefficient per row, or one per token."""
+    if isinstance(vector, PerToken):
+        return PerToken(vector.values[..., g])
     if isinstance(vector, PerRow):
         return PerRow(vector.values[:, g])
     return vector[g]
@@ -204,13 +218,13 @@ def entry(vector: Vector, g: int) -> Coeff | PerRow:
 
 def per_layer(
     grouping: Grouping, vectors: Callable[[str], Vector | None]
-) -> Callable[[LayerSpec], Coeff | PerRow | None]:
+) -> Callable[[LayerSpec], Coeff | PerRow | PerToken | None]:
     """(layer, adapter) -> its coefficient: entry ``g`` of its adapter's vector, g the layer's group
     (None: the layer is in no group, or the adapter has no vector; left unchanged). One object per
     (vector, group), so adapters on one layer given one vector share one coefficient object."""
-    cache: dict[tuple[int, int], Coeff | PerRow] = {}
+    cache: dict[tuple[int, int], Coeff | PerRow | PerToken] = {}
 
-    def coeff_of(spec: LayerSpec) -> Coeff | PerRow | None:
+    def coeff_of(spec: LayerSpec) -> Coeff | PerRow | PerToken | None:
         g = grouping.index.get(spec.path)
         vector = vectors(spec.adapter)
         if g is None or vector is None:

@@ -2,9 +2,10 @@
 
 :func:`funcadapt.call.frame` assembles, for every layer a call touches, the patches built here:
 
-* :func:`output_builders`: the output interpolation of :class:`~funcadapt.ops.Interpolate` and
-  :class:`~funcadapt.ops.InterpolateRows` (``y = y0 + c·(y1 − y0)``, one c or one per row), or a
-  rule's own per-row patches where it has them (``Rule.row_scale``);
+* :func:`output_builders`: the output interpolation of :class:`~funcadapt.ops.Interpolate`,
+  :class:`~funcadapt.ops.InterpolateRows` and :class:`~funcadapt.ops.InterpolateTokens`
+  (``y = y0 + c·(y1 − y0)``, one c, one per row or one per token), or a rule's own patches for
+  coefficients that vary over the batch where it has them (``Rule.row_scale``);
 * :func:`jit_patches`: the adapter tensors recomputed *just in time* from what the layer holds
   when it runs (what FSDP all-gathered, accelerate loaded, an enclosing context showed).
 
@@ -22,7 +23,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from . import engines, models
-from .ops import Coeff, ForwardOp, Interpolate, InterpolateRows
+from .ops import Coeff, ForwardOp, Interpolate, InterpolateRows, InterpolateTokens
 from .rows import BATCH_MAJOR, row_coefficients
 from .rules.base import (
     Patch,
@@ -37,6 +38,7 @@ from .rules.base import (
     under_transforms,
 )
 from .swap import current_thread, other_thread, run_undo
+from .tokens import Positions, token_coefficients
 from .transform import LayerEffect
 
 Builder = Callable[[], list[Patch]]
@@ -49,43 +51,97 @@ def output_builders(
     per_adapter: Mapping[str, Sequence[ForwardOp]],
     rule_of: Callable[[str], Rule | None],
     modules: Mapping[str, nn.Module],
+    positions: Positions | None = None,
 ) -> list[Builder]:
-    """The output interpolation (one coefficient, or one per row) of the adapters that ask for it."""
-    interp = {a: op.coeff for a, ops in per_adapter.items() for op in ops if isinstance(op, Interpolate)}
-    rows = {a: op.coeffs for a, ops in per_adapter.items() for op in ops if isinstance(op, InterpolateRows)}
-    if interp and rows:
+    """The output interpolation (one coefficient, one per row or one per token) of the adapters that ask
+    for it. ``positions``: the forward's positions, where any op is per token."""
+    found: dict[str, dict[str, Any]] = {}
+    for adapter, ops in per_adapter.items():
+        for op in ops:
+            if isinstance(op, Interpolate | InterpolateRows | InterpolateTokens):
+                found.setdefault(_KINDS[type(op)], {})[adapter] = _interpolated_coeff(op)
+    if len(found) > 1:
+        given = "; ".join(f"adapters {sorted(v)} have {kind}" for kind, v in sorted(found.items()))
         raise ValueError(
-            f"layer {path!r}: adapters {sorted(rows)} have per-row coefficients and {sorted(interp)} one "
-            f"coefficient for the whole batch; both are interpolated at the layer output, so give them the "
-            f"same kind of coefficient (or modify them in separate calls)"
+            f"layer {path!r}: {given}. All are interpolated at the layer output, so give them the same kind of "
+            f"coefficient (or modify them in separate calls)"
         )
-    by_batch = bool(rows) and batch_major(path, modules)
+    if not found:
+        return []
+    kind, coeffs = found.popitem()
+    by_batch = kind != _KINDS[Interpolate] and batch_major(path, modules)
     # on a layer its model runs on the batch flattened, the rows of the batch its holder receives
     seen: list[int] = []
     watch = [_watching_batch(modules[path.rpartition(".")[0]], seen)] if by_batch else []
-    fast = _row_scaling(path, layer, rows, rule_of, by_batch, seen) if rows else None
+    place: Place | None = None
+    if kind == _KINDS[InterpolateRows]:
+        place = functools.partial(_place_rows, f"layer {path!r}", by_batch, seen)
+    elif kind == _KINDS[InterpolateTokens]:
+        _check_token_layout(path, layer)
+        assert positions is not None
+        place = functools.partial(_place_tokens, f"layer {path!r}", by_batch, seen, positions)
+    fast = _varying_scaling(path, layer, coeffs, rule_of, place) if place is not None else None
     if fast is not None:
         return [functools.partial(list, fast), *watch]
-    if interp or rows:
-        interpolation = Interpolation(
-            path,
-            layer,
-            interp or rows,
-            per_row=bool(rows),
-            reuse_base=bool(rows) and _reusable_base(layer, set(rows), rule_of),
-            batch_major=by_batch,
-            seen=seen,
+    interpolation = Interpolation(
+        path,
+        layer,
+        coeffs,
+        place=place,
+        reuse_base=place is not None and _reusable_base(layer, set(coeffs), rule_of),
+        main_only=kind == _KINDS[InterpolateTokens],
+    )
+    return [interpolation.patches, *watch]
+
+
+_KINDS: dict[type, str] = {
+    Interpolate: "one coefficient for the whole batch",
+    InterpolateRows: "per-row coefficients",
+    InterpolateTokens: "per-token coefficients",
+}
+
+
+def _interpolated_coeff(op: Interpolate | InterpolateRows | InterpolateTokens) -> Coeff:
+    if isinstance(op, Interpolate):
+        return op.coeff
+    return op.coeffs if isinstance(op, InterpolateRows) else op.values
+
+
+Place = Callable[[Tensor, Tensor], Tensor]
+"""(coefficients varying over the batch, ``y``: a layer's output or an activation laid out like it) ->
+the coefficient of each of y's rows or tokens, broadcastable to y."""
+
+
+def _place_rows(where: str, by_batch: bool, seen: Sequence[int], c: Tensor, y: Tensor) -> Tensor:
+    k = row_coefficients(where, c, y.shape[0] if y.dim() else 0, by_batch, seen[-1] if seen else None)
+    return k.reshape(-1, *([1] * (y.dim() - 1)))
+
+
+def _place_tokens(
+    where: str, by_batch: bool, seen: Sequence[int], positions: Positions, c: Tensor, y: Tensor
+) -> Tensor:
+    return token_coefficients(where, c, positions.current(where), y, by_batch, seen[-1] if seen else None)
+
+
+def _check_token_layout(path: str, layer: Any) -> None:
+    """Refuse per-token coefficients, before anything runs, on a layer whose output is not laid out by token."""
+    base = getattr(layer, "get_base_layer", lambda: layer)()
+    if isinstance(base, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.MultiheadAttention):
+        raise ValueError(
+            f"layer {path!r} is a {type(base).__name__}, whose output is not laid out as [batch, tokens, …], so "
+            f"per-token coefficients cannot be placed on it: scale it with one coefficient, or leave it out "
+            f"(adapter_names, groups)"
         )
-        return [interpolation.patches, *watch]
-    return []
 
 
 class Interpolation:
     """The exact fallback at one layer: ``y = y0 + c·(y1 − y0)``, y0 with these adapters switched off.
 
-    ``per_row``: ``c`` is a 1-D tensor with one coefficient per row (first axis) of the layer's
-    output (each repeated per token where the model flattened its batch batch-major:
-    ``batch_major``; ``seen`` holds the batch size its holder received). ``reuse_base``: every
+    ``place``: ``c`` varies over the batch, one coefficient per row (:func:`funcadapt.per_row`) or per
+    token (:func:`funcadapt.per_token`), and ``place(c, y)`` gives each of y's rows or tokens its
+    coefficient, broadcastable to y (see :data:`Place`). ``main_only``: only the layer's main output
+    (the first floating tensor) is interpolated, the rest of a tuple output (an attention module's
+    weights) is y1's: per-token coefficients, which such side outputs are not laid out for. ``reuse_base``: every
     adapter on the layer is interpolated and all are additive (``y1 = base_layer(x) + Δ(x)``), so
     y0 is the base layer's output captured while y1 runs and the base layer runs once instead of
     twice. Layers read through a :class:`~funcadapt.rules.base.LayerAccess` (adaption prompt)
@@ -98,14 +154,15 @@ class Interpolation:
         path: str,
         layer: Any,
         coeffs: Mapping[str, Coeff],
-        per_row: bool = False,
+        place: Place | None = None,
         reuse_base: bool = False,
-        batch_major: bool = False,
-        seen: Sequence[int] = (),
+        main_only: bool = False,
     ) -> None:
         values = list(coeffs.values())
         if not all(same_coeff(v, values[0]) for v in values[1:]):
-            kind = "per-row coefficients" if per_row else "coefficients"
+            kind = (
+                "coefficients" if place is None else "per-token coefficients" if main_only else "per-row coefficients"
+            )
             raise ValueError(
                 f"layer {path!r} has several adapters interpolated at its output ({sorted(coeffs)}) and they were "
                 f"given different {kind}; the output interpolation can only scale them together. Give them one "
@@ -113,7 +170,7 @@ class Interpolation:
             )
         self.path, self.layer, self.c = path, layer, values[0]
         self.adapters = set(coeffs)
-        self.per_row, self.reuse_base, self.batch_major, self.seen = per_row, reuse_base, batch_major, seen
+        self.place, self.reuse_base, self.main_only = place, reuse_base, main_only
         self.access = access_of(layer)
         # the outputs of a LayerAccess's base while the layer runs (recorded by a patch on the base's
         # forward, applied with the frame: a hook registered inside the forward cannot be compiled)
@@ -144,7 +201,7 @@ class Interpolation:
                 f"should not use the adapter)"
             )
         compiling = torch.compiler.is_compiling()
-        if not compiling and not self.per_row and is_number(self.c) and self.c == 0.0:
+        if not compiling and self.place is None and is_number(self.c) and self.c == 0.0:
             # (compiled, the lerp below gives y0 exactly at 0 too, and no value of c gets its own graph)
             return self.without(forward, args, kwargs)
         y0: Any = None
@@ -159,7 +216,14 @@ class Interpolation:
             y1 = forward(*args, **kwargs)
         if y0 is None:
             y0 = self.without(forward, args, kwargs)
-        return pytree.tree_map(self.lerp, y0, y1)
+        if not self.main_only:
+            return pytree.tree_map(self.lerp, y0, y1)
+        leaves0, _ = pytree.tree_flatten(y0)
+        leaves1, spec = pytree.tree_flatten(y1)
+        first = next((i for i, t in enumerate(leaves0) if isinstance(t, Tensor) and t.is_floating_point()), None)
+        if first is not None:
+            leaves1[first] = self.lerp(leaves0[first], leaves1[first])
+        return pytree.tree_unflatten(leaves1, spec)
 
     def without(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """y0: the layer's output with these adapters switched off."""
@@ -213,11 +277,9 @@ class Interpolation:
             return self.lerp(y0.float(), y1.float()).to(y0.dtype)
         c = self.c
         k = c.to(device=y0.device, dtype=y0.dtype) if isinstance(c, Tensor) else c
-        if self.per_row:
+        if self.place is not None:
             assert isinstance(k, Tensor)
-            batch = self.seen[-1] if self.seen else None
-            k = row_coefficients(f"layer {self.path!r}", k, y0.shape[0] if y0.dim() else 0, self.batch_major, batch)
-            k = k.reshape(-1, *([1] * (y0.dim() - 1)))
+            k = self.place(k, y0)
         # torch.lerp is y0 + k·(y1 − y0), evaluated so that k = 0 gives y0 and k = 1 gives y1 bit for bit
         return torch.lerp(y0, y1, k)
 
@@ -245,27 +307,21 @@ def _watching_batch(holder: nn.Module, seen: list[int]) -> Callable[[], list[Pat
     return lambda: [Patch(holder, "forward", wrap, wrap=True)]
 
 
-def _row_scaling(
+def _varying_scaling(
     path: str,
     layer: Any,
-    rows: Mapping[str, Any],
+    coeffs: Mapping[str, Any],
     rule_of: Callable[[str], Rule | None],
-    batch_major: bool,
-    seen: Sequence[int],
+    place: Place,
 ) -> list[Patch] | None:
-    """The rules' own per-row patches for every adapter given per-row coefficients on this layer,
-    or None (then the layer output is interpolated row by row)."""
+    """The rules' own patches for every adapter on this layer given coefficients that vary over the batch
+    (per row or per token), or None (then the layer output is interpolated)."""
     patches: list[Patch] = []
-    for adapter, c in rows.items():
+    for adapter, c in coeffs.items():
         rule = rule_of(adapter)
         if rule is None or rule.row_scale is None:
             return None
-        where = f"layer {path!r} adapter {adapter!r}"
-
-        def coeffs_for(n: int, where: str = where, c: Tensor = c) -> Tensor:
-            return row_coefficients(where, c, n, batch_major, seen[-1] if seen else None)
-
-        found = rule.row_scale(layer, adapter, coeffs_for)
+        found = rule.row_scale(layer, adapter, functools.partial(place, c))
         if found is None:
             return None
         patches.extend(found)

@@ -7,13 +7,15 @@ exact parameter form. Where it must act while the layer runs, the transform retu
 * :class:`Interpolate`: ``y = y0 + c·(y1 − y0)`` at the layer output, y0 with the adapter switched
   off (the exact fallback), one c for the whole batch;
 * :class:`InterpolateRows`: the same with ``c[i]`` in row ``i`` of the batch (``funcadapt.per_row``);
+* :class:`InterpolateTokens`: the same with ``c[b, t]`` at row ``b``, absolute position ``t``
+  (``funcadapt.per_token``);
 * :class:`ScaleInside`: the part of the adapter that PEFT builds at forward time from tensors shared
   between layers, times c, on this layer only (Lily's scale, TinyLoRA's R, VB-LoRA's and Uni-LoRA's B);
 * :class:`Rotate`: OFT's and PSOFT's rotation taken elsewhere on a path (its generator scaled,
   ``I + c·(R − I)``, or ``R⁻¹``);
 * :class:`ReverseChain`: HRA's reflections applied in reverse order (its exact inverse).
 
-The first two are interpreted by :mod:`funcadapt.interpret`; the others (:data:`RuleOp`) by the
+The first three are interpreted by :mod:`funcadapt.interpret`; the others (:data:`RuleOp`) by the
 ``patches`` of the rule that returned them, which receives only its own. Every op is a pytree whose
 leaves are its coefficients, so ``vmap``, ``grad`` and ``torch.compile`` see through them. The
 helpers below are the rules' shared tensor code for :class:`Rotate`.
@@ -47,6 +49,14 @@ class InterpolateRows:
 
 
 @dataclass(frozen=True)
+class InterpolateTokens:
+    """:class:`Interpolate` with ``values[b, t]`` at row ``b``, absolute position ``t`` (``[B, L]``, or
+    ``[L]`` for every row; see :mod:`funcadapt.tokens`)."""
+
+    values: Tensor
+
+
+@dataclass(frozen=True)
 class ScaleInside:
     """The adapter's forward-built, per-layer part times ``coeff``: ``ΔW(c) = c·ΔW`` on this layer only."""
 
@@ -74,7 +84,7 @@ class ReverseChain:
 RuleOp = ScaleInside | Rotate | ReverseChain
 """The ops a rule's own ``patches`` interpret."""
 
-ForwardOp = Interpolate | InterpolateRows | RuleOp
+ForwardOp = Interpolate | InterpolateRows | InterpolateTokens | RuleOp
 
 
 def _register(cls: type, leaves: tuple[str, ...], static: tuple[str, ...] = ()) -> None:
@@ -89,6 +99,7 @@ def _register(cls: type, leaves: tuple[str, ...], static: tuple[str, ...] = ()) 
 
 _register(Interpolate, ("coeff",))
 _register(InterpolateRows, ("coeffs",))
+_register(InterpolateTokens, ("values",))
 _register(ScaleInside, ("coeff",))
 _register(Rotate, ("coeff",), ("how",))
 _register(ReverseChain, ())

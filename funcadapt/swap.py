@@ -36,7 +36,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -172,9 +172,20 @@ class ActiveContext:
         return f"{self.what} entered at {self.where or 'an unknown place'} (thread {self.thread})"
 
 
+class ForwardState(Protocol):
+    """State a frame's patches keep for the forward running now (see :class:`Frame`)."""
+
+    def save(self) -> Any: ...
+
+    def load(self, saved: Any) -> None: ...
+
+
 class Frame:
     """Tensors to show under their ``named_parameters``/``named_buffers`` keys, and
     patch builders (called at apply time, so a wrapper wraps what is there then).
+
+    ``states``: what the patches record while a forward runs and read in its layers (the positions of
+    per-token coefficients); a checkpoint's recomputation sees them as they were in that forward.
 
     ``label`` names it in errors and in :func:`funcadapt.active_contexts`; ``entered_in``, the
     Python frame whose ``with`` block applied it (None: not watched), is watched so that a
@@ -189,6 +200,7 @@ class Frame:
         checkpointing: Iterable[nn.Module] | None = None,
         guarded: Iterable[nn.Module] = (),
         label: str = "funcadapt.call",
+        states: Iterable[ForwardState] = (),
     ) -> None:
         self.root = root
         self._label: str | Callable[[], str] = label
@@ -207,6 +219,7 @@ class Frame:
             attr = checkpoint_attr(m)
             if attr is not None:
                 self._checkpointing.append((m, attr))
+        self.states = tuple(states)
         self._undo: list[Callable[[], None]] | None = None
         self._stack: list[Frame] | None = None
         self._thread: Thread | None = None
@@ -388,12 +401,17 @@ def run_undo(undo: list[Callable[[], None]]) -> None:
 
 
 @contextlib.contextmanager
-def replay(snapshot: tuple[Frame, ...], stack: list[Frame], thread: Thread) -> Iterator[None]:
-    """Show exactly the frames of ``snapshot`` (as at the original forward) while the body runs.
-    ``stack`` is the frame stack of the thread that ran that forward; the recompute may run on
-    an autograd worker thread, which then acts for that thread."""
+def replay(
+    snapshot: tuple[Frame, ...], stack: list[Frame], thread: Thread, states: Iterable[tuple[ForwardState, Any]] = ()
+) -> Iterator[None]:
+    """Show exactly the frames of ``snapshot`` (as at the original forward) while the body runs, with
+    their forward ``states`` as saved then. ``stack`` is the frame stack of the thread that ran that
+    forward; the recompute may run on an autograd worker thread, which then acts for that thread."""
     saved = _STATE.frames, _STATE.acting_for
     _STATE.frames, _STATE.acting_for = stack, thread
+    now = [(state, state.save()) for state, _ in states]
+    for state, value in states:
+        state.load(value)
     try:
         current = list(stack)
         for frame in reversed(current):
@@ -412,6 +430,8 @@ def replay(snapshot: tuple[Frame, ...], stack: list[Frame], thread: Thread) -> I
             for frame in current:
                 frame.apply()
     finally:
+        for state, value in now:
+            state.load(value)
         _STATE.frames, _STATE.acting_for = saved
 
 
@@ -454,6 +474,7 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
         user_context = options.get("context_fn")
         stack, thread = _STATE.frames, _me()
         snapshot = tuple(stack)
+        states = [(state, state.save()) for frame in snapshot for state in frame.states]
 
         def context_fn() -> tuple[Any, Any]:
             if user_context is None:
@@ -463,7 +484,7 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
 
             @contextlib.contextmanager
             def recompute() -> Iterator[None]:
-                with recompute_ctx, replay(snapshot, stack, thread):
+                with recompute_ctx, replay(snapshot, stack, thread, states):
                     yield
 
             return forward_ctx, recompute()

@@ -30,6 +30,7 @@ from .call import call, vmap
 from .groups import Groups
 from .rows import batch_size, per_row, tile, untile
 from .rules.base import rule_named
+from .tokens import per_token
 from .transform import Mode, transform
 from .tree import AdapterTree, extract
 
@@ -40,10 +41,26 @@ METHODS: tuple[Method, ...] = get_args(Method)
 
 @dataclass(frozen=True)
 class _Scaling:
-    """How each coefficient of a sweep scales the adapters."""
+    """How each coefficient of a sweep scales the adapters: ``tokens`` ([B, L] or [L]): per-token weights,
+    coefficient c runs token t of row b at c·tokens[b, t] (:func:`funcadapt.per_token`)."""
 
     mode: Mode
     groups: Groups | None = None
+    tokens: Tensor | None = None
+
+    def coefficient(self, c: Tensor, rows: int | None = None) -> Any:
+        """What ``transform`` takes for the sweep's coefficient ``c`` (a scalar, or a group vector); with
+        ``rows``, the coefficients ``c`` ([k] or [k, G]) of a batch tiled k times with ``rows`` rows each."""
+        if self.tokens is None:
+            return c if rows is None else per_row(c, repeat=rows, groups=self.groups)
+        weights = self.tokens.to(c.device, c.dtype)
+        if rows is not None:  # copy i of the tiled batch at c[i]: [k·B, L(, G)]
+            weights = weights.expand(rows, -1) if weights.dim() == 1 else weights
+            scaled = c.reshape(len(c), 1, 1, -1) * weights[None, ..., None]
+            values = scaled.reshape(-1, *scaled.shape[2:])
+        else:
+            values = c.reshape(*([1] * weights.dim()), -1) * weights[..., None]
+        return per_token(values if self.groups is not None else values[..., 0], groups=self.groups)
 
 
 @dataclass(frozen=True)
@@ -122,12 +139,17 @@ def sweep(
     chunk_size: int | None = None,
     progress: bool | None = None,
     name: str | None = None,
+    tokens: Tensor | None = None,
 ) -> Sweep:
     """``metric(output)`` at every coefficient, where ``output = model(**batch)`` with the
     adapters scaled by ``c`` (``op="scale"``, ``mode``).
 
     With ``groups`` (:func:`funcadapt.layer_groups`), each coefficient is a vector with one entry
     per group: ``coeffs`` has shape ``[N, G]`` and ``values[k]`` is the metric at ``coeffs[k]``.
+
+    With ``tokens`` (per-token weights, ``[B, L]`` for the batch's rows or ``[L]`` for every row), the
+    coefficient c runs token t of row b at ``c·tokens[b, t]`` (:func:`funcadapt.per_token`, linear mode):
+    a response-only sweep is ``tokens`` 0 on the prompt and 1 after it.
 
     ``metric`` returns a scalar tensor or one value per example (a tensor of fixed shape).
     ``chunk_size`` coefficients run per forward (default: all at once); ``progress`` shows a
@@ -150,8 +172,12 @@ def sweep(
         cs = cs.to(torch.get_default_dtype())
     if len(cs) == 0:
         raise ValueError("coeffs is empty")
+    if tokens is not None and mode != "linear":
+        raise ValueError("per-token weights (tokens=) are defined for mode='linear' only, as funcadapt.per_token is")
+    if tokens is not None and (not isinstance(tokens, Tensor) or tokens.dim() not in (1, 2)):
+        raise ValueError("tokens must be a [B, L] or [L] tensor of per-token weights (c·tokens[b, t] at each token)")
     tree = extract(model, adapter_names)
-    scaling = _Scaling(mode, groups)
+    scaling = _Scaling(mode, groups, None if tokens is None else tokens.detach())
     step = chunk_size or len(cs)
     chunks = list(cs.split(step))
     show = progress if progress is not None else len(chunks) > 1
@@ -300,7 +326,8 @@ def _run(
     chunk = _on_adapter_device(tree, chunk)
 
     def at(c: Tensor) -> Tensor:
-        return _as_tensor(metric(call(model, transform(tree, c, mode=scaling.mode, groups=scaling.groups), **batch)))
+        params = transform(tree, scaling.coefficient(c), mode=scaling.mode, groups=scaling.groups)
+        return _as_tensor(metric(call(model, params, **batch)))
 
     if method == "vmap":
         return vmap(at)(chunk)
@@ -317,8 +344,8 @@ def _rows_parts(
     back into one part per coefficient; and the names of its tensors that do not split (a batch
     mean), which the parts leave out."""
     k = len(chunk)
-    coeffs = per_row(_on_adapter_device(tree, chunk), repeat=_batch_rows(batch), groups=scaling.groups)
-    out = call(model, transform(tree, coeffs, mode=scaling.mode), **tile(batch, k))
+    coeffs = scaling.coefficient(_on_adapter_device(tree, chunk), rows=_batch_rows(batch))
+    out = call(model, transform(tree, coeffs, mode=scaling.mode, groups=scaling.groups), **tile(batch, k))
     return untile(out, k), _unsplit_tensors(out, k)
 
 

@@ -44,10 +44,11 @@ from torch import Tensor
 
 from .engines import flat_shard, is_sharded, local_shard
 from .groups import Groups, check_vector, per_layer, resolve
-from .ops import ForwardOp, Interpolate, InterpolateRows
+from .ops import ForwardOp, Interpolate, InterpolateRows, InterpolateTokens
 from .rows import PerRow
 from .rules.base import Coeff, Effect, Rule, Scaling, is_number, rule_named, same_coeff
 from .rules.base import Transform as RuleTransform
+from .tokens import PerToken
 from .tree import AdapterTree, LayerSpec
 
 Op = Literal["scale", "invert", "disable", "shift", "replace"]
@@ -200,7 +201,15 @@ _SEVERAL = (
 )
 
 
-def _check_coeff(c: Any, where: str) -> Coeff | PerRow:
+def _check_coeff(c: Any, where: str) -> Coeff | PerRow | PerToken:
+    if isinstance(c, PerToken):
+        if c.values.dim() not in (1, 2):
+            raise ValueError(
+                f"per-token coefficients{where} have shape {tuple(c.values.shape)}: one vector per token needs "
+                f"groups= (funcadapt.per_token(values, groups=...)); plain per-token coefficients are [B, L] or [L]"
+            )
+        _check_finite(c.values, where)
+        return c
     if isinstance(c, PerRow):
         if c.values.dim() != 1:
             raise ValueError(
@@ -291,7 +300,7 @@ def _per_adapter(tree: AdapterTree, coeff: Any, check: Callable[[Any, str], Any]
     return lambda adapter: c
 
 
-CoeffOf = Callable[[LayerSpec], "Coeff | PerRow | None"]
+CoeffOf = Callable[[LayerSpec], "Coeff | PerRow | PerToken | None"]
 """(layer, adapter) -> its coefficient; None leaves it unchanged (c = 1)."""
 
 
@@ -311,7 +320,7 @@ def _groups_given(coeff: Any, groups: Groups | None) -> Groups | None:
     """``groups``, or the grouping the per-row vectors carry (funcadapt.per_row(..., groups=)):
     the same one wherever both are given."""
     given = coeff.values() if isinstance(coeff, Mapping) else [coeff]
-    for g in (c.groups for c in given if isinstance(c, PerRow) and c.groups is not None):
+    for g in (c.groups for c in given if isinstance(c, PerRow | PerToken) and c.groups is not None):
         if groups is None:
             groups = g
         elif g is not groups and g != groups:
@@ -421,8 +430,11 @@ def _shifts(tree: AdapterTree, value: Any) -> list[LayerEffect]:
 
         def deltas(spec: LayerSpec) -> dict[str, Any]:
             d = per_adapter(spec.adapter)
-            if isinstance(d, PerRow):
-                raise ValueError("op='shift' changes raw parameters, which all rows share; per_row is for op='scale'")
+            if isinstance(d, PerRow | PerToken):
+                what = "per_row" if isinstance(d, PerRow) else "per_token"
+                raise ValueError(
+                    f"op='shift' changes raw parameters, which all rows and tokens share; {what} is for op='scale'"
+                )
             return {} if d is None else dict.fromkeys(spec.keys, d)
 
     effects = []
@@ -513,7 +525,8 @@ def transform(
             c = coeff_of(spec)
             if c is None or (is_number(c) and c == 1.0):
                 continue  # identity, bit for bit
-            plain = _plain_scaling(rule, spec, mode) if not isinstance(c, PerRow) and spec.path not in shared else None
+            varying = isinstance(c, PerRow | PerToken)
+            plain = _plain_scaling(rule, spec, mode) if not varying and spec.path not in shared else None
             if plain is not None:  # ΔW linear in some tensors: nothing to validate, computed when needed
                 if not any(role in plain.roles for role in spec.keys):
                     raise RuntimeError(
@@ -552,8 +565,23 @@ def _inverted_effect(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], _: An
 
 
 def _scale_effect(
-    rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff | PerRow, mode: str, joint: bool
+    rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff | PerRow | PerToken, mode: str, joint: bool
 ) -> Effect:
+    if isinstance(c, PerToken):
+        if mode != "linear":
+            raise ValueError(
+                "per-token coefficients (funcadapt.per_token) are defined for mode='linear' only: the "
+                "per-layer interpolation y0 + c·(y1 − y0) is what can differ token by token. For geometric "
+                "mode, run each coefficient separately"
+            )
+        if rule.rows_coupled:
+            raise ValueError(
+                f"layer {spec.path!r} adapter {spec.adapter!r} ({rule.doc.adapter}): per-token coefficients are "
+                f"refused because {rule.rows_coupled}, so no token's output is its own layer's interpolation. "
+                f"Give this adapter one coefficient (a dict per adapter, or adapter_names) or run each "
+                f"coefficient as its own call"
+            )
+        return Effect(ops=(InterpolateTokens(c.values),))
     if isinstance(c, PerRow):
         if mode != "linear":
             raise ValueError(

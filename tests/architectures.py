@@ -58,7 +58,7 @@ EPS64, EPS32 = torch.finfo(torch.float64).eps, torch.finfo(torch.float32).eps
 
 Kind = Literal["decoder", "encoder-decoder", "encoder"]
 Cell = tuple[str, str, str]  # (architecture, adapter, path)
-PATHS: tuple[str, ...] = ("call", "modifier", "vmap", "per_row", "generate")
+PATHS: tuple[str, ...] = ("call", "modifier", "vmap", "per_row", "generate", "per_token", "per_token_generate")
 
 
 # ----------------------------------------------------------------------------
@@ -391,7 +391,7 @@ class Refusal:
 
 def applicable(arch: str, path: str) -> bool:
     """generate() needs a decoder; encoder-only models have none."""
-    return not (path == "generate" and ARCHS[arch].kind == "encoder")
+    return not (path in ("generate", "per_token_generate") and ARCHS[arch].kind == "encoder")
 
 
 NOT_BUILDABLE: dict[tuple[str, str], str] = {
@@ -401,7 +401,16 @@ NOT_BUILDABLE: dict[tuple[str, str], str] = {
 }
 """(architecture, adapter) pairs get_peft_model refuses, with PEFT's message (tested to still fail)."""
 
-REFUSED: dict[Cell, Refusal] = {}
+REFUSED: dict[Cell, Refusal] = {
+    (arch, adapter, path): Refusal(
+        "per-token coefficients are refused on an encoder-decoder model",
+        "an encoder-decoder runs two sequences, and a [B, L] value cannot say which one a position belongs to",
+    )
+    for arch, a in ARCHS.items()
+    if a.kind == "encoder-decoder"
+    for adapter in ADAPTERS
+    for path in ("per_token", "per_token_generate")
+}
 """Cells that raise by design (funcadapt's or torch's refusal), with the reason."""
 
 PENDING_FIX: dict[Cell, str] = {
@@ -558,6 +567,36 @@ def reference_generation(arch: str, adapter: str, c: float) -> Generated:
     return Generated(sequences, torch.stack(steps, dim=1))
 
 
+@functools.cache
+def token_values(arch: str) -> Tensor:
+    """Per-token coefficients for the matrix: [BATCH, SEQ + NEW_TOKENS] in [−1.5, 2), float64."""
+    g = torch.Generator().manual_seed(7)
+    return torch.rand(BATCH, SEQ + NEW_TOKENS, generator=g, dtype=torch.float64) * 3.5 - 1.5
+
+
+@functools.cache
+def reference_token_logits(arch: str, adapter: str) -> Tensor:
+    """Logits with every adapted layer's output replaced by y0 + c[b, t]·(y1 − y0) token by token
+    (``cases.per_token_reference``: the coefficient placed from the output's own shape)."""
+    model = built(arch, adapter).model
+    with torch.no_grad(), cases.reference_interpolation(model, cases.per_token_reference(token_values(arch))):
+        return model(**batch(arch)).logits
+
+
+@functools.cache
+def reference_token_generation(arch: str, adapter: str) -> Generated:
+    """generate() without a KV cache (``use_cache=False``: the whole sequence is run again at every step,
+    positions 0 … T−1), under the per-token hook reference. (generate() itself, not a hand-written loop:
+    its logits processors, such as min_new_tokens suppressing Gemma 2's eos token, are then the same.)"""
+    model = built(arch, adapter).model
+    config = greedy()
+    config.use_cache = False
+    reference = cases.per_token_reference(token_values(arch))
+    with torch.no_grad(), cases.reference_interpolation(model, reference), step_logits(model) as steps:
+        sequences = model.generate(**batch_prompt(arch), generation_config=config)
+    return Generated(sequences, torch.stack(steps, dim=1))
+
+
 def batch_prompt(arch: str) -> dict[str, Tensor]:
     """The prompt generate() takes: the batch without decoder ids."""
     return {k: v for k, v in batch(arch).items() if k != "decoder_input_ids"}
@@ -670,6 +709,11 @@ def render_doc() -> str:
         f"* `generate`: the same coefficient batch through `model.generate` (greedy, KV cache, {NEW_TOKENS} new "
         f"tokens): tokens equal, and the LM head's float64 output at every step within tolerance (generate() "
         f"itself hands logits back in float32). Not applicable to encoder-only models.",
+        f"* `per_token`: `funcadapt.per_token(values)`, values [{BATCH}, {SEQ + NEW_TOKENS}] drawn in [−1.5, 2); "
+        f"logits.",
+        f"* `per_token_generate`: `model.generate` (greedy, KV cache, {NEW_TOKENS} new tokens) inside "
+        f"`AdapterModifier(model, 'scale', funcadapt.per_token(values))`: tokens equal, step logits to 1e-8 (cached "
+        f"and uncached decoding differ by rounding without funcadapt). Not applicable to encoder-only models.",
         "",
         "## References (nothing from funcadapt)",
         "",
@@ -677,6 +721,9 @@ def render_doc() -> str:
         "the same layer with PEFT's own disable switch (`cases.reference_interpolation`); for `vmap` each "
         "coefficient runs separately under it, gradients by `torch.autograd.grad`; for `per_row` each "
         "coefficient is a separate forward under it, for `generate` a separate `generate()` under it.",
+        "* per-token paths: the same hooks with c[b, t] at token t of row b, placed from the output's own shape "
+        "(`cases.per_token_reference`); for `per_token_generate`, `generate(use_cache=False)` under them, which "
+        "runs the whole sequence again at every step (no positions to track).",
         "* LoRA also: PEFT's own scaling, `peft.helpers.rescale_adapter_scale(model, c)` (ΔW ↦ c·ΔW).",
         f"* tolerance: float64 throughout (`model.double()`); rtol {RTOL:g} is ~{_sci(RTOL / EPS64)} float64 ulps "
         f"and ~{_sci(EPS32 / RTOL)} times below one float32 ulp, so reordered float64 arithmetic passes (the "

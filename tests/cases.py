@@ -471,7 +471,8 @@ def reference_interpolation(model: nn.Module, coeff: Any) -> Iterator[None]:
     Uses only forward hooks and PEFT's own disable switches, nothing from funcadapt.
 
     ``coeff``: one coefficient for every layer, or a function from a layer's module path to its
-    coefficient (None: that layer is left as it is)."""
+    coefficient (None: that layer is left as it is). A coefficient may be a :class:`ByOutput`: the
+    coefficient of each element of the output, computed from the output (per-token references)."""
     coeff_at = coeff if callable(coeff) else lambda name: coeff
     handles = []
     for name, layer in adapter_layers(model):
@@ -491,7 +492,9 @@ def reference_interpolation(model: nn.Module, coeff: Any) -> Iterator[None]:
             # attention layers return tuples: interpolate the floating tensors, keep the rest of y1
             return pytree.tree_map(
                 lambda a, b: (
-                    (a + coeff * (b - a)).to(b.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else b
+                    (a + _at(coeff, a) * (b - a)).to(b.dtype)
+                    if isinstance(a, torch.Tensor) and a.is_floating_point()
+                    else b
                 ),
                 y0,
                 y1,
@@ -506,6 +509,33 @@ def reference_interpolation(model: nn.Module, coeff: Any) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+@dataclass(frozen=True)
+class ByOutput:
+    """A reference coefficient that depends on the layer output it multiplies: ``at(y)`` is broadcastable to y."""
+
+    at: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _at(coeff: Any, y: torch.Tensor) -> Any:
+    return coeff.at(y) if isinstance(coeff, ByOutput) else coeff
+
+
+def per_token_reference(values: torch.Tensor) -> ByOutput:
+    """The reference coefficient of per-token ``values`` ([B, L]) for a forward over the whole sequence
+    (no KV cache, positions 0 … T−1): ``values[b, t]`` at ``[b, t, …]``, and at row ``b·T + t`` of an
+    output the model computed on its batch flattened ([B·T, …], OPT's fc1/fc2)."""
+
+    def at(y: torch.Tensor) -> torch.Tensor:
+        rows = values.shape[0]
+        if y.dim() >= 2 and y.shape[0] == rows:
+            k = values[:, : y.shape[1]]
+            return k.reshape(*k.shape, *([1] * (y.dim() - 2))).to(y.dtype)
+        length = y.shape[0] // rows
+        return values[:, :length].reshape(-1, *([1] * (y.dim() - 1))).to(y.dtype)
+
+    return ByOutput(at)
 
 
 def _disable_switches(layer: Any) -> list[tuple[Any, str]]:
@@ -530,7 +560,7 @@ def _adaption_prompt_reference(wrapper: nn.Module, coeff: float) -> list[Any]:
 
     def lerp(module: Any, args: tuple, y1: Any) -> Any:
         y0 = seen.pop()
-        return (y0[0] + coeff * (y1[0] - y0[0]), *y1[1:])
+        return (y0[0] + _at(coeff, y0[0]) * (y1[0] - y0[0]), *y1[1:])
 
     return [wrapper.model.register_forward_hook(grab), wrapper.register_forward_hook(lerp)]
 

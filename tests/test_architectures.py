@@ -42,10 +42,13 @@ from architectures import (
     reference_generation,
     reference_logits,
     reference_loss_grads,
+    reference_token_generation,
+    reference_token_logits,
     render_doc,
     step_logits,
     targets,
     token_loss,
+    token_values,
     trainable,
 )
 from cases import adapter_layers, assert_unchanged
@@ -147,12 +150,41 @@ def check_generate(arch: str, adapter: str) -> None:
         assert_exact(got.logits[rows], want.logits, f"generate() step logits at {c}")
 
 
+def check_per_token(arch: str, adapter: str) -> None:
+    """funcadapt.call at per_token(values) ([BATCH, SEQ + NEW_TOKENS]) equals the token-by-token hook reference."""
+    model = built(arch, adapter).model
+    params = funcadapt.transform(funcadapt.extract(model), funcadapt.per_token(token_values(arch)))
+    with torch.no_grad():
+        got = funcadapt.call(model, params, **batch(arch)).logits
+    assert_exact(got, reference_token_logits(arch, adapter), "per_token logits vs y0 + c[b, t]·(y1 − y0)")
+
+
+TOKEN_GENERATE_ATOL = 1e-8
+"""Cached and uncached decoding differ by float rounding without funcadapt (~3e-10 where a model takes
+attention scores in float32, GPT-J and CodeGen): the step logits of this path are compared to this."""
+
+
+def check_per_token_generate(arch: str, adapter: str) -> None:
+    """generate() with a KV cache under per_token(values): the tokens, and the float64 step logits to
+    TOKEN_GENERATE_ATOL, of a greedy loop that re-runs the whole sequence without a cache under the
+    per-token hook reference."""
+    model = built(arch, adapter).model
+    coeffs = funcadapt.per_token(token_values(arch))
+    with torch.no_grad(), funcadapt.AdapterModifier(model, "scale", coeffs), step_logits(model) as steps:
+        sequences = model.generate(**batch_prompt(arch), generation_config=greedy())
+    want = reference_token_generation(arch, adapter)
+    assert torch.equal(sequences, want.sequences), "generated tokens differ"
+    torch.testing.assert_close(torch.stack(steps, dim=1), want.logits, rtol=0, atol=TOKEN_GENERATE_ATOL)
+
+
 CHECKS: dict[str, Callable[[str, str], None]] = {
     "call": check_call,
     "modifier": check_modifier,
     "vmap": check_vmap,
     "per_row": check_per_row,
     "generate": check_generate,
+    "per_token": check_per_token,
+    "per_token_generate": check_per_token_generate,
 }
 
 

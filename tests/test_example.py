@@ -83,6 +83,17 @@ def test_coefficient_fields_example(tmp_path):
     assert Path(result["plot"]).is_file()
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_shared_prefill_example_equals_separate_generate_calls():
+    """examples/shared_prefill.py --quick: one prefill at c = 0 shared by 5 strengths gives the tokens of 5
+    separate generate() calls under after_prompt (left padding included), and the strengths differ."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import shared_prefill
+
+    result = shared_prefill.main(["--quick", "--repeats", "1"])
+    assert result["identical"] and result["strengths_differ"]
+
+
 def test_groups_benchmark_quick_runs():
     """benchmarks/groups.py --quick prints a ratio for every measure and variant (timings are
     reported by the benchmark, never asserted)."""

@@ -84,6 +84,14 @@ def test_readme_coefficient_batch_and_sweep_example(monkeypatch):
         with funcadapt.AdapterModifier(model, "scale", c):
             separate.append(model.generate(**batch, max_new_tokens=20))
     assert torch.equal(namespace["out"], torch.cat(separate))
+    # response-only steering: generate() without a KV cache under hooks interpolating each token at 0 on the
+    # prompt and 1.5 after it (cases.per_token_reference)
+    from cases import per_token_reference, reference_interpolation
+
+    values = torch.cat([torch.zeros(8), torch.full((20,), 1.5)]).expand(2, -1)
+    with torch.no_grad(), reference_interpolation(model, per_token_reference(values)):
+        want_response = model.generate(**batch, max_new_tokens=20, use_cache=False)
+    assert torch.equal(namespace["response"], want_response)
     tree = funcadapt.extract(model)
     with torch.no_grad():
         want = [metric(funcadapt.call(model, funcadapt.transform(tree, c), **batch)) for c in torch.linspace(-2, 2, 9)]

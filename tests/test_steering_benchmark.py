@@ -31,10 +31,12 @@ def test_quick_run_scores_every_method_and_coefficient(bench, tmp_path, monkeypa
     monkeypatch.setattr(bench, "generate_groups", counted)
     result = bench.main(["--quick", "--out", str(tmp_path)])
     settings = bench.quick_settings()
-    steered = (*settings.adapters, "repeng")
+    response = tuple(a + bench.RESPONSE for a in settings.adapters)
+    steered = (*settings.adapters, *response, "repeng")
 
-    # one generate() per method and concept: base, prompting, repeng and each adapter
-    assert len(calls) == len(settings.concepts) * (3 + len(settings.adapters))
+    # one generate() per method and concept: base, prompting, repeng and each adapter (whole sequence and
+    # response-only)
+    assert len(calls) == len(settings.concepts) * (3 + 2 * len(settings.adapters))
     assert calls.count(len(settings.coeffs)) == len(settings.concepts) * len(steered)
 
     cells = result["cells"]
@@ -53,6 +55,10 @@ def test_quick_run_scores_every_method_and_coefficient(bench, tmp_path, monkeypa
             assert part["zero_equals_base"][method] == 1.0
             # and the trained steering does something at some other coefficient
             assert any(part["ids"][f"{method} {c:+g}"] != base for c in settings.coeffs if c), (concept, method)
+        for adapter in settings.adapters:  # response-only: the first new token is the base model's
+            for c in settings.coeffs:
+                rows = part["ids"][f"{adapter}{bench.RESPONSE} {c:+g}"]
+                assert [r[:1] for r in rows] == [r[:1] for r in base], (concept, adapter, c)
 
     for c in cells:
         assert all(math.isfinite(c[k]) for k in ("effect", "ci_low", "ci_high", "judge", "repetition")), c

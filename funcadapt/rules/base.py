@@ -224,12 +224,13 @@ class Rule:
     """Effects of several adapters of additive rules on one layer add up (ΔW_a + ΔW_b)."""
     commutative: bool = False
     """Effects on one layer commute with each other, so inverting each inverts the composition."""
-    row_scale: Callable[[Any, str, Callable[[int], Tensor]], list[Patch] | None] | None = None
-    """Per-row fast path for :func:`funcadapt.per_row`: patches that scale the adapter's effect by
-    ``c[i]`` in row ``i`` inside the layer: (layer, adapter, ``coeffs_for``) -> patches, or None where
-    it does not apply to this layer; ``coeffs_for(n)`` gives the coefficient of each of the n rows the
-    layer sees (or raises, naming the layer, where they cannot be known). Without it (or on None)
-    the layer output is interpolated row by row."""
+    row_scale: Callable[[Any, str, Callable[[Tensor], Tensor]], list[Patch] | None] | None = None
+    """Fast path for coefficients that vary over the batch (:func:`funcadapt.per_row`,
+    :func:`funcadapt.per_token`): patches that scale the adapter's effect by each row's (token's)
+    coefficient inside the layer: (layer, adapter, ``coeffs_for``) -> patches, or None where it does
+    not apply to this layer; ``coeffs_for(h)`` gives the coefficient of each row (token) of ``h``, an
+    activation laid out like the layer's output, broadcastable to h (or raises, naming the layer,
+    where they cannot be known). Without it (or on None) the layer output is interpolated."""
     rows_coupled: str = ""
     """Why one row's output depends on the other rows of the batch (Lily's router averages over
     it); non-empty means per-row coefficients (funcadapt.per_row) are refused with this reason."""

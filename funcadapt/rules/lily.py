@@ -41,7 +41,10 @@ LILY = register(
         doc=RuleDoc(
             adapter="Lily (shared A / expert Bs, router)",
             layers="Linear",
-            linear="y(c) = y0 + c·(y1 − y0): the layer's scale s ↦ c·s (shared A, Bs untouched); per_row refused",
+            linear=(
+                "y(c) = y0 + c·(y1 − y0): the layer's scale s ↦ c·s (shared A, Bs untouched); "
+                "per_row, per_token refused"
+            ),
             linear_exact="exact (forward-time s ↦ c·s)",
             geometric="= linear (additive)",
             invert="exact: the added output negated",

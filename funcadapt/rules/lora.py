@@ -258,20 +258,20 @@ LORA_VARIANT = register(
 )
 
 
-def _lora_rows(layer: Any, adapter: str, coeffs_for: Callable[[int], Tensor]) -> list[Patch] | None:
-    """Per-row coefficients for vanilla LoRA: PEFT adds ``lora_B(lora_A(dropout(x))) · s``, and a
-    bias-free B is linear, so scaling B's rank-r input row by row by c[i] scales row i's update by
-    c[i] exactly, for the cost of one multiply on (batch, …, r). Embedding LoRA (no B module) and
-    ``lora_bias`` (B(c·h) ≠ c·B(h)) use the row-wise output interpolation instead."""
+def _lora_rows(layer: Any, adapter: str, coeffs_for: Callable[[Tensor], Tensor]) -> list[Patch] | None:
+    """Per-row and per-token coefficients for vanilla LoRA: PEFT adds ``lora_B(lora_A(dropout(x))) · s``,
+    and a bias-free B is linear and acts on each row and token alone, so scaling B's rank-r input by
+    c[i] (or c[b, t]) scales that row's (token's) update by it exactly, for the cost of one multiply
+    on (batch, …, r). Embedding LoRA (no B module) and ``lora_bias`` (B(c·h) ≠ c·B(h)) use the output
+    interpolation instead."""
     lora_b = layer.lora_B[adapter] if adapter in getattr(layer, "lora_B", {}) else None
     if not isinstance(lora_b, nn.Module) or getattr(lora_b, "bias", None) is not None:
         return None
 
     def wrap(current: Any) -> Any:
         def row_scaled(h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            c = coeffs_for(h.shape[0] if h.dim() else 0)
             dtype = torch.promote_types(h.dtype, torch.float32)  # float32 at least, float64 kept
-            k = c.to(device=h.device, dtype=dtype).reshape(-1, *([1] * (h.dim() - 1)))
+            k = coeffs_for(h).to(device=h.device, dtype=dtype)
             return current((h.to(dtype) * k).to(h.dtype), *args, **kwargs)
 
         return row_scaled
