@@ -45,7 +45,7 @@ PEFT_BREAKS = {
 }
 """Adapters whose plain PEFT forward breaks the graph itself (benchmarks/compile.py --adapters lists the
 breaks of every adapter): funcadapt runs those same forwards."""
-KINDS = ["tensor", "float", "per_row", "groups", "call"]
+KINDS = ["tensor", "float", "per_row", "per_token", "groups", "call"]
 
 
 def _small(case_id: str) -> torch.nn.Module:
@@ -82,6 +82,8 @@ def _coefficient(kind: str, tree: funcadapt.AdapterTree, value: float = -1.0) ->
         return value
     if kind == "per_row":
         return funcadapt.per_row(torch.tensor([value, 0.5]))
+    if kind == "per_token":  # (a row of 10 positions for the batch's 8: the values reach past the forward)
+        return funcadapt.per_token(torch.linspace(value, 2.0, 20).reshape(2, 10))
     if kind == "groups":
         groups = funcadapt.layer_groups(tree)
         return torch.linspace(value, 1.0, len(groups))
@@ -135,7 +137,7 @@ def _counted(model: torch.nn.Module) -> tuple[torch.nn.Module, CompileCounter]:
 VALUES = [-1.0, 0.5, 2.0, -0.25, 3.0, 0.0, -2.0, 0.75, 1.5, -0.5]
 
 
-@pytest.mark.parametrize("kind", ["tensor", "float", "per_row", "groups"])
+@pytest.mark.parametrize("kind", ["tensor", "float", "per_row", "per_token", "groups"])
 @pytest.mark.parametrize("case_id", ["lora", "hra"])  # recomputed tensors; the output interpolation
 def test_ten_coefficient_values_compile_once(case_id, kind):
     """Ten values under AdapterModifier around a compiled model: a tensor coefficient, per-row vectors

@@ -94,6 +94,22 @@ def test_shared_prefill_example_equals_separate_generate_calls():
     assert result["identical"] and result["strengths_differ"]
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_token_attribution_example(tmp_path):
+    """examples/token_attribution.py --quick: the gradient per position is non-zero on the prompts and zero
+    where no scored prediction can depend on the coefficient (the continuation token, padding); the exact
+    one-position effects are finite; the plot is written."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import token_attribution
+
+    result = token_attribution.main(["--quick", "--steps", "3", "--out", str(tmp_path)])
+    grad, off = result["grad"], result["off"]
+    for i, k in enumerate(result["prompt_lengths"]):
+        assert grad[i, :k].abs().max() > 0 and off[i, :k].abs().max() > 0, i
+        assert grad[i, k:].abs().max() == 0 and off[i, k:].abs().max() == 0, i  # continuation and padding
+    assert bool(off.isfinite().all()) and Path(result["plot"]).is_file()
+
+
 def test_groups_benchmark_quick_runs():
     """benchmarks/groups.py --quick prints a ratio for every measure and variant (timings are
     reported by the benchmark, never asserted)."""

@@ -26,6 +26,7 @@ from cases import (
     VOCAB,
     inputs,
     output,
+    per_token_reference,
     randomize_adapters,
     reference_interpolation,
     tiny_llama,
@@ -462,6 +463,25 @@ def test_per_row_coefficients(llama_dir, quant, adapter):
         assert not torch.allclose(separate[0], separate[-1], atol=1e-3)
     err = float((got - ref).norm() / ref.norm())
     assert err <= PATH_TOL[quant], f"{err:.2e} (normwise) from separate calls"
+    assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize(("quant", "adapter"), COMBOS)
+def test_per_token_coefficients(llama_dir, quant, adapter):
+    """Per-token coefficients on the quantized model equal the hook reference that interpolates each
+    token's output (on the same batch: a per-token coefficient changes nothing about which rows run in
+    one call), the model unchanged. Normwise tolerance as between two paths of one computation."""
+    model = build(llama_dir, quant, adapter)
+    tree = funcadapt.extract(model)
+    before = snapshot(model)
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(IDS.shape[0], IDS.shape[1] + 2, generator=g) * 3.5 - 1.5
+    with torch.no_grad():
+        got = logits(model, funcadapt.transform(tree, funcadapt.per_token(values)))
+        with reference_interpolation(model, per_token_reference(values)):
+            ref = logits(model)
+    err = float((got - ref).norm() / ref.norm())
+    assert err <= PATH_TOL[quant], f"{err:.2e} (normwise) from the token-by-token reference"
     assert_model_unchanged(model, before)
 
 
