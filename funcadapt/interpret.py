@@ -55,13 +55,13 @@ def output_builders(
 ) -> list[Builder]:
     """The output interpolation (one coefficient, one per row or one per token) of the adapters that ask
     for it. ``positions``: the forward's positions, where any op is per token."""
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[type, dict[str, Coeff]] = {}
     for adapter, ops in per_adapter.items():
         for op in ops:
             if isinstance(op, Interpolate | InterpolateRows | InterpolateTokens):
-                found.setdefault(_KINDS[type(op)], {})[adapter] = _interpolated_coeff(op)
+                found.setdefault(type(op), {})[adapter] = _interpolated_coeff(op)
     if len(found) > 1:
-        given = "; ".join(f"adapters {sorted(v)} have {kind}" for kind, v in sorted(found.items()))
+        given = "; ".join(f"adapters {sorted(v)} have {_KINDS[kind]}" for kind, v in found.items())
         raise ValueError(
             f"layer {path!r}: {given}. All are interpolated at the layer output, so give them the same kind of "
             f"coefficient (or modify them in separate calls)"
@@ -69,14 +69,14 @@ def output_builders(
     if not found:
         return []
     kind, coeffs = found.popitem()
-    by_batch = kind != _KINDS[Interpolate] and batch_major(path, modules)
+    by_batch = kind is not Interpolate and batch_major(path, modules)
     # on a layer its model runs on the batch flattened, the rows of the batch its holder receives
     seen: list[int] = []
     watch = [_watching_batch(modules[path.rpartition(".")[0]], seen)] if by_batch else []
     place: Place | None = None
-    if kind == _KINDS[InterpolateRows]:
+    if kind is InterpolateRows:
         place = functools.partial(_place_rows, f"layer {path!r}", by_batch, seen)
-    elif kind == _KINDS[InterpolateTokens]:
+    elif kind is InterpolateTokens:
         _check_token_layout(path, layer)
         assert positions is not None
         place = functools.partial(_place_tokens, f"layer {path!r}", by_batch, seen, positions)
@@ -89,7 +89,7 @@ def output_builders(
         coeffs,
         place=place,
         reuse_base=place is not None and _reusable_base(layer, set(coeffs), rule_of),
-        main_only=kind == _KINDS[InterpolateTokens],
+        main_only=kind is InterpolateTokens,
     )
     return [interpolation.patches, *watch]
 

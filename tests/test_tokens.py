@@ -436,3 +436,21 @@ def test_sweep_scales_a_per_token_profile(method, grouped):
         with torch.no_grad(), reference_interpolation(model, coeff_at):
             want = metric(model(**batch))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case_id", ["adaption-prompt", "adaption-prompt-o-bias", "dora", "oft"])
+def test_generate_of_other_families_equals_the_uncached_reference(case_id):
+    """Families that interpolate the layer output (y0 from a second run, or from the wrapped attention that
+    appends to the KV cache once per step) decode with a cache as the uncached reference does."""
+    model = build(case(case_id))
+    model.generation_config.pad_token_id = 0
+    prompt = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    values = values_for(2, 11, seed=12)
+    with torch.no_grad():  # PEFT's first generate() leaves base_model.prepare_inputs_for_generation set
+        model.generate(input_ids=prompt, generation_config=config)
+    before = snapshot(model)
+    with torch.no_grad(), AdapterModifier(model, "scale", funcadapt.per_token(values)):
+        got = model.generate(input_ids=prompt, generation_config=config)
+    assert_unchanged(model, before)
+    assert torch.equal(got, reference_generate(model, {"input_ids": prompt}, values, config))
