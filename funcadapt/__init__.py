@@ -10,6 +10,7 @@ with funcadapt.AdapterModifier(model, "scale", -1.0):   # the same, as a context
 
 from .attribute import Attribution, attribute
 from .call import call, vmap
+from .deploy import export, merge
 from .functional import AdamWState, adamw_init, adamw_update, combine, load_params, stack, trainable, unstack
 from .groups import Groups, layer_groups
 from .modifier import AdapterModifier
@@ -50,9 +51,11 @@ __all__ = [
     "attribute",
     "call",
     "combine",
+    "export",
     "extract",
     "layer_groups",
     "load_params",
+    "merge",
     "per_row",
     "per_token",
     "stack",

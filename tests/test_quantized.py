@@ -38,6 +38,7 @@ from peft import (
     IA3Config,
     LoraConfig,
     OFTConfig,
+    PeftModel,
     PveraConfig,
     RandLoraConfig,
     RoadConfig,
@@ -483,6 +484,25 @@ def test_per_token_coefficients(llama_dir, quant, adapter):
     err = float((got - ref).norm() / ref.norm())
     assert err <= PATH_TOL[quant], f"{err:.2e} (normwise) from the token-by-token reference"
     assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_export_onto_a_quantized_base_and_merge_refused(llama_dir, quant, tmp_path):
+    """A LoRA on a bitsandbytes base exports at c (its tensors are float; PEFT reloads it onto a fresh
+    quantized base with funcadapt's logits, normwise within PATH_TOL); merge refuses, naming the reason."""
+    model = build(llama_dir, quant, "lora")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="bitsandbytes-quantized base"):
+        funcadapt.merge(model, 0.5)
+    path = funcadapt.export(model, -0.5, tmp_path / "adapter")
+    assert_model_unchanged(model, before)
+    reloaded = PeftModel.from_pretrained(load_base(llama_dir, quant), str(path)).eval()
+    with torch.no_grad():
+        got = logits(model, funcadapt.transform(funcadapt.extract(model), -0.5))
+        reloaded(input_ids=IDS)  # the same warm-up as build's (bitsandbytes' first forward sets state)
+        want = logits(reloaded)
+    err = float((got - want).norm() / want.norm())
+    assert err <= PATH_TOL[quant], f"{err:.2e} (normwise) from the reloaded adapter"
 
 
 def test_generate_per_row_on_4bit(llama_dir):

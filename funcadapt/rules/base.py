@@ -237,6 +237,9 @@ class Rule:
     unsupported: str = ""
     """Non-empty: this layer type is recognised but has no honest per-layer coefficient; extract
     refuses it with this explanation (and what to do instead)."""
+    not_deployable: str = ""
+    """Non-empty: :func:`funcadapt.export` and :func:`funcadapt.merge` refuse this rule with this reason,
+    even where its effect is a parameter map (PEFT cannot save, reload or merge the adapter on its own)."""
     acts_on_input: Callable[[LayerSpec], bool] = lambda spec: False
     """The adapter changes the base layer's *input* (feed-forward IA3, OFT). Its exact linear
     transform relies on the base layer being linear in its input; bitsandbytes kernels are not

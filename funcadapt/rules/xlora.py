@@ -156,5 +156,10 @@ XLORA = register(
         ),
         match=lambda layer, adapter: _xlora(layer) is not None and _LORA.match(layer, adapter),
         patches=_patches,
+        not_deployable=(
+            "PEFT saves an X-LoRA model as its classifier and the paths its experts were loaded from, and "
+            "reloads the experts from those paths (PEFT's own save does not reload elsewhere): transformed "
+            "experts cannot travel in it. Export each expert as a LoRA adapter from a LoRA model instead"
+        ),
     )
 )
