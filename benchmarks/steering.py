@@ -7,6 +7,8 @@ prompts with the same greedy generation settings by
                          (``examples/contrastive_steering.py``: c = +1 on the +pole targets, c = −1
                          on the −pole ones), swept over c; every coefficient of one adapter comes
                          from ONE ``generate()`` call (``funcadapt.per_row`` + ``funcadapt.tile``)
+  lora-response, …       the same adapters steering the response only: the prompt at c = 0, every
+                         generated position at c (``funcadapt.per_token``; one ``generate()`` call)
   repeng                 activation steering with the third-party ``repeng`` (0.4.0): a control
                          vector trained on the same contrastive pairs, its multiplier swept over
                          ``repeng_scale × c`` for the same c (one ``generate()`` call too: one
