@@ -67,6 +67,17 @@ def prompts_batch(tokenizer: Any, vocab: int) -> dict[str, torch.Tensor]:
     return dict(tokenizer(list(PROMPTS), return_tensors="pt", padding=True))
 
 
+def plain_model(model: nn.Module) -> nn.Module:
+    """The same weights in a model transformers will save: one loaded from a GGUF file is marked as
+    GGUF-quantized (though its weights are dequantized) and refuses ``save_pretrained``."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random model and synthetic tokens")
@@ -86,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     options = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": pad, "eos_token_id": None}
     base = copy.deepcopy(model).unload()
     out.mkdir(parents=True, exist_ok=True)
-    base.save_pretrained(out / "base")  # (safetensors: what vLLM loads)
+    plain_model(base).save_pretrained(out / "base")  # (safetensors: what vLLM loads)
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "base")
 

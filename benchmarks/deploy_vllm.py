@@ -65,6 +65,9 @@ def main() -> None:
         f"   requests without an adapter equal funcadapt's c = 0: {base_rows == data['tokens']['+0']} "
         f"(they equal the rows at c = {matches or 'none'})"
     )
+    alone = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    alone_ok = alone == data["tokens"]["+0"]
+    print(f"   the same requests without an adapter, in a batch of their own, equal c = 0: {alone_ok}")
     steered, steered_loras = batch[: len(strengths) * n], loras[: len(strengths) * n]
     batch_time = min(
         _timed(lambda: llm.generate(steered, greedy, lora_request=steered_loras, use_tqdm=False))
