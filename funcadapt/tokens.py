@@ -14,7 +14,7 @@ values are all equal is exactly that row under ``per_row`` (the same operations 
 numbers, bit for bit).
 
 **Positions are absolute.** A forward that processes T tokens after P tokens already in the KV
-cache (``past_key_values.get_seq_length()``, or the ``cache_position`` it is given) uses columns
+cache (the cache's ``get_seq_length()``, or the ``cache_position`` it is given) uses columns
 ``P … P+T−1``: one ``per_token`` value serves the prefill and every decoding step of
 ``generate()``. Left padding occupies positions like any token: with a left-padded batch of
 prompts of padded length T₀, the first generated token of every row is at position T₀
@@ -188,15 +188,18 @@ def span_of(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, Tensor) and cache_position.numel():
         return int(cache_position.reshape(-1)[0]), length
-    return _past_length(kwargs.get("past_key_values")), length
+    return _past_length(kwargs), length
 
 
-def _past_length(past: Any) -> int:
-    if past is None:
-        return 0
-    seq_length = getattr(past, "get_seq_length", None)
-    if callable(seq_length):
-        return int(seq_length())
+def _past_length(kwargs: Mapping[str, Any]) -> int:
+    """The number of tokens already in the KV cache the forward is given: transformers' Cache object
+    (``past_key_values``, called ``cache`` from transformers 5.25 on; any argument with
+    ``get_seq_length``), or the legacy tuple cache; 0 without one."""
+    for value in kwargs.values():
+        seq_length = getattr(value, "get_seq_length", None)
+        if callable(seq_length):
+            return int(seq_length())
+    past = kwargs.get("past_key_values")
     if isinstance(past, (tuple, list)) and past and isinstance(past[0], (tuple, list)) and past[0]:
         return int(past[0][0].shape[-2])  # the legacy tuple cache: (key [B, H, P, D], value) per layer
     return 0

@@ -505,6 +505,24 @@ def test_export_onto_a_quantized_base_and_merge_refused(llama_dir, quant, tmp_pa
     assert err <= PATH_TOL[quant], f"{err:.2e} (normwise) from the reloaded adapter"
 
 
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_vmap_over_per_token_values(llama_dir, quant):
+    """funcadapt.vmap over a batch of per-token values equals one call per value (normwise within PATH_TOL)."""
+    model = build(llama_dir, quant, "lora")
+    tree = funcadapt.extract(model)
+    g = torch.Generator().manual_seed(4)
+    stacked = torch.rand(3, IDS.shape[0], IDS.shape[1], generator=g) * 3.5 - 1.5
+
+    def at(values: torch.Tensor) -> torch.Tensor:
+        return logits(model, funcadapt.transform(tree, funcadapt.per_token(values)))
+
+    with torch.no_grad():
+        together = funcadapt.vmap(at)(stacked)
+        separate = torch.stack([at(v) for v in stacked])
+    err = float((together - separate).norm() / separate.norm())
+    assert err <= PATH_TOL[quant], f"{err:.2e} (normwise) from one call per value"
+
+
 def test_generate_per_row_on_4bit(llama_dir):
     """generate() at three coefficients from one batch on an nf4 model: the greedy tokens
     equal three separate generations."""
