@@ -187,8 +187,20 @@ def span_of(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:
         )
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, Tensor) and cache_position.numel():
-        return int(cache_position.reshape(-1)[0]), length
-    return _past_length(kwargs), length
+        start = int(cache_position.reshape(-1)[0])
+    else:
+        start = _past_length(kwargs)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2 and int(mask.shape[-1]) != start + length:
+        # the mask covers every position so far: a cache funcadapt cannot see would otherwise place the
+        # tokens at the wrong positions without a word
+        return (
+            f"the forward's attention mask covers {int(mask.shape[-1])} positions, but funcadapt finds {start} "
+            f"cached and {length} new tokens, so it cannot tell which positions this forward processes. Pass the "
+            f"KV cache as past_key_values (or cache_position); if transformers passes it in a way funcadapt "
+            f"does not read, please report it"
+        )
+    return start, length
 
 
 def _past_length(kwargs: Mapping[str, Any]) -> int:

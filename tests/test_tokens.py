@@ -395,6 +395,17 @@ def test_per_token_misuse_is_refused_and_the_model_unchanged():
     assert_unchanged(model, before)
 
 
+def test_positions_that_disagree_with_the_attention_mask_are_refused():
+    """A forward whose KV cache funcadapt cannot see (the mask covers 8 positions, one new token, no cache)
+    raises instead of placing the token at position 0."""
+    model = build(case("lora"))
+    values = funcadapt.per_token(values_for(2, 12))
+    ids = inputs(batch=2, seq=1)["input_ids"]
+    refusal = "attention mask covers 8 positions, but funcadapt finds 0 cached and 1"
+    with pytest.raises(ValueError, match=refusal), AdapterModifier(model, "scale", values):
+        model(input_ids=ids, attention_mask=torch.ones(2, 8, dtype=torch.long))
+
+
 def test_per_token_and_whole_batch_coefficients_on_one_layer_are_refused():
     model = build(case("dora"))
     model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
