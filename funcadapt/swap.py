@@ -253,6 +253,7 @@ class Frame:
                 store: dict[str, Any] = module._parameters if name in module._parameters else module._buffers
                 undo.append(functools.partial(store.__setitem__, name, store[name]))
                 store[name] = tensor
+            patched: dict[int, nn.Module] = {id(m): m for m in self._guarded}
             for build in self._builders:
                 for patch in build():
                     if patch.item:
@@ -262,10 +263,14 @@ class Frame:
                     attr = forward_attr(patch.obj) if inside else patch.attr
                     value = patch.value(getattr(patch.obj, attr, None)) if patch.wrap else patch.value
                     _set(patch.obj, attr, value, undo)
+                    if isinstance(patch.obj, nn.Module):
+                        patched[id(patch.obj)] = patch.obj
             for module, attr in self._checkpointing:
                 current: Any = getattr(module, attr)
                 if not getattr(current, "_funcadapt", False):
                     _set(module, attr, _replaying(current), undo)
+            if not tracing:
+                self._refuse_copies(patched.values(), undo)
         except BaseException:
             run_undo(undo)
             raise
@@ -277,6 +282,15 @@ class Frame:
         self._stack.append(self)
         with _OWNERS_LOCK:
             _APPLIED[id(self)] = self
+
+    def _refuse_copies(self, modules: Iterable[nn.Module], undo: list[Callable[[], None]]) -> None:
+        """While applied, ``copy.deepcopy`` of the model or of any module this frame patched raises: the copy
+        would keep the patches, bound to the original modules, and compute with the original's tensors for
+        good, whatever is done to its own (copy.deepcopy reads ``__deepcopy__`` off the instance)."""
+        refuse = functools.partial(_refused_copy, self)
+        for module in modules:
+            if "__deepcopy__" not in module.__dict__:
+                _set(module, "__deepcopy__", refuse, undo)
 
     def unapply(self) -> None:
         if self._undo is None:
@@ -332,6 +346,14 @@ class Frame:
 
     def __exit__(self, *exc: object) -> None:
         self.unapply()
+
+
+def _refused_copy(frame: Frame, memo: Any = None) -> Any:
+    raise RuntimeError(
+        f"copy.deepcopy of a model while {frame.describe()} is applied would copy its temporary patches, which "
+        f"stay bound to the original model: the copy would compute with the original's tensors for good. Copy "
+        f"the model before entering the context, or after it exits"
+    )
 
 
 def checkpoint_attr(module: Any) -> str | None:

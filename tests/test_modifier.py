@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from cases import CASES, VOCAB, assert_unchanged, build, case, inputs, output, snapshot
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 import funcadapt
@@ -516,3 +517,28 @@ def test_generate_under_a_context_sees_the_models_forward_signature():
             assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
             under = generate()
     torch.testing.assert_close(under, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case_id", ["lora", "dora", "oft"])
+def test_deepcopy_while_a_context_is_applied_is_refused(case_id):
+    """A copy taken inside a context would keep the context's patches, bound to the original modules, and
+    compute with the original's tensors for good (found in review: training such a copy changed nothing it
+    computed). copy.deepcopy of the model, or of a patched module, raises there; after exit the copy is a
+    plain one, whose own tensors count."""
+    import copy
+
+    model = build(case(case_id))
+    batch = inputs(batch=2)
+    layer = next(m for _, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+    with AdapterModifier(model, "scale", -1.0):
+        for target in (model, layer):
+            with pytest.raises(RuntimeError, match=r"copy\.deepcopy of a model while AdapterModifier"):
+                copy.deepcopy(target)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            if p.requires_grad:
+                p.mul_(-2.0)
+        changed = output(clone(**batch))
+        original = output(model(**batch))
+    assert not torch.allclose(changed, original), "the copy computes with its own tensors"
