@@ -9,6 +9,7 @@ with the reason. References: PEFT's loader and PEFT's merge, nothing from funcad
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -67,11 +68,17 @@ def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return output(model(**batch))
 
 
+@functools.cache
+def built(case_id: str) -> torch.nn.Module:
+    """The case's float64 model, built once per worker: every cell checks it is left unchanged."""
+    return build(case(case_id), dtype=torch.float64)
+
+
 @pytest.mark.parametrize("how", TRANSFORMS, ids=lambda h: f"{h[0]}-{h[1]}-{h[2]}")
 @pytest.mark.parametrize("c", LLAMA_CASES, ids=lambda c: c.id)
 def test_export_and_merge_give_funcadapts_logits(c, how, tmp_path):
     op, coeff, mode = how
-    model = build(c, dtype=torch.float64)
+    model = built(c.id)
     batch = inputs(batch=2)
     tree = funcadapt.extract(model)
     before = snapshot(model)
