@@ -65,11 +65,15 @@ def export(
         )
     peft_model = _peft_model(model, "export")
     params = _weights_at(model, coeff, op, mode, adapter_names, groups, "export")
-    values = {key: params[key].detach() for key in params.tree.params}
+    _refuse_base_changing_init(peft_model, params)
+    _refuse_rescaled(model, params)
+    values = _by_identity(params)
+    # every active adapter acts in funcadapt's forward: those left out of adapter_names at c = 1, as they are
+    names = list(dict.fromkeys([*params.tree.adapters, *_active_adapters(peft_model)]))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        for name in params.tree.adapters:  # PEFT's layout: "default" at the top, any other in its subfolder
+        for name in names:  # PEFT's layout: "default" at the top, any other in its subfolder
             _save_adapter(peft_model, name, values, staging if name == "default" else staging / name)
         if target.exists():
             target.rmdir()
@@ -80,17 +84,25 @@ def export(
     return target
 
 
-def _save_adapter(peft_model: Any, name: str, values: Mapping[str, Tensor], directory: Path) -> None:
+def _save_adapter(peft_model: Any, name: str, values: Mapping[int, Tensor], directory: Path) -> None:
     """What ``PeftModel.save_pretrained`` writes for adapter ``name`` (PEFT picks the keys and names them),
-    from the model's tensors with ``values`` in place of its own. Read from ``named_parameters`` rather
-    than ``state_dict()``: bitsandbytes' 4-bit state_dict packing changes the layer it reads on some CPUs."""
+    from the model's tensors with ``values`` (by the id of the tensor they replace) in place of its own,
+    under every name a tensor has (PEFT may save a shared tensor under another name than funcadapt's).
+    Read from ``named_parameters`` rather than ``state_dict()``: bitsandbytes' 4-bit state_dict packing
+    changes the layer it reads on some CPUs."""
     from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
     from safetensors.torch import save_file
 
     state = dict(peft_model.named_parameters(remove_duplicate=False))
     state.update(peft_model.named_buffers(remove_duplicate=False))
-    state.update(values)
-    weights = get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=name)
+    state = {key: values.get(id(t), t) for key, t in state.items()}
+    config = peft_model.peft_config[name]
+    # (PEFT's state-dict function rewrites an AdaLoRA config's rank_pattern in place: it gets a copy)
+    peft_model.peft_config[name] = copy.deepcopy(config)
+    try:
+        weights = get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=name)
+    finally:
+        written, peft_model.peft_config[name] = peft_model.peft_config[name], config
     directory.mkdir(parents=True, exist_ok=True)
     # (cloned: safetensors refuses tensors that share memory, as tied or shared adapter tensors do)
     save_file(
@@ -98,9 +110,13 @@ def _save_adapter(peft_model: Any, name: str, values: Mapping[str, Tensor], dire
         str(directory / SAFETENSORS_WEIGHTS_NAME),
         metadata={"format": "pt"},
     )
-    config = copy.deepcopy(peft_model.peft_config[name])
-    config.inference_mode = True
-    config.save_pretrained(str(directory))
+    written = copy.deepcopy(written)
+    written.inference_mode = True
+    auto_mapping = None
+    if written.task_type is None:  # as PeftModel.save_pretrained: lets AutoPeftModel find the model class
+        base_class = type(peft_model.get_base_model())
+        auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+    written.save_pretrained(str(directory), auto_mapping_dict=auto_mapping)
 
 
 def merge(
@@ -130,6 +146,7 @@ def merge(
             f"PEFT has no merge for {type(peft_model.base_model).__name__} (its adapter is not a weight change "
             f"PEFT can fold into the base layers); export the adapter instead (funcadapt.export)"
         )
+    _refuse_unmergeable(model)
     values = {key: params[key].detach() for key in params.tree.params}
     clone = copy.deepcopy(peft_model)
     owned = dict(clone.named_parameters(remove_duplicate=False))
@@ -138,6 +155,36 @@ def merge(
         for key, tensor in values.items():
             owned[key].copy_(tensor)
     return clone.merge_and_unload(adapter_names=_active_adapters(clone))
+
+
+def _refuse_unmergeable(model: nn.Module) -> None:
+    """Merges PEFT gets wrong: a base weight tied to another module's (merging writes W + ΔW into both ends
+    of the tie), several adapters of a non-commutative rule on one layer (PEFT's OFT merge composes them in
+    the other order than its forward)."""
+    known = structure(model)
+    full = extract(model)
+    key_of = {id(t): k for k, t in model.named_parameters(remove_duplicate=False)}
+    for spec in full.layers:
+        layer = known.modules.get(spec.path)
+        base = getattr(layer, "get_base_layer", lambda: None)()
+        for name, tensor in getattr(base, "_parameters", {}).items():
+            key = key_of.get(id(tensor))
+            if key is not None and key in known.aliases:
+                raise ValueError(
+                    f"cannot merge into layer {spec.path!r}: its base {name} is tied to {known.aliases[key]} (tied "
+                    f"embeddings), and merging would change both ends of the tie. Untie the weights first, or export "
+                    f"the adapter instead (funcadapt.export)"
+                )
+    by_layer: dict[str, list[str]] = {}
+    for spec in full.layers:
+        by_layer.setdefault(spec.path, []).append(spec.rule)
+    for path, rules in by_layer.items():
+        if len(rules) > 1 and not all(rule_named(r).commutative for r in rules):
+            raise ValueError(
+                f"cannot merge layer {path!r}: it has several active adapters ({len(rules)}) whose effects do not "
+                f"commute, and PEFT merges them in another order than its forward runs them (OFT's merge). Merge "
+                f"one adapter at a time, or export them (funcadapt.export)"
+            )
 
 
 def _weights_at(
@@ -168,6 +215,52 @@ def _weights_at(
                 f"e.g. OFT, RoAd; op='invert' where the inverse has the adapter's form). See docs/support.md"
             )
     return params
+
+
+def _by_identity(params: Transformed) -> dict[int, Tensor]:
+    """{id of the model's tensor: its value at the coefficient}, for every tensor the transform changes."""
+    return {id(t): params[key].detach() for key, t in params.tree.params.items()}
+
+
+_BASE_CHANGING_INIT = ("pissa", "olora", "corda", "loftq")
+
+
+def _refuse_rescaled(model: nn.Module, params: Transformed) -> None:
+    """A LoRA layer whose ``scaling`` was changed at run time (``set_scale``, PEFT's
+    ``rescale_adapter_scale``): PEFT's loader rebuilds it from the config (lora_alpha / r, or / √r), so the
+    exported adapter would not compute what the model computes now."""
+    modules = structure(model).modules
+    for spec in params.tree.layers:
+        if spec.rule != "lora":  # (other rules keep other meanings in these dicts: AdaLoRA's r is its budget)
+            continue
+        layer = modules.get(spec.path)
+        scaling, alpha, rank = (getattr(layer, a, {}) for a in ("scaling", "lora_alpha", "r"))
+        if not all(isinstance(d, dict) and spec.adapter in d for d in (scaling, alpha, rank)):
+            continue
+        rs = getattr(layer, "use_rslora", {})
+        expected = alpha[spec.adapter] / (math.sqrt(rank[spec.adapter]) if rs.get(spec.adapter) else rank[spec.adapter])
+        live = scaling[spec.adapter]
+        if isinstance(live, int | float) and not math.isclose(live, expected, rel_tol=1e-12):
+            raise ValueError(
+                f"cannot export layer {spec.path!r} adapter {spec.adapter!r}: its LoRA scaling is {live:g}, not the "
+                f"{expected:g} its config gives (lora_alpha / r; changed at run time by set_scale or "
+                f"rescale_adapter_scale), and PEFT's loader rebuilds it from the config. Export outside that "
+                f"context, with the strength as the coefficient (funcadapt.export(model, c, ...))"
+            )
+
+
+def _refuse_base_changing_init(peft_model: Any, params: Transformed) -> None:
+    """Adapters whose initialisation changed the base weights (PiSSA, OLoRA, CorDA, LoftQ): PEFT's loader
+    runs it again on the base it is given, and engines that never run it need the changed base."""
+    for name in params.tree.adapters:
+        init = getattr(peft_model.peft_config[name], "init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INIT):
+            raise ValueError(
+                f"cannot export adapter {name!r}: it was initialised with init_lora_weights={init!r}, which changed "
+                f"the base weights it works with; PEFT's loader would run that initialisation again on the base it "
+                f"is given, and a serving engine would use the unchanged base. Merge it instead (funcadapt.merge), "
+                f"or save the changed base with the adapter (PEFT's path_initial_model_for_weight_conversion)"
+            )
 
 
 def _why(kinds: str) -> str:

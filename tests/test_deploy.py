@@ -22,7 +22,7 @@ import pytest
 import torch
 from cases import CASES, TOL64, assert_unchanged, build, case, inputs, output, snapshot, tolerance
 from cases_special import with_default_task_ids
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 import funcadapt
@@ -131,9 +131,14 @@ def test_export_and_merge_give_funcadapts_logits(c, how, tmp_path):
 def two_adapter_model() -> torch.nn.Module:
     model = build(case("lora"), dtype=torch.float64)
     model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"]))
+    model.base_model.set_adapter(["default", "other"])  # (before randomizing: PEFT freezes inactive adapters)
     cases.randomize_adapters(model, seed=5)
-    model.base_model.set_adapter(["default", "other"])
-    return model.eval()
+    model.eval()
+    batch = inputs(batch=2)
+    with torch.no_grad(), funcadapt.AdapterModifier(model, "disable", adapter_names="other"):
+        without_other = output(model(**batch))
+    assert (logits(model, batch) - without_other).abs().max() > 1e-3, "the second adapter must act"
+    return model
 
 
 def test_several_adapters_with_a_coefficient_each(tmp_path):
@@ -290,3 +295,93 @@ def test_deploy_benchmark_quick(tmp_path):
     written = json.loads((tmp_path / "deploy" / "tokens.json").read_text())
     assert set(written["tokens"]) == {f"{c:+g}" for c in bench.COEFFS}
     assert (tmp_path / "deploy" / "base" / "model.safetensors").is_file()
+
+
+def test_export_with_adapter_names_keeps_the_other_active_adapters(tmp_path):
+    """Adapters left out of adapter_names act at c = 1 in funcadapt's forward: the export carries them as
+    they are (found in review: it dropped them)."""
+    model = two_adapter_model()
+    batch = inputs(batch=2)
+    with torch.no_grad():
+        want = output(funcadapt.call(model, funcadapt.transform(funcadapt.extract(model, "default"), -1.0), **batch))
+    path = funcadapt.export(model, -1.0, tmp_path / "a", adapter_names="default")
+    loaded = PeftModel.from_pretrained(base_of(case("lora"), model), str(path))
+    loaded.load_adapter(str(path / "other"), adapter_name="other")
+    loaded.base_model.set_adapter(["default", "other"])
+    torch.testing.assert_close(logits(loaded.eval(), batch), want, **TOL64)
+
+
+@pytest.mark.parametrize("case_id", ["vblora", "unilora", "tinylora-tied", "lily"])
+def test_shift_of_tensors_layers_share_exports_under_every_name(case_id, tmp_path):
+    """A tensor several layers share (a vector bank, Lily's A) is saved by PEFT under a name other than the
+    one funcadapt extracts it by: the export substitutes tensors by identity (found in review: the file
+    held the unshifted tensor)."""
+    model = built(case_id)
+    batch = inputs(batch=2)
+    with torch.no_grad():
+        want = output(funcadapt.call(model, funcadapt.transform(funcadapt.extract(model), 0.05, "shift"), **batch))
+    path = funcadapt.export(model, 0.05, tmp_path / "shifted", op="shift")
+    loaded = PeftModel.from_pretrained(base_of(case(case_id), model), str(path)).eval()
+    torch.testing.assert_close(logits(loaded, batch), want, **TOL64)
+
+
+def test_export_refuses_a_scaling_changed_at_run_time(tmp_path):
+    from peft.helpers import rescale_adapter_scale
+
+    model = built("lora")
+    with rescale_adapter_scale(model, 0.5), pytest.raises(ValueError, match=r"its LoRA scaling is .* not the"):
+        funcadapt.export(model, 1.0, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_export_refuses_an_initialisation_that_changed_the_base(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(
+        cases.ARCHS["llama"](), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa")
+    )
+    with pytest.raises(ValueError, match="init_lora_weights='pissa', which changed the base"):
+        funcadapt.export(model, 0.5, tmp_path / "a")
+
+
+def test_merge_refuses_tied_embeddings_and_non_commuting_stacks():
+    torch.manual_seed(0)
+    base = cases.ARCHS["llama"]()
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    tied = get_peft_model(base, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    before = snapshot(tied)
+    with pytest.raises(ValueError, match="tied to"):
+        funcadapt.merge(tied, 0.4)
+    assert_unchanged(tied, before)
+    torch.manual_seed(0)
+    from peft import OFTConfig
+
+    stacked = get_peft_model(cases.ARCHS["llama"](), OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj"]))
+    stacked.add_adapter("other", OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj"]))
+    stacked.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="do not commute"):
+        funcadapt.merge(stacked, 0.4, mode="geometric")
+
+
+def test_export_leaves_the_models_configs_as_they_were(tmp_path):
+    """PEFT's state-dict function rewrites an AdaLoRA config's rank_pattern in place (after rank
+    allocation); export hands it a copy."""
+    from peft import AdaLoraConfig
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        cases.ARCHS["llama"](),
+        AdaLoraConfig(init_r=4, target_r=2, total_step=10, tinit=1, tfinal=2, target_modules=["q_proj", "v_proj"]),
+    )
+    batch = inputs(batch=2)
+    model.train()
+    for step in range(11):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        model.base_model.update_and_allocate(step)
+        model.zero_grad()
+    model.eval()
+    assert model.peft_config["default"].rank_pattern
+    before = copy.deepcopy(model.peft_config["default"])
+    funcadapt.export(model, 0.4, tmp_path / "a")
+    assert model.peft_config["default"] == before
