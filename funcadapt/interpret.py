@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import engines, models
 from .ops import Coeff, ForwardOp, Interpolate, InterpolateRows, InterpolateTokens
-from .rows import BATCH_MAJOR, row_coefficients
+from .rows import BATCH_MAJOR, row_coefficients, sequence_first
 from .rules.base import (
     Patch,
     Rule,
@@ -69,6 +69,12 @@ def output_builders(
     if not found:
         return []
     kind, coeffs = found.popitem()
+    seq_first = sequence_first(path, modules) if kind is not Interpolate else ""
+    if seq_first:
+        raise ValueError(
+            f"layer {path!r}: {_KINDS[kind]} are refused here because {seq_first}, so the first axis of its output "
+            f"is not the batch. Give its adapters one coefficient, or run one call per coefficient"
+        )
     by_batch = kind is not Interpolate and batch_major(path, modules)
     # on a layer its model runs on the batch flattened, the rows of the batch its holder receives
     seen: list[int] = []

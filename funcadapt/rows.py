@@ -188,6 +188,37 @@ as ``c.repeat_interleave(T)``; elsewhere a layer whose output has a multiple of 
 rows is refused, since its row order cannot be known."""
 
 
+SEQUENCE_FIRST: dict[str, str] = {
+    # XLNetModel.forward: input_ids.transpose(0, 1) — every layer below runs on [T, B, …]
+    "transformers.models.xlnet.modeling_xlnet.XLNetModel": "XLNet runs its layers sequence-first ([T, B, …])",
+    # FSMT's encoder and decoder layers: x = x.transpose(0, 1) (fairseq's T x B x C)
+    "transformers.models.fsmt.modeling_fsmt.FSMTModel": "FSMT runs its layers sequence-first ([T, B, …])",
+    # Longformer's and LED's self-attention: hidden_states.transpose(0, 1) before query/key/value
+    "transformers.models.longformer.modeling_longformer.LongformerSelfAttention": (
+        "Longformer's self-attention projects its input sequence-first ([T, B, …])"
+    ),
+    "transformers.models.led.modeling_led.LEDEncoderSelfAttention": (
+        "LED's encoder self-attention projects its input sequence-first ([T, B, …])"
+    ),
+}
+"""Modules under which the model runs its layers on the sequence first (``[T, B, …]``), by the class of the
+holding module, as read from the model's code. Coefficients that vary over the batch (per row, per token)
+are refused on the layers below them: with as many rows as tokens the first axis would pass for the batch."""
+
+
+def sequence_first(path: str, modules: Mapping[str, Any]) -> str:
+    """Why the layer at ``path`` runs sequence-first (see :data:`SEQUENCE_FIRST`), or ``""``."""
+    parts = path.split(".")
+    for i in range(len(parts), -1, -1):
+        holder = modules.get(".".join(parts[:i]))
+        if holder is not None:
+            cls = type(holder)
+            reason = SEQUENCE_FIRST.get(f"{cls.__module__}.{cls.__qualname__}", "")
+            if reason:
+                return reason
+    return ""
+
+
 def row_coefficients(where: str, c: Tensor, rows: int, batch_major: bool = False, batch: int | None = None) -> Tensor:
     """The coefficient of each of the ``rows`` rows of a layer's output, for per-row coefficients
     ``c`` (one per batch row): ``c`` itself, or each repeated T times on a layer the model runs on

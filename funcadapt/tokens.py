@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .swap import current_thread
+
 
 @dataclass(frozen=True, eq=False)
 class PerToken:
@@ -124,8 +126,15 @@ def after_prompt(
     return PerToken(torch.where(on, as_tensor(coeff), as_tensor(prompt_coeff)).to(dtype))
 
 
-Span = tuple[int, int]
-"""(first absolute position, number of tokens) of one forward."""
+@dataclass(frozen=True)
+class Span:
+    """What one forward processes: ``length`` tokens from absolute position ``start`` in each of ``rows``
+    rows; ``keep`` > 0: the output head sees only the last ``keep`` of them (``logits_to_keep``)."""
+
+    start: int
+    length: int
+    rows: int
+    keep: int = 0
 
 
 class Positions:
@@ -155,9 +164,14 @@ class Positions:
         self.stack[:] = saved
 
     def recording(self, forward: Any) -> Any:
-        """``forward`` (an entry module's), recording its positions while it runs."""
+        """``forward`` (an entry module's), recording its positions while it runs; only for the thread
+        applying the frame (another thread's call is refused by the modules the frame changes, and must not
+        leave its positions where this thread's layers read them)."""
+        owner = current_thread()
 
         def recorded(*args: Any, **kwargs: Any) -> Any:
+            if current_thread() is not owner:
+                return forward(*args, **kwargs)
             self.stack.append(span_of(args, kwargs))
             try:
                 return forward(*args, **kwargs)
@@ -176,13 +190,13 @@ def span_of(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:
     if ids is None and args and isinstance(args[0], Tensor):
         ids = args[0]
     embeds = kwargs.get("inputs_embeds")
-    if isinstance(ids, Tensor) and ids.dim() >= 1:
-        length = int(ids.shape[-1])
-    elif isinstance(embeds, Tensor) and embeds.dim() >= 2:
-        length = int(embeds.shape[-2])
+    if isinstance(ids, Tensor) and ids.dim() == 2:
+        rows, length = int(ids.shape[0]), int(ids.shape[1])
+    elif isinstance(embeds, Tensor) and embeds.dim() == 3:
+        rows, length = int(embeds.shape[0]), int(embeds.shape[1])
     else:
         return (
-            "per-token coefficients need the number of tokens the forward processes: call the model with "
+            "per-token coefficients need the rows and tokens the forward processes: call the model with "
             "input_ids ([B, T]) or inputs_embeds ([B, T, H])"
         )
     cache_position = kwargs.get("cache_position")
@@ -200,7 +214,13 @@ def span_of(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:
             f"KV cache as past_key_values (or cache_position); if transformers passes it in a way funcadapt "
             f"does not read, please report it"
         )
-    return start, length
+    keep = kwargs.get("logits_to_keep")
+    if isinstance(keep, Tensor) or (keep is not None and not isinstance(keep, int)):
+        return (
+            "per-token coefficients with logits_to_keep given as indices are not supported (the output head's "
+            "positions would be those indices); pass an int, or 0 for every position"
+        )
+    return Span(start, length, rows, keep if isinstance(keep, int) and 0 < keep < length else 0)
 
 
 def _past_length(kwargs: Mapping[str, Any]) -> int:
@@ -225,7 +245,9 @@ def token_coefficients(
     ``span``: ``c[:, P:P+T]`` at ``[b, t]`` of a ``[B, T, …]`` output, at row ``b·T + t`` of a layer the
     model runs on its batch flattened batch-major (``batch_major``; ``batch``: the rows the module
     holding it received)."""
-    start, length = span
+    start, length, batch_rows = span.start, span.length, span.rows
+    if span.keep and y.dim() >= 3 and not batch_major and y.shape[1] == span.keep:
+        start, length = start + length - span.keep, span.keep  # the output head, on the last positions only
     total = int(c.shape[-1])
     if start + length > total:
         raise ValueError(
@@ -236,33 +258,36 @@ def token_coefficients(
     k = c[..., start : start + length]
     rows = int(y.shape[0]) if y.dim() else 0
     per_row = k.dim() == 2
+    if per_row and k.shape[0] != batch_rows:
+        beams = (
+            " If you run generate() with num_beams or num_return_sequences = n, it runs n copies of each row in a "
+            "row: give funcadapt.per_token(values, repeat=n)."
+            if batch_rows % k.shape[0] == 0
+            else ""
+        )
+        raise ValueError(
+            f"{where}: the per-token coefficients have {k.shape[0]} rows, but the model's input has {batch_rows}: "
+            f"give one row of values per row of the batch.{beams}"
+        )
     if batch_major:
         # row b·T + t is token t of batch row b
-        if per_row and (rows != k.shape[0] * length or (batch is not None and batch != k.shape[0])):
-            raise _layout(where, y, k, length, "[B·T, …] with B = the coefficients' rows")
-        if not per_row:
-            if rows % length:
-                raise _layout(where, y, k, length, "[B·T, …]")
-            k = k.repeat(rows // length)
+        if rows != batch_rows * length or (batch is not None and batch != batch_rows):
+            raise _layout(where, y, batch_rows, length, "[B·T, …]")
+        k = k.reshape(-1) if per_row else k.repeat(batch_rows)
         return k.reshape(-1, *([1] * (y.dim() - 1)))
-    if y.dim() < 2 or y.shape[1] != length or (per_row and rows != k.shape[0]):
-        raise _layout(where, y, k, length, "[B, T, …]")
+    # batch-first, one feature axis at least: [B, T, …] (a 2-d output is one vector per row, not per token)
+    if y.dim() < 3 or rows != batch_rows or y.shape[1] != length:
+        raise _layout(where, y, batch_rows, length, "[B, T, features…]")
     if not per_row:
         k = k.unsqueeze(0)
     return k.reshape(*k.shape, *([1] * (y.dim() - 2)))
 
 
-def _layout(where: str, y: Tensor, k: Tensor, length: int, expected: str) -> ValueError:
-    rows = f"B = {k.shape[0]}, " if k.dim() == 2 else ""
-    beams = (
-        " If you run generate() with num_beams or num_return_sequences = n, it runs n copies of each row in a "
-        "row: give funcadapt.per_token(values, repeat=n)."
-        if k.dim() == 2 and y.dim() and y.shape[0] and y.shape[0] % k.shape[0] == 0 and y.shape[0] != k.shape[0]
-        else ""
-    )
+def _layout(where: str, y: Tensor, rows: int, length: int, expected: str) -> ValueError:
     return ValueError(
-        f"{where}: its output has shape {tuple(y.shape)}, and per-token coefficients need {expected} "
-        f"({rows}T = {length} tokens in this forward) to know which token each entry belongs to.{beams} A layer that "
-        f"reshapes or routes its tokens (experts, convolutions, attention over another sequence) cannot be given "
-        f"per-token coefficients: scale it with one coefficient, or leave it out (adapter_names, groups)"
+        f"{where}: it computes on a tensor of shape {tuple(y.shape)}, and per-token coefficients need {expected} "
+        f"(B = {rows} rows, T = {length} tokens in this forward) to know which token each entry belongs to. A "
+        f"layer that reshapes or routes its tokens (experts, convolutions, attention over another sequence) "
+        f"cannot be given per-token coefficients: scale it with one coefficient, or leave it out (adapter_names, "
+        f"groups)"
     )

@@ -390,7 +390,7 @@ def test_per_token_misuse_is_refused_and_the_model_unchanged():
     alone = r"call the model .* itself, not one of its submodules"
     with pytest.raises(ValueError, match=alone), AdapterModifier(model, "scale", values):
         model.base_model.model.model.layers[0](torch.randn(2, SEQ, 32))
-    with pytest.raises(ValueError, match=r"\[B, T, …\]"):  # 3 rows of values, a batch of 2
+    with pytest.raises(ValueError, match="per-token coefficients have 3 rows, but the model's input has 2"):
         funcadapt.call(model, funcadapt.transform(tree, funcadapt.per_token(values_for(3, SEQ))), **inputs(seq=SEQ))
     assert_unchanged(model, before)
 
@@ -465,3 +465,51 @@ def test_generate_of_other_families_equals_the_uncached_reference(case_id):
         got = model.generate(input_ids=prompt, generation_config=config)
     assert_unchanged(model, before)
     assert torch.equal(got, reference_generate(model, {"input_ids": prompt}, values, config))
+
+
+def test_sequence_first_models_refuse_coefficients_that_vary_over_the_batch():
+    """XLNet runs its layers on [T, B, …]: with as many rows as tokens the first axis would pass for the
+    batch (found in review: B = T = 4 ran, transposed). per_token and per_row are refused there by name."""
+    from transformers import XLNetConfig, XLNetLMHeadModel
+
+    torch.manual_seed(0)
+    config = XLNetConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, d_inner=32, dropout=0.0)
+    model = get_peft_model(XLNetLMHeadModel(config), LoraConfig(r=4, target_modules=["layer_1", "layer_2"])).eval()
+    ids = inputs(batch=4, seq=4)["input_ids"]
+    before = snapshot(model)
+    for coeff in (funcadapt.per_token(values_for(4, 4)), funcadapt.per_row([1.0, -1.0, 0.5, 0.0])):
+        refusal = pytest.raises(ValueError, match="XLNet runs its layers sequence-first")
+        with refusal, torch.no_grad(), AdapterModifier(model, "scale", coeff):
+            model(input_ids=ids)
+    assert_unchanged(model, before)
+
+
+def test_a_layer_that_sees_the_last_positions_only_takes_their_columns():
+    """generate() runs the LM head on the last position only (logits_to_keep=1): a LoRA on lm_head takes the
+    column of that position. The full forward equals the token-by-token reference; logits_to_keep=1 gives
+    its last position (found in review: such calls were refused)."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).double()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)).eval()
+    ids = inputs(batch=2, seq=7)["input_ids"]
+    values = values_for(2, 10, dtype=torch.float64)
+    with torch.no_grad():
+        with AdapterModifier(model, "scale", funcadapt.per_token(values)):
+            full = model(input_ids=ids).logits
+            last = model(input_ids=ids, logits_to_keep=1).logits
+        with reference_interpolation(model, per_token_reference(values)):
+            want = model(input_ids=ids).logits
+    torch.testing.assert_close(full, want, **TOL64)
+    torch.testing.assert_close(last, full[:, -1:], **TOL64)
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with AdapterModifier(model, "scale", funcadapt.per_token(values)):
+        model.generate(input_ids=ids, generation_config=config)  # runs (the head sees one position per step)
