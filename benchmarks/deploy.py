@@ -54,7 +54,9 @@ def trained(args: argparse.Namespace) -> tuple[nn.Module, Any]:
         if args.cache:
             Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
             torch.save(funcadapt.trainable(tree), args.cache)
-    return model.eval(), tokenizer
+    # --quick checks exactness, token for token: in float64, where plain PEFT's computation at c and funcadapt's
+    # (the same function, rounded in other places) cannot pick different tokens at a near tie
+    return (model.double() if args.quick else model).eval(), tokenizer
 
 
 def prompts_batch(tokenizer: Any, vocab: int) -> dict[str, torch.Tensor]:

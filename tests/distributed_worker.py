@@ -34,7 +34,17 @@ ENGINES = (
     "fsdp1-peft-policy",  # PEFT's fsdp_auto_wrap_policy: every trainable leaf (lora_A/B) its own unit: refused
     "fsdp2-leaves",  # fully_shard on each adapter leaf too: refused
 )
-CHECKS = ("call", "modifier", "two_pass", "vmap", "vmap_modifier", "per_row", "shift_replace", "checkpointing")
+CHECKS = (
+    "call",
+    "modifier",
+    "two_pass",
+    "vmap",
+    "vmap_modifier",
+    "per_row",
+    "per_token",
+    "shift_replace",
+    "checkpointing",
+)
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
@@ -183,6 +193,16 @@ def _checks(
         loss.backward()
         return {"logits": logits.detach(), **_grads(model, engine)}
 
+    def per_token() -> Any:
+        """A coefficient per token (positions read where the engine-wrapped model's forward starts)."""
+        _zero(model)
+        rows, length = batch["input_ids"].shape
+        values = torch.linspace(-1.0, 1.5, rows * (length + 2)).reshape(rows, length + 2)
+        with funcadapt.AdapterModifier(model, "scale", funcadapt.per_token(values)):
+            out = model(**batch, labels=pos)
+        out.loss.backward()
+        return {"loss": out.loss.detach(), "logits": out.logits.detach(), **_grads(model, engine)}
+
     def shift_replace() -> Any:
         """op='shift' and op='replace' apply when each layer runs too, with gradients through the shift."""
         _zero(model)
@@ -204,6 +224,7 @@ def _checks(
         "vmap": vmap,
         "vmap_modifier": vmap_modifier,
         "per_row": per_row,
+        "per_token": per_token,
         "shift_replace": shift_replace,
     }
     return checks

@@ -17,7 +17,17 @@ import threading
 import distributed_worker as dw
 import pytest
 import torch
-from cases import CASES, assert_unchanged, build, case, inputs, output, reference_interpolation, snapshot
+from cases import (
+    CASES,
+    assert_unchanged,
+    build,
+    case,
+    inputs,
+    output,
+    per_token_reference,
+    reference_interpolation,
+    snapshot,
+)
 
 import funcadapt
 from funcadapt import AdapterModifier
@@ -203,6 +213,23 @@ def test_offload_generate_per_row(how, tmp_path):
             with AdapterModifier(reference, "scale", c):
                 alone = reference.generate(input_ids=ids, **settings)
             assert torch.equal(batched[2 * k : 2 * k + 2], alone), f"c = {c}"
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora", "hra"])
+@pytest.mark.parametrize("how", OFFLOADS)
+def test_offload_per_token_exact(how, adapter, tmp_path):
+    """Per-token coefficients under accelerate offload equal the token-by-token reference on the model before
+    offloading (the positions are read where accelerate's hooked forward starts)."""
+    reference = build(case(adapter))
+    model = _offloaded(copy.deepcopy(reference), how, tmp_path)
+    batch = inputs(batch=2, seq=6)
+    values = torch.linspace(-1.0, 1.5, 16).reshape(2, 8)
+    with torch.no_grad():
+        with reference_interpolation(reference, per_token_reference(values)):
+            want = output(reference(**batch))
+        with AdapterModifier(model, "scale", funcadapt.per_token(values)):
+            got = output(model(**batch))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("how", OFFLOADS)

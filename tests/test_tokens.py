@@ -234,6 +234,12 @@ def test_gradient_checkpointing_recomputes_with_the_forwards_positions():
 GREEDY = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
+def generating_model64(attn: str = "sdpa"):
+    """test_rows' generating model in float64: decoding with a cache and the uncached reference round
+    differently, and in float32 a near tie could pick another token on another CPU."""
+    return generating_model(attn).double()
+
+
 def reference_generate(model, prompts, values, config):
     """generate() without a KV cache under the hook reference: every step runs the whole sequence."""
     uncached = GenerationConfig(**{**config.to_dict(), "use_cache": False})
@@ -243,7 +249,7 @@ def reference_generate(model, prompts, values, config):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_generate_with_left_padding_equals_the_uncached_reference(attn):
-    model = generating_model(attn)
+    model = generating_model64(attn)
     prompts = left_padded_prompts()
     values = values_for(3, 7 + GREEDY.max_new_tokens, seed=9)
     before = snapshot(model)
@@ -259,7 +265,7 @@ def test_generate_with_left_padding_equals_the_uncached_reference(attn):
 def test_generate_with_beams_needs_each_row_repeated():
     """num_beams = k runs k copies of each row: [B, L] values are refused with the fix, and the fix
     (per_token(values, repeat=k)) equals the uncached reference."""
-    model = generating_model()
+    model = generating_model64()
     prompts = left_padded_prompts()
     config = GenerationConfig(max_new_tokens=5, num_beams=2, do_sample=False, pad_token_id=0, eos_token_id=None)
     values = values_for(3, 7 + 5, seed=11)
@@ -276,7 +282,7 @@ def test_generate_with_beams_needs_each_row_repeated():
 def test_after_prompt_steers_the_generated_tokens_only():
     """after_prompt: the prompt at 0 (the base model's KV cache, and so the first generated token is the
     base model's), every generated token's position at c; with steer_last_prompt_token the first too."""
-    model = generating_model()
+    model = generating_model64()
     prompts = left_padded_prompts()
     steered = funcadapt.after_prompt(prompts, GREEDY.max_new_tokens, 1.5)
     assert steered.values.shape == (7 + 8,)
@@ -423,12 +429,12 @@ def test_per_token_and_whole_batch_coefficients_on_one_layer_are_refused():
 def test_sweep_scales_a_per_token_profile(method, grouped):
     """sweep(..., tokens=profile): coefficient c runs token t of row b at c·profile[b, t] (with groups, the
     vector c: group g at c[g]·profile[b, t]); every method gives the hook reference's metric."""
-    model = build(case("ia3"))
+    model = build(case("ia3"), dtype=torch.float64)  # (vmap's batched kernels reduce in another order)
     tree = funcadapt.extract(model)
     batch = inputs(batch=2, seq=SEQ)
-    profile = values_for(2, SEQ, seed=5)
+    profile = values_for(2, SEQ, seed=5, dtype=torch.float64)
     groups = funcadapt.layer_groups(tree, "block") if grouped else None
-    coeffs = torch.tensor([[-1.0, 0.5], [2.0, -0.5]]) if grouped else torch.tensor([-1.0, 0.5, 2.0])
+    coeffs = torch.tensor([[-1.0, 0.5], [2.0, -0.5]] if grouped else [-1.0, 0.5, 2.0], dtype=torch.float64)
 
     def metric(out):
         return out.logits[:, -3:].mean()
@@ -446,14 +452,14 @@ def test_sweep_scales_a_per_token_profile(method, grouped):
             coeff_at = per_token_reference(c * profile)
         with torch.no_grad(), reference_interpolation(model, coeff_at):
             want = metric(model(**batch))
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, **TOL64)
 
 
 @pytest.mark.parametrize("case_id", ["adaption-prompt", "adaption-prompt-o-bias", "dora", "oft"])
 def test_generate_of_other_families_equals_the_uncached_reference(case_id):
     """Families that interpolate the layer output (y0 from a second run, or from the wrapped attention that
-    appends to the KV cache once per step) decode with a cache as the uncached reference does."""
-    model = build(case(case_id))
+    appends to the KV cache once per step) decode with a cache as the uncached reference does (float64)."""
+    model = build(case(case_id), dtype=torch.float64)
     model.generation_config.pad_token_id = 0
     prompt = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
     config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -513,3 +519,51 @@ def test_a_layer_that_sees_the_last_positions_only_takes_their_columns():
     config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
     with AdapterModifier(model, "scale", funcadapt.per_token(values)):
         model.generate(input_ids=ids, generation_config=config)  # runs (the head sees one position per step)
+
+
+def test_another_threads_refused_call_leaves_no_positions_behind():
+    """While thread A runs the model under per_token, thread B calls it with other positions (cache_position
+    3…10) and is held after entering: B is refused at the first layer the context changes, and A's layers
+    still read A's positions (found in review: B's span sat on a stack shared by both threads)."""
+    import threading
+    import time
+
+    model = generating_model64()
+    ids = inputs(batch=2, seq=8)["input_ids"]
+    values = values_for(2, 12, dtype=torch.float64)
+    with torch.no_grad(), reference_interpolation(model, per_token_reference(values)):
+        want = model(input_ids=ids).logits
+    embed = model.get_base_model().model.embed_tokens
+    first_block = model.get_base_model().model.layers[0]
+    a_inside, b_entered, b_errors = threading.Event(), threading.Event(), []
+
+    def hold_a(module, args):
+        if threading.current_thread() is threading.main_thread():
+            a_inside.set()
+            b_entered.wait(5)
+
+    def hold_b(module, args):
+        if threading.current_thread() is not threading.main_thread():
+            b_entered.set()
+            time.sleep(0.5)  # B has entered the model (its positions recorded, were they recorded) and waits
+
+    def thread_b():
+        a_inside.wait(5)
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, cache_position=torch.arange(3, 11))
+        except RuntimeError as e:
+            b_errors.append(str(e))
+
+    handles = [first_block.register_forward_pre_hook(hold_a), embed.register_forward_pre_hook(hold_b)]
+    other = threading.Thread(target=thread_b)
+    try:
+        other.start()
+        with torch.no_grad(), AdapterModifier(model, "scale", funcadapt.per_token(values)):
+            got = model(input_ids=ids).logits
+        other.join()
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(got, want, **TOL64)
+    assert b_entered.is_set() and b_errors and "in another thread" in b_errors[0]
