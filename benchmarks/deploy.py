@@ -44,16 +44,8 @@ def trained(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     args.adapter, args.load_in_4bit, args.model = "lora", False, None
     torch.manual_seed(args.seed)
     model, tokenizer, train, _held, pad = example.build(args)
-    tree = funcadapt.extract(model)
-    if args.cache and Path(args.cache).is_file():
-        funcadapt.load_params(tree, torch.load(args.cache))
-    else:
-        example.train_contrastive(
-            model, train, pad, steps=40 if args.quick else 60, lr=3e-2 if args.quick else 5e-4, seed=args.seed
-        )
-        if args.cache:
-            Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(funcadapt.trainable(tree), args.cache)
+    steps, lr = (40, 3e-2) if args.quick else (60, 5e-4)
+    example.trained_or_loaded(model, train, pad, args.cache, steps=steps, lr=lr, seed=args.seed)
     # --quick checks exactness, token for token: in float64, where plain PEFT's computation at c and funcadapt's
     # (the same function, rounded in other places) cannot pick different tokens at a near tie
     return (model.double() if args.quick else model).eval(), tokenizer

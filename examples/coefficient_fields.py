@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from contrastive_steering import build, held_out_metric, make_batch, train_contrastive
+from contrastive_steering import build, held_out_metric, make_batch, trained_or_loaded
 from torch import Tensor, nn
 
 import funcadapt
@@ -161,14 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, _tokenizer, train, held, pad = build(args)
     steps = args.steps or (20 if args.quick else 60)
+    trained_or_loaded(model, train, pad, args.cache, steps=steps, lr=3e-2 if args.quick else 5e-4, seed=args.seed)
     tree = funcadapt.extract(model)
-    if args.cache and Path(args.cache).is_file():
-        funcadapt.load_params(tree, torch.load(args.cache))
-        model.eval()
-    else:
-        train_contrastive(model, train, pad, steps=steps, lr=3e-2 if args.quick else 5e-4, seed=args.seed)
-        if args.cache:
-            torch.save(funcadapt.trainable(tree), args.cache)
     groups = funcadapt.layer_groups(tree, "block")
     size = len(groups)
     held_batch, metric = held_out_metric(held, pad)

@@ -316,6 +316,22 @@ def train_contrastive(
     return history
 
 
+def trained_or_loaded(
+    model: nn.Module, train: list, pad: int, cache: str | None, *, steps: int, lr: float, seed: int
+) -> None:
+    """The adapter loaded from ``cache`` (a .pt file of its trainable tensors) when the file exists; else
+    trained with :func:`train_contrastive` and, with ``cache``, saved there. The model ends in eval mode."""
+    tree = funcadapt.extract(model)
+    if cache and Path(cache).is_file():
+        funcadapt.load_params(tree, torch.load(cache))
+        model.eval()
+        return
+    train_contrastive(model, train, pad, steps=steps, lr=lr, seed=seed)
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(funcadapt.trainable(tree), cache)
+
+
 def held_out_metric(held: list, pad: int) -> tuple[dict[str, Tensor], Callable[[Any], Tensor]]:
     """The held-out batch (positive continuations, then negative ones) and the metric on the model's
     output over it: mean over held-out pairs of log p(positive) − log p(negative) continuation."""

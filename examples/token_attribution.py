@@ -31,7 +31,7 @@ from torch import Tensor
 import funcadapt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from contrastive_steering import build, continuation_logprob, make_batch, train_contrastive
+from contrastive_steering import build, continuation_logprob, make_batch, trained_or_loaded
 
 
 def token_attribution(model: Any, held: list, pad: int) -> dict[str, Tensor]:
@@ -88,16 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, tokenizer, train, held, pad = build(args)
-    tree = funcadapt.extract(model)
-    if args.cache and Path(args.cache).is_file():
-        funcadapt.load_params(tree, torch.load(args.cache))
-        model.eval()
-    else:
-        steps = args.steps or (20 if args.quick else 60)
-        train_contrastive(model, train, pad, steps=steps, lr=3e-2 if args.quick else 5e-4, seed=args.seed)
-        if args.cache:
-            Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(funcadapt.trainable(tree), args.cache)
+    steps = args.steps or (20 if args.quick else 60)
+    trained_or_loaded(model, train, pad, args.cache, steps=steps, lr=3e-2 if args.quick else 5e-4, seed=args.seed)
     start = time.perf_counter()
     found = token_attribution(model, held, pad)
     seconds = time.perf_counter() - start

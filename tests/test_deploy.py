@@ -200,18 +200,8 @@ assert "funcadapt" not in sys.modules or sys.modules["funcadapt"] is None
 def test_the_exported_directory_loads_without_funcadapt(tmp_path):
     """PEFT's own loader in a process where funcadapt cannot be imported: the logits of funcadapt's call."""
     torch.manual_seed(0)
-    from peft import get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    base = LlamaForCausalLM(config).double()
+    base = cases.tiny_llama().double()
+    base.set_attn_implementation("sdpa")  # (eager takes its softmax in float32; the reloading process uses sdpa)
     base.save_pretrained(tmp_path / "base")
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.eval()

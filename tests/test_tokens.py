@@ -26,10 +26,11 @@ from cases import (
     per_token_reference,
     reference_interpolation,
     snapshot,
+    tiny_llama,
 )
 from peft import LoraConfig, get_peft_model
 from test_rows import generating_model, left_padded_prompts, token_logprob
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig
 
 import funcadapt
 from funcadapt import AdapterModifier
@@ -200,16 +201,7 @@ def test_gradient_checkpointing_recomputes_with_the_forwards_positions():
     """Under non-reentrant checkpointing, the recompute in backward (after the forward left the model)
     places the coefficients as the forward did: the gradients of a run without checkpointing."""
     torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).double()
+    base = tiny_llama().double()
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True))
     model.train()
     ids = inputs(batch=2, seq=SEQ)["input_ids"]
@@ -303,15 +295,7 @@ def test_alora_is_per_token_zero_before_the_invocation_and_one_from_it():
     """PEFT's aLoRA switches a LoRA on from the start of its invocation tokens: the same LoRA weights in a
     plain LoRA model under per_token (0 before, 1 from there on) give its logits."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    base = LlamaForCausalLM(config).double()
+    base = tiny_llama().double()
     invocation = [5, 6, 7]
     alora = get_peft_model(
         base,
@@ -325,7 +309,7 @@ def test_alora_is_per_token_zero_before_the_invocation_and_one_from_it():
     ).eval()
     torch.manual_seed(0)
     plain = get_peft_model(
-        LlamaForCausalLM(config).double(),
+        tiny_llama().double(),
         LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
     ).eval()
     plain.load_state_dict(alora.state_dict())
@@ -495,16 +479,7 @@ def test_a_layer_that_sees_the_last_positions_only_takes_their_columns():
     column of that position. The full forward equals the token-by-token reference; logits_to_keep=1 gives
     its last position (found in review: such calls were refused)."""
     torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).double()
+    base = tiny_llama().double()
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)).eval()
     ids = inputs(batch=2, seq=7)["input_ids"]
     values = values_for(2, 10, dtype=torch.float64)
