@@ -270,6 +270,8 @@ def _why(kinds: str) -> str:
 
 
 def _refuse_varying(coeff: Any, what: str) -> None:
+    """Per-row and per-token coefficients (transform accepts them; one adapter cannot carry them). Non-finite
+    coefficients are refused by transform itself."""
     given = coeff.values() if isinstance(coeff, Mapping) else [coeff]
     for c in given:
         if isinstance(c, PerRow | PerToken):
@@ -278,11 +280,6 @@ def _refuse_varying(coeff: Any, what: str) -> None:
                 f"cannot {what} {kind} coefficients: one adapter has one set of tensors, so it cannot be at a "
                 f"different strength per {kind.split('-')[1]}. {what.capitalize()} one coefficient at a time"
             )
-        number = c if isinstance(c, int | float) else (float(c) if isinstance(c, Tensor) and c.numel() == 1 else None)
-        if number is not None and not math.isfinite(number):
-            raise ValueError(f"cannot {what} at coefficient {number}: it is not finite")
-        if isinstance(c, Tensor) and c.numel() > 1 and not bool(torch.isfinite(c).all()):
-            raise ValueError(f"cannot {what} at coefficient vector {c.tolist()}: an entry is not finite")
 
 
 def _peft_model(model: nn.Module, what: str) -> Any:
