@@ -13,6 +13,7 @@ from .call import call, vmap
 from .deploy import export, merge
 from .functional import AdamWState, adamw_init, adamw_update, combine, load_params, stack, trainable, unstack
 from .groups import Groups, layer_groups
+from .images import PerImage, per_image, per_step
 from .modifier import AdapterModifier
 from .rows import PerRow, per_row, tile, untile
 from .rules.base import RULES, Rule
@@ -39,6 +40,7 @@ __all__ = [
     "Mode",
     "Op",
     "OpenContextWarning",
+    "PerImage",
     "PerRow",
     "PerToken",
     "Rule",
@@ -56,7 +58,9 @@ __all__ = [
     "layer_groups",
     "load_params",
     "merge",
+    "per_image",
     "per_row",
+    "per_step",
     "per_token",
     "stack",
     "sweep",

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from . import engines, models, quantized
 from .attention import folding_patches
+from .images import Passes
 from .interpret import Builder, batch_major, jit_patches, output_builders
-from .ops import ForwardOp, Interpolate, InterpolateRows, InterpolateTokens, rule_ops
+from .ops import ForwardOp, InterpolateImages, InterpolateRows, InterpolateTokens, OutputOp, rule_ops
 from .rules.base import (
     Patch,
     is_adapter_layer,
@@ -59,6 +60,15 @@ def call(model: nn.Module, params: Transformed | Mapping[str, Tensor], *args: An
         raise ddp_error
     if _changes_nothing(model, params):
         return model(*args, **kwargs)
+    if isinstance(params, Transformed) and any(
+        isinstance(op, InterpolateImages) and op.values.dim() == 3 for e in params.effects for op in e.ops
+    ):
+        raise ValueError(
+            "per-step coefficients (funcadapt.per_step) count the denoising steps across the denoiser calls of "
+            "one context, and funcadapt.call runs one forward: use funcadapt.AdapterModifier around the pipeline "
+            "call, or in a sampling loop of your own give step k its own coefficient (funcadapt.per_image(values[k]) "
+            "or a number)"
+        )
     with frame(model, params):
         return model(*args, **kwargs)
 
@@ -98,11 +108,16 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     self_guarded = set() if known.engine is not None else {p for p in recipes if not _interpolated(touched.get(p, {}))}
     builders: list[Builder] = []
     per_token = any(isinstance(op, InterpolateTokens) for e in effects for op in e.ops)
+    images = [op.values for e in effects for op in e.ops if isinstance(op, InterpolateImages)]
+    # what a forward processes, recorded where it enters the model and read by every layer
     positions = Positions() if per_token else None
-    if positions is not None:  # recorded where a forward enters the model, read by every layer
+    passes = _passes(model, images) if images else None
+    if positions is not None:
         _refuse_encoder_decoder(model)
+    recorders = [r for r in (positions, passes) if r is not None]
+    if recorders:
         entries = entry_modules(model)
-        builders.append(lambda: [Patch(m, "forward", positions.recording, wrap=True) for m in entries])
+        builders.append(lambda: [Patch(m, "forward", r.recording, wrap=True) for r in recorders for m in entries])
     for path in {**touched, **recipes, **loads}:
         if path not in recipes and path not in loads and _untouched(known, path, touched[path]):
             continue  # its tensors are the model's own and nothing acts on it (c = 1): no patch at all
@@ -110,7 +125,8 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
         guard = f"layer {path!r}" if path in self_guarded else None
         builders.extend(
             _layer_builders(
-                path, modules, known, touched.get(path, {}), recomputed, tuple(loads.get(path, ())), guard, positions
+                path, modules, known, touched.get(path, {}), recomputed, tuple(loads.get(path, ())), guard, positions,
+                passes,
             )
         )
     rows = [op.coeffs for e in effects for op in e.ops if isinstance(op, InterpolateRows)]
@@ -142,8 +158,21 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
             for what, m in checks
         ]
     )
-    states = () if positions is None else (positions,)
+    states = tuple(recorders)
     return Frame(model, swapped, builders, modules, known.checkpointing, guarded=guarded, states=states)
+
+
+def _passes(model: nn.Module, values: list[Tensor]) -> Passes:
+    """The recorder of denoiser passes for per-image coefficients ``values`` (as :class:`PerImage` lays them
+    out): the schedule's number of steps (one for every adapter), and whether an unconditional half has its
+    own strength."""
+    schedules = {int(v.shape[0]) for v in values if v.dim() == 3}
+    if len(schedules) > 1:
+        raise ValueError(
+            f"per-step coefficients with different numbers of steps were given ({sorted(schedules)}); give every "
+            f"adapter one value per step of the same pipeline call"
+        )
+    return Passes(model, schedules.pop() if schedules else 0, any(int(v.shape[-2]) == 2 for v in values))
 
 
 def _untouched(known: Structure, path: str, per_adapter: Mapping[str, Sequence[ForwardOp]]) -> bool:
@@ -157,8 +186,7 @@ def _untouched(known: Structure, path: str, per_adapter: Mapping[str, Sequence[F
 
 
 def _interpolated(per_adapter: Mapping[str, Sequence[ForwardOp]]) -> bool:
-    kinds = Interpolate | InterpolateRows | InterpolateTokens
-    return any(isinstance(op, kinds) for ops in per_adapter.values() for op in ops)
+    return any(isinstance(op, OutputOp) for ops in per_adapter.values() for op in ops)
 
 
 def entry_modules(model: nn.Module) -> list[nn.Module]:
@@ -317,11 +345,13 @@ def _layer_builders(
     loads: tuple[tuple[nn.Module, str], ...] = (),
     guard: str | None = None,
     positions: Positions | None = None,
+    passes: Passes | None = None,
 ) -> list[Builder]:
     """One layer's patches, innermost first: the rules' own, the just-in-time effects (inside the
     output interpolation, which runs the layer twice, and outside PEFT's forward), the interpolation.
     ``loads``: offloaded tensors to load when the layer runs (see :func:`_offloaded_tensors`);
-    ``positions``: the forward's positions, for per-token coefficients."""
+    ``positions``, ``passes``: the forward's positions and denoiser pass, for per-token and per-image
+    coefficients."""
     layer, rule_of = modules[path], functools.partial(known.rule, path)
     builders: list[Builder] = []
     for adapter, ops in per_adapter.items():
@@ -333,7 +363,7 @@ def _layer_builders(
         for key, pairs in known.reached(e.spec, modules[""]).items():
             owners.setdefault(key, pairs)
     builders.append(functools.partial(jit_patches, path, layer, recipes, owners, loads, guard))
-    builders.extend(output_builders(path, layer, per_adapter, rule_of, modules, positions))
+    builders.extend(output_builders(path, layer, per_adapter, rule_of, modules, positions, passes))
     return builders
 
 

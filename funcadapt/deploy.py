@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .groups import Groups
+from .groups import Groups, Varying
+from .images import PerImage
 from .rows import PerRow
 from .rules.base import rule_named
 from .structure import structure
@@ -270,12 +271,12 @@ def _why(kinds: str) -> str:
 
 
 def _refuse_varying(coeff: Any, what: str) -> None:
-    """Per-row and per-token coefficients (transform accepts them; one adapter cannot carry them). Non-finite
+    """Per-row, per-token and per-image coefficients (transform accepts them; one adapter cannot carry them). Non-finite
     coefficients are refused by transform itself."""
     given = coeff.values() if isinstance(coeff, Mapping) else [coeff]
     for c in given:
-        if isinstance(c, PerRow | PerToken):
-            kind = "per-row" if isinstance(c, PerRow) else "per-token"
+        if isinstance(c, Varying):
+            kind = {PerRow: "per-row", PerToken: "per-token", PerImage: "per-image"}[type(c)]
             raise ValueError(
                 f"cannot {what} {kind} coefficients: one adapter has one set of tensors, so it cannot be at a "
                 f"different strength per {kind.split('-')[1]}. {what.capitalize()} one coefficient at a time"

@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor
 
+from .images import PerImage
 from .rows import PerRow
 from .rules.base import Coeff, is_number
 from .tokens import PerToken
@@ -49,10 +50,14 @@ def _short(path: str) -> str:
 
 
 def _block(path: str) -> tuple[str, str] | None:
-    """(container path, index) of the first numbered component of ``path``, or None."""
+    """(container path, index) of the first numbered component of ``path``, or None. A diffusers UNet's
+    ``mid_block`` is one block between its numbered ``down_blocks`` and ``up_blocks``: (its parent,
+    ``"mid_block"``)."""
     parts = path.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
+            return ".".join(parts[:i]), part
+        if part == "mid_block":
             return ".".join(parts[:i]), part
     return None
 
@@ -72,7 +77,9 @@ def _by_block(paths: list[str]) -> Callable[[str], str]:
         if found is None:
             return _short(path)
         container, index = found
-        return index if len(containers) == 1 else f"{_short(container)}.{index}"
+        if len(containers) == 1:
+            return index
+        return f"{_short(container + '.')}{index}" if container else index
 
     return name
 
@@ -154,15 +161,33 @@ def resolve(tree: AdapterTree, groups: Groups) -> Grouping:
     return Grouping(tuple(str(name) for name in given), index)
 
 
-Vector: TypeAlias = "Tensor | tuple[float, ...] | PerRow | PerToken"
-"""A checked coefficient vector: a 1-d tensor, numbers, per-row vectors ([rows, G]) or per-token vectors
-([B, L, G] or [L, G])."""
+Varying = PerRow | PerToken | PerImage
+"""Coefficients that vary over the batch: per row, per token, per image (and denoising step)."""
+
+Vector: TypeAlias = "Tensor | tuple[float, ...] | PerRow | PerToken | PerImage"
+"""A checked coefficient vector: a 1-d tensor, numbers, per-row vectors ([rows, G]), per-token vectors
+([B, L, G] or [L, G]) or per-image vectors ([H, N, G] or [S, H, N, G], see :class:`PerImage`)."""
 
 
 def check_vector(v: Any, grouping: Grouping, where: str, check_finite: Callable[[Any, str], None]) -> Vector:
     """``v`` as one coefficient per group, or a clear error."""
     size = len(grouping)
     shown = f"{size} groups ({', '.join(grouping.names[:6])}{' …' if size > 6 else ''})"
+    if isinstance(v, PerRow | PerToken | PerImage) and v.groups is None:
+        kind = {PerRow: "per_row", PerToken: "per_token", PerImage: "per_image or per_step"}[type(v)]
+        raise ValueError(
+            f"coefficient{where} was built without groups, and transform was given a grouping: build it with the "
+            f"grouping ({kind}(values, groups=groups)), so that its last axis is read as one entry per group"
+        )
+    if isinstance(v, PerImage):
+        values = v.values
+        if values.dim() not in (3, 4) or values.shape[-1] != size:
+            raise ValueError(
+                f"per-image coefficients{where} with groups need one vector of {size} entries per image (and step), "
+                f"values of shape [N, {size}], [S, {size}] or [S, N, {size}]; the grouping has {shown}"
+            )
+        check_finite(values, where)
+        return v
     if isinstance(v, PerToken):
         values = v.values
         if values.dim() not in (2, 3) or values.shape[-1] != size:
@@ -206,9 +231,11 @@ def check_vector(v: Any, grouping: Grouping, where: str, check_finite: Callable[
     )
 
 
-def entry(vector: Vector, g: int) -> Coeff | PerRow | PerToken:
+def entry(vector: Vector, g: int) -> Coeff | PerRow | PerToken | PerImage:
     """Group ``g``'s coefficient: a number, a 0-d tensor (vmapped or requiring grad as the vector
-    is), one coefficient per row, or one per token."""
+    is), one coefficient per row, per token, or per image."""
+    if isinstance(vector, PerImage):
+        return PerImage(vector.values[..., g])
     if isinstance(vector, PerToken):
         return PerToken(vector.values[..., g])
     if isinstance(vector, PerRow):
@@ -218,13 +245,13 @@ def entry(vector: Vector, g: int) -> Coeff | PerRow | PerToken:
 
 def per_layer(
     grouping: Grouping, vectors: Callable[[str], Vector | None]
-) -> Callable[[LayerSpec], Coeff | PerRow | PerToken | None]:
+) -> Callable[[LayerSpec], Coeff | PerRow | PerToken | PerImage | None]:
     """(layer, adapter) -> its coefficient: entry ``g`` of its adapter's vector, g the layer's group
     (None: the layer is in no group, or the adapter has no vector; left unchanged). One object per
     (vector, group), so adapters on one layer given one vector share one coefficient object."""
-    cache: dict[tuple[int, int], Coeff | PerRow | PerToken] = {}
+    cache: dict[tuple[int, int], Coeff | PerRow | PerToken | PerImage] = {}
 
-    def coeff_of(spec: LayerSpec) -> Coeff | PerRow | PerToken | None:
+    def coeff_of(spec: LayerSpec) -> Coeff | PerRow | PerToken | PerImage | None:
         g = grouping.index.get(spec.path)
         vector = vectors(spec.adapter)
         if g is None or vector is None:

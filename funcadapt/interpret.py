@@ -23,7 +23,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from . import engines, models
-from .ops import Coeff, ForwardOp, Interpolate, InterpolateRows, InterpolateTokens
+from .images import Passes, image_coefficients
+from .ops import Coeff, ForwardOp, Interpolate, InterpolateImages, InterpolateRows, InterpolateTokens, OutputOp
 from .rows import BATCH_MAJOR, row_coefficients, sequence_first
 from .rules.base import (
     Patch,
@@ -52,13 +53,15 @@ def output_builders(
     rule_of: Callable[[str], Rule | None],
     modules: Mapping[str, nn.Module],
     positions: Positions | None = None,
+    passes: Passes | None = None,
 ) -> list[Builder]:
-    """The output interpolation (one coefficient, one per row or one per token) of the adapters that ask
-    for it. ``positions``: the forward's positions, where any op is per token."""
+    """The output interpolation (one coefficient, one per row, per token or per image) of the adapters that
+    ask for it. ``positions``, ``passes``: the forward's positions and denoiser pass, where any op is per
+    token or per image."""
     found: dict[type, dict[str, Coeff]] = {}
     for adapter, ops in per_adapter.items():
         for op in ops:
-            if isinstance(op, Interpolate | InterpolateRows | InterpolateTokens):
+            if isinstance(op, OutputOp):
                 found.setdefault(type(op), {})[adapter] = _interpolated_coeff(op)
     if len(found) > 1:
         given = "; ".join(f"adapters {sorted(v)} have {_KINDS[kind]}" for kind, v in found.items())
@@ -86,6 +89,9 @@ def output_builders(
         _check_token_layout(path, layer)
         assert positions is not None
         place = functools.partial(_place_tokens, f"layer {path!r}", by_batch, seen, positions)
+    elif kind is InterpolateImages:
+        assert passes is not None
+        place = functools.partial(_place_images, f"layer {path!r}", passes)
     fast = _varying_scaling(path, layer, coeffs, rule_of, place) if place is not None else None
     if fast is not None:
         return [functools.partial(list, fast), *watch]
@@ -96,6 +102,7 @@ def output_builders(
         place=place,
         reuse_base=place is not None and _reusable_base(layer, set(coeffs), rule_of),
         main_only=kind is InterpolateTokens,
+        kind="coefficients" if kind is Interpolate else _KINDS[kind],
     )
     return [interpolation.patches, *watch]
 
@@ -104,10 +111,11 @@ _KINDS: dict[type, str] = {
     Interpolate: "one coefficient for the whole batch",
     InterpolateRows: "per-row coefficients",
     InterpolateTokens: "per-token coefficients",
+    InterpolateImages: "per-image coefficients",
 }
 
 
-def _interpolated_coeff(op: Interpolate | InterpolateRows | InterpolateTokens) -> Coeff:
+def _interpolated_coeff(op: OutputOp) -> Coeff:
     if isinstance(op, Interpolate):
         return op.coeff
     return op.coeffs if isinstance(op, InterpolateRows) else op.values
@@ -127,6 +135,10 @@ def _place_tokens(
     where: str, by_batch: bool, seen: Sequence[int], positions: Positions, c: Tensor, y: Tensor
 ) -> Tensor:
     return token_coefficients(where, c, positions.current(where), y, by_batch, seen[-1] if seen else None)
+
+
+def _place_images(where: str, passes: Passes, c: Tensor, y: Tensor) -> Tensor:
+    return image_coefficients(where, c, passes.current(where), y)
 
 
 def _check_token_layout(path: str, layer: Any) -> None:
@@ -163,12 +175,10 @@ class Interpolation:
         place: Place | None = None,
         reuse_base: bool = False,
         main_only: bool = False,
+        kind: str = "coefficients",
     ) -> None:
         values = list(coeffs.values())
         if not all(same_coeff(v, values[0]) for v in values[1:]):
-            kind = (
-                "coefficients" if place is None else "per-token coefficients" if main_only else "per-row coefficients"
-            )
             raise ValueError(
                 f"layer {path!r} has several adapters interpolated at its output ({sorted(coeffs)}) and they were "
                 f"given different {kind}; the output interpolation can only scale them together. Give them one "

@@ -4,8 +4,10 @@ plain ops, swapped in under transforms only (outside them the model's own code r
 torch.func.vmap and grad refuse an ``autograd.Function`` without ``setup_context``. Where a model
 computes a plain function through one, the same function in plain differentiable ops gives the same
 values and, through autograd, the derivative the Function's hand-written backward implements (to
-float rounding). Other such Functions are reported by :func:`funcadapt.vmap` with the module named
-(see :func:`custom_function_error`).
+float rounding). ``nn.GroupNorm`` (diffusers' UNets) fails under vmap on an input laid out neither
+contiguous nor channels-last ("NYI: querying is_contiguous inside of vmap"): under transforms it
+normalises a contiguous copy, the same values. Other such Functions are reported by
+:func:`funcadapt.vmap` with the module named (see :func:`custom_function_error`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 PLAIN_FORWARDS: dict[str, tuple[str, str]] = {
@@ -31,8 +34,14 @@ def qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _group_norm(module: nn.GroupNorm, x: Tensor) -> Tensor:
+    return F.group_norm(x.contiguous(), module.num_groups, module.weight, module.bias, module.eps)
+
+
 def plain_forward(module: nn.Module) -> Callable[..., Any] | None:
     """``fn(module, *args)``: the module's forward in plain ops, if it is registered."""
+    if type(module) is nn.GroupNorm:
+        return _group_norm
     found = PLAIN_FORWARDS.get(qualified(type(module)))
     if found is None:
         return None

@@ -77,10 +77,14 @@ class AdapterModifier:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._frame is not None:
-            self._frame.unapply()  # raises, leaving this context active, when exited out of order
-            self._frame.entered_in = None  # a graph may keep the frame (checkpoint replay), not the caller's locals
+        f = self._frame
+        if f is not None:
+            f.unapply()  # raises, leaving this context active, when exited out of order
+            f.entered_in = None  # a graph may keep the frame (checkpoint replay), not the caller's locals
             self._frame = None
+            if exc[0] is None:  # what ran in the context may not have met its coefficients (a schedule's steps)
+                for state in f.states:
+                    state.finished()
 
     def __repr__(self) -> str:
         state = "active" if self._frame is not None else "inactive"

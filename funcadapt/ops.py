@@ -9,13 +9,15 @@ exact parameter form. Where it must act while the layer runs, the transform retu
 * :class:`InterpolateRows`: the same with ``c[i]`` in row ``i`` of the batch (``funcadapt.per_row``);
 * :class:`InterpolateTokens`: the same with ``c[b, t]`` at row ``b``, absolute position ``t``
   (``funcadapt.per_token``);
+* :class:`InterpolateImages`: the same with the strength of the image (and denoising step) each row
+  belongs to (``funcadapt.per_image``, ``funcadapt.per_step``);
 * :class:`ScaleInside`: the part of the adapter that PEFT builds at forward time from tensors shared
   between layers, times c, on this layer only (Lily's scale, TinyLoRA's R, VB-LoRA's and Uni-LoRA's B);
 * :class:`Rotate`: OFT's and PSOFT's rotation taken elsewhere on a path (its generator scaled,
   ``I + c·(R − I)``, or ``R⁻¹``);
 * :class:`ReverseChain`: HRA's reflections applied in reverse order (its exact inverse).
 
-The first three are interpreted by :mod:`funcadapt.interpret`; the others (:data:`RuleOp`) by the
+The first four are interpreted by :mod:`funcadapt.interpret`; the others (:data:`RuleOp`) by the
 ``patches`` of the rule that returned them, which receives only its own. Every op is a pytree whose
 leaves are its coefficients, so ``vmap``, ``grad`` and ``torch.compile`` see through them. The
 helpers below are the rules' shared tensor code for :class:`Rotate`.
@@ -57,6 +59,14 @@ class InterpolateTokens:
 
 
 @dataclass(frozen=True)
+class InterpolateImages:
+    """:class:`Interpolate` with the strength of the image each row belongs to, at the denoising step
+    running now (``values`` laid out as :class:`funcadapt.images.PerImage` holds them)."""
+
+    values: Tensor
+
+
+@dataclass(frozen=True)
 class ScaleInside:
     """The adapter's forward-built, per-layer part times ``coeff``: ``ΔW(c) = c·ΔW`` on this layer only."""
 
@@ -84,7 +94,10 @@ class ReverseChain:
 RuleOp = ScaleInside | Rotate | ReverseChain
 """The ops a rule's own ``patches`` interpret."""
 
-ForwardOp = Interpolate | InterpolateRows | InterpolateTokens | RuleOp
+OutputOp = Interpolate | InterpolateRows | InterpolateTokens | InterpolateImages
+"""The ops :mod:`funcadapt.interpret` applies at a layer's output."""
+
+ForwardOp = OutputOp | RuleOp
 
 
 def _register(cls: type, leaves: tuple[str, ...], static: tuple[str, ...] = ()) -> None:
@@ -100,6 +113,7 @@ def _register(cls: type, leaves: tuple[str, ...], static: tuple[str, ...] = ()) 
 _register(Interpolate, ("coeff",))
 _register(InterpolateRows, ("coeffs",))
 _register(InterpolateTokens, ("values",))
+_register(InterpolateImages, ("values",))
 _register(ScaleInside, ("coeff",))
 _register(Rotate, ("coeff",), ("how",))
 _register(ReverseChain, ())

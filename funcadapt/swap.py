@@ -39,6 +39,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .engines import forward_attr
@@ -178,6 +179,9 @@ class ForwardState(Protocol):
     def save(self) -> Any: ...
 
     def load(self, saved: Any) -> None: ...
+
+    def finished(self) -> None:
+        """Raise if what ran while the frame was applied did not meet its coefficients (checked on exit)."""
 
 
 class Frame:
@@ -466,8 +470,18 @@ _CHECKPOINT_OPTIONS = frozenset(
 """Keyword arguments torch.utils.checkpoint takes for itself (the others go to the function)."""
 
 
+def _diffusers_default(checkpoint_func: Callable[..., Any]) -> bool:
+    """diffusers' ``enable_gradient_checkpointing()`` without a function of the user's: a closure running
+    ``torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)``."""
+    return getattr(checkpoint_func, "__module__", "") == "diffusers.models.modeling_utils" and getattr(
+        checkpoint_func, "__qualname__", ""
+    ).endswith("enable_gradient_checkpointing.<locals>._gradient_checkpointing_func")
+
+
 def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a checkpoint function (see :func:`checkpoint_attr`) so its recompute replays the frames."""
+    if _diffusers_default(checkpoint_func):  # the same call, with the options funcadapt passes
+        checkpoint_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     stored = dict(getattr(checkpoint_func, "keywords", None) or {})
 
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -491,7 +505,9 @@ def _replaying(checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
                 "reentrant gradient checkpointing recomputes layers without funcadapt's effects and "
                 "would give silently wrong gradients; enable it with use_reentrant=False: "
                 "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), "
-                "or checkpoint_wrapper(..., checkpoint_impl=CheckpointImpl.NO_REENTRANT)"
+                "or checkpoint_wrapper(..., checkpoint_impl=CheckpointImpl.NO_REENTRANT); a diffusers model: "
+                "enable_gradient_checkpointing() without a function of your own (or functools.partial("
+                "torch.utils.checkpoint.checkpoint, use_reentrant=False))"
             )
         user_context = options.get("context_fn")
         stack, thread = _STATE.frames, _me()

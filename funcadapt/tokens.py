@@ -163,6 +163,9 @@ class Positions:
     def load(self, saved: list[Span | str]) -> None:
         self.stack[:] = saved
 
+    def finished(self) -> None:
+        """Nothing to check: every forward's positions were checked as it ran."""
+
     def recording(self, forward: Any) -> Any:
         """``forward`` (an entry module's), recording its positions while it runs; only for the thread
         applying the frame (another thread's call is refused by the modules the frame changes, and must not

@@ -43,8 +43,9 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from .engines import flat_shard, is_sharded, local_shard
-from .groups import Groups, check_vector, per_layer, resolve
-from .ops import ForwardOp, Interpolate, InterpolateRows, InterpolateTokens
+from .groups import Groups, Varying, check_vector, per_layer, resolve
+from .images import PerImage
+from .ops import ForwardOp, Interpolate, InterpolateImages, InterpolateRows, InterpolateTokens
 from .rows import PerRow
 from .rules.base import Coeff, Effect, Rule, Scaling, is_number, rule_named, same_coeff
 from .rules.base import Transform as RuleTransform
@@ -201,7 +202,15 @@ _SEVERAL = (
 )
 
 
-def _check_coeff(c: Any, where: str) -> Coeff | PerRow | PerToken:
+def _check_coeff(c: Any, where: str) -> Coeff | Varying:
+    if isinstance(c, PerImage):
+        if c.values.dim() not in (2, 3):
+            raise ValueError(
+                f"per-image coefficients{where} have shape {tuple(c.values.shape)}: one vector per image needs "
+                f"groups= (funcadapt.per_image(values, groups=...), funcadapt.per_step(values, groups=...))"
+            )
+        _check_finite(c.values, where)
+        return c
     if isinstance(c, PerToken):
         if c.values.dim() not in (1, 2):
             raise ValueError(
@@ -300,7 +309,7 @@ def _per_adapter(tree: AdapterTree, coeff: Any, check: Callable[[Any, str], Any]
     return lambda adapter: c
 
 
-CoeffOf = Callable[[LayerSpec], "Coeff | PerRow | PerToken | None"]
+CoeffOf = Callable[[LayerSpec], "Coeff | Varying | None"]
 """(layer, adapter) -> its coefficient; None leaves it unchanged (c = 1)."""
 
 
@@ -320,7 +329,7 @@ def _groups_given(coeff: Any, groups: Groups | None) -> Groups | None:
     """``groups``, or the grouping the per-row vectors carry (funcadapt.per_row(..., groups=)):
     the same one wherever both are given."""
     given = coeff.values() if isinstance(coeff, Mapping) else [coeff]
-    for g in (c.groups for c in given if isinstance(c, PerRow | PerToken) and c.groups is not None):
+    for g in (c.groups for c in given if isinstance(c, Varying) and c.groups is not None):
         if groups is None:
             groups = g
         elif g is not groups and g != groups:
@@ -430,8 +439,8 @@ def _shifts(tree: AdapterTree, value: Any) -> list[LayerEffect]:
 
         def deltas(spec: LayerSpec) -> dict[str, Any]:
             d = per_adapter(spec.adapter)
-            if isinstance(d, PerRow | PerToken):
-                what = "per_row" if isinstance(d, PerRow) else "per_token"
+            if isinstance(d, Varying):
+                what = {PerRow: "per_row", PerToken: "per_token", PerImage: "per_image"}[type(d)]
                 raise ValueError(
                     f"op='shift' changes raw parameters, which all rows and tokens share; {what} is for op='scale'"
                 )
@@ -525,7 +534,7 @@ def transform(
             c = coeff_of(spec)
             if c is None or (is_number(c) and c == 1.0):
                 continue  # identity, bit for bit
-            varying = isinstance(c, PerRow | PerToken)
+            varying = isinstance(c, Varying)
             plain = _plain_scaling(rule, spec, mode) if not varying and spec.path not in shared else None
             if plain is not None:  # ΔW linear in some tensors: nothing to validate, computed when needed
                 if not any(role in plain.roles for role in spec.keys):
@@ -565,8 +574,23 @@ def _inverted_effect(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], _: An
 
 
 def _scale_effect(
-    rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff | PerRow | PerToken, mode: str, joint: bool
+    rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff | Varying, mode: str, joint: bool
 ) -> Effect:
+    if isinstance(c, PerImage):
+        if mode != "linear":
+            raise ValueError(
+                "per-image coefficients (funcadapt.per_image, funcadapt.per_step) are defined for mode='linear' "
+                "only: the per-layer interpolation y0 + c·(y1 − y0) is what can differ image by image. For "
+                "geometric mode, run one pipeline call per coefficient"
+            )
+        if rule.rows_coupled:
+            raise ValueError(
+                f"layer {spec.path!r} adapter {spec.adapter!r} ({rule.doc.adapter}): per-image coefficients are "
+                f"refused because {rule.rows_coupled}, so no image's output is its own layer's interpolation. "
+                f"Give this adapter one coefficient (a dict per adapter, or adapter_names) or run one pipeline "
+                f"call per coefficient"
+            )
+        return Effect(ops=(InterpolateImages(c.values),))
     if isinstance(c, PerToken):
         if mode != "linear":
             raise ValueError(

@@ -129,3 +129,18 @@ def test_groups_benchmark_quick_runs():
         "forward+backward/vector, precomputed groups",
     }
     assert all(r > 0 for r in ratios.values())
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_sliders_example(tmp_path):
+    """examples/sliders.py --quick (float64): the grid from one DDIMPipeline call at 5 strengths equals one
+    call per strength (float64: rounding only, ~1e-16 of pixel values in [0, 1], amplified by a few
+    denoising steps, far below 1e-10), the strengths act, and the figure is written."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import sliders
+
+    result = sliders.main(["--quick", "--dtype", "float64", "--out", str(tmp_path)])
+    assert result["max_difference_one_call_vs_separate"] < 1e-10
+    one = result["images"]["one"]
+    assert (one[:, 0] - one[:, 2]).abs().max() > 1e-6  # −2 differs from 0
+    assert Path(result["figure"]).is_file()

@@ -43,7 +43,7 @@ LILY = register(
             layers="Linear",
             linear=(
                 "y(c) = y0 + c·(y1 − y0): the layer's scale s ↦ c·s (shared A, Bs untouched); "
-                "per_row, per_token refused"
+                "per_row, per_token, per_image refused"
             ),
             linear_exact="exact (forward-time s ↦ c·s)",
             geometric="= linear (additive)",

@@ -205,7 +205,7 @@ LORA_MHA = Rule(
     doc=RuleDoc(
         adapter="LoRA on nn.MultiheadAttention",
         layers="MultiheadAttention (in_proj + out_proj)",
-        linear="y(c) = y0 + c·(y1 − y0) at the attention output; per_row, per_token refused",
+        linear="y(c) = y0 + c·(y1 − y0) at the attention output; per_row, per_token, per_image refused",
         linear_exact="exact fallback (output interpolation)",
         geometric="ΔW(c) = c·ΔW in both projections: B ↦ c·B",
         invert="exact: ΔW ↦ −ΔW (weight space)",

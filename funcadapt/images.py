@@ -1,0 +1,381 @@
+"""Per-image and per-step coefficients: every strength of a slider in one diffusion pipeline call.
+
+A diffusers pipeline runs its denoiser (``pipe.unet``, ``pipe.transformer``) once per denoising step
+on all its images at once. With classifier-free guidance (CFG) that batch has two halves,
+``[unconditional; conditional]``, N rows each, and ``num_images_per_prompt = k`` orders the N images
+prompt-major (image ``p·k + j`` is the j-th image of prompt p). :func:`per_image` gives image ``i`` its
+own strength; :func:`per_step` gives every denoising step its own (and, if wanted, every image its own
+at every step). Given to :func:`funcadapt.transform`, :class:`funcadapt.AdapterModifier` or
+:func:`funcadapt.call` with ``op="scale"`` and ``mode="linear"`` on the denoiser, every adapted layer
+computes, row by row,
+
+    y[r] = y0[r] + c[r]·(y1[r] − y0[r])
+
+(the per-layer interpolation of linear mode, :func:`funcadapt.per_row`) with ``c[r]`` the strength of
+the image that row ``r`` belongs to, at the step running now::
+
+    strengths = funcadapt.per_image([-2.0, -1.0, 0.0, 1.0, 2.0])
+    with funcadapt.AdapterModifier(pipe.unet, "scale", strengths):
+        images = pipe(prompt_embeds=..., num_images_per_prompt=5, generator=generators).images
+
+**Which rows are which** is read where the forward enters the denoiser: its first tensor argument (the
+latents, ``sample`` or ``hidden_states``) has R rows. R = N: no CFG, row i is image i. R = 2N with both
+halves the same latents: the CFG batch, rows ``0 … N−1`` the unconditional predictions and ``N … 2N−1``
+the conditional ones, in image order (what diffusers' pipelines concatenate). Any other R raises (2N rows
+whose halves differ are 2N images, not a CFG batch), except that a single strength for every image
+(``per_image([c])``, ``per_step`` of shape ``[S]``) fits any R. A layer whose output does not have R rows
+(one that folds frames or tokens into its batch) raises too.
+
+**The unconditional half** (``uncond``): ``"same"`` (the default) steers it with the image's own
+strength, as Concept Sliders do; a number runs it at that coefficient instead (``uncond=0.0``: only the
+conditional prediction is steered). A number is refused where the layout is known to differ: denoisers
+whose pipelines put the conditional half first (:data:`COND_FIRST`), perturbed-attention guidance, and a
+pipeline that computes the unconditional prediction in a separate denoiser call with the same latents
+at the same timestep (Flux's ``true_cfg_scale``), which cannot be told apart by rows (refused at that
+second call; ``"same"`` steers both calls alike).
+
+**Steps** are the distinct timesteps the denoiser is called with (its ``timestep`` argument), numbered in
+the order they first appear in the context: step k of a schedule is the k-th distinct timestep, the k-th
+step the pipeline runs (fewer than ``num_inference_steps`` with an img2img ``strength`` below 1, one more
+than the steps with Heun-type schedulers, which evaluate the denoiser twice at inner timesteps). A call at
+a timestep already seen (a separate unconditional pass, a second evaluation, a second pipeline call with
+the same timesteps, a recomputed checkpoint) gets that timestep's step again. A step past the schedule's
+last raises as it runs, and a context that ran at another number of distinct timesteps than the schedule
+gives raises when it exits (two timesteps rounded to one number, as in bfloat16, would otherwise shift every
+later value). :func:`funcadapt.call` runs one forward, so it refuses per-step coefficients.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .swap import current_thread
+
+Uncond = Literal["same"] | float
+
+
+@dataclass(frozen=True, eq=False)
+class PerImage:
+    """Coefficients per image and per denoising step, held in one tensor laid out for placement:
+    ``[H, N]`` (one per image, constant over steps) or ``[S, H, N]`` (one per step), with a trailing group
+    axis under ``groups``. Axis H has 1 entry (the unconditional half runs at the image's own strength)
+    or 2 (unconditional, conditional). N = 1 with H = 1 means every image alike. Build it with
+    :func:`per_image` or :func:`per_step`."""
+
+    values: Tensor
+    groups: Any = None
+
+    def __repr__(self) -> str:
+        shape = "×".join(str(s) for s in self.values.shape)
+        kind = "per step" if self.values.dim() - (self.groups is not None) == 3 else "per image"
+        return f"PerImage({kind}, {shape}{', groups' if self.groups is not None else ''})"
+
+
+def per_image(
+    values: Tensor | Sequence[Any], *, uncond: Uncond = "same", repeat: int = 1, groups: Any = None
+) -> PerImage:
+    """One strength per image of a pipeline call: ``values[i]`` for image ``i`` (shape ``[N]``, or
+    ``[N, G]`` with ``groups``, one vector per image). ``repeat=k``: each value repeated k times in a
+    row, one per prompt for ``num_images_per_prompt=k``. ``uncond``: the strength of the unconditional
+    half of a CFG batch, ``"same"`` as the image's own (see the module docstring). ``values`` may require
+    grad."""
+    tensor = _as_values(values, 1, groups, "per_image", "[N] (one per image)", "[N, G] (one vector per image)")
+    tensor = _repeated(tensor, repeat, 0)
+    return PerImage(_halves(tensor, uncond, 0), groups)
+
+
+def per_step(
+    values: Tensor | Sequence[Any], *, uncond: Uncond = "same", repeat: int = 1, groups: Any = None
+) -> PerImage:
+    """One strength per denoising step: ``values[k]`` at step k for every image (shape ``[S]``), or
+    ``values[k, i]`` for image i (``[S, N]``); with ``groups`` one vector each (``[S, G]``, ``[S, N, G]``).
+    ``repeat`` (with ``[S, N]``): each image's column repeated for ``num_images_per_prompt``. ``uncond``
+    as in :func:`per_image`; a number needs values per image (``[S, N]``), since the rows of the
+    unconditional half are only known by the number of images."""
+    tensor = _as_values(
+        values, (1, 2), groups, "per_step", "[S] or [S, N] (one per step, or per step and image)", "[S, G] or [S, N, G]"
+    )
+    extra = 0 if groups is None else 1
+    if tensor.dim() == 1 + extra:
+        if uncond != "same":
+            raise ValueError(
+                "per_step with a number for uncond needs one value per step and image ([S, N]): the unconditional "
+                "half's rows are known by the number of images N. Give values[:, None].expand(S, N)"
+            )
+        tensor = tensor.unsqueeze(1)  # every image alike
+    elif repeat != 1:
+        tensor = _repeated(tensor, repeat, 1)
+    return PerImage(_halves(tensor, uncond, 1), groups)
+
+
+def _as_values(
+    values: Any, dims: int | tuple[int, ...], groups: Any, name: str, plain: str, grouped: str
+) -> Tensor:
+    if isinstance(values, PerImage):
+        raise TypeError(f"{name} takes the strengths themselves, not a PerImage")
+    tensor = values if isinstance(values, Tensor) else torch.tensor(values)
+    extra = 0 if groups is None else 1
+    allowed = (dims,) if isinstance(dims, int) else dims
+    if tensor.dim() - extra not in allowed or tensor.numel() == 0:
+        raise ValueError(f"{name} takes strengths of shape {grouped if extra else plain}, got {tuple(tensor.shape)}")
+    return tensor if tensor.is_floating_point() else tensor.to(torch.get_default_dtype())
+
+
+def _repeated(tensor: Tensor, repeat: int, axis: int) -> Tensor:
+    if not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be a positive int (images per prompt), got {repeat!r}")
+    return tensor.repeat_interleave(repeat, dim=axis) if repeat > 1 else tensor
+
+
+def _halves(tensor: Tensor, uncond: Uncond, axis: int) -> Tensor:
+    """``tensor`` with the halves axis inserted at ``axis``: 1 entry for ``"same"``, else (uncond, cond)."""
+    if isinstance(uncond, str):
+        if uncond != "same":
+            raise ValueError(f"uncond must be 'same' or a number (the unconditional half's strength), got {uncond!r}")
+        return tensor.unsqueeze(axis)
+    if isinstance(uncond, bool) or not isinstance(uncond, int | float):
+        raise TypeError(f"uncond must be 'same' or a number, got {type(uncond).__name__}")
+    if not torch.isfinite(torch.tensor(float(uncond))):
+        raise ValueError(f"uncond must be finite, got {uncond!r}")
+    return torch.stack([torch.full_like(tensor, float(uncond)), tensor], dim=axis)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One denoiser forward: its input's ``rows``; ``step`` (None: no timestep could be read);
+    ``repeated``: a call at the previous call's timestep with the same latents (a separate unconditional
+    pass); ``paired``: the two halves of the latents are equal, as in a guidance batch."""
+
+    rows: int
+    step: int | None
+    repeated: bool = False
+    paired: bool = False
+
+
+class Passes:
+    """The denoiser forwards running now, recorded where they enter the model (a stack: an entry module's
+    forward may call another's), and the steps of the context: each distinct timestep the denoiser is
+    called with is a step, numbered in order of first appearance. ``save``/``load`` let a checkpoint
+    recomputation see the pass of the forward that ran the block (:mod:`funcadapt.swap`).
+
+    ``schedule``: the number of steps the per-step coefficients give (0: none are per step), checked by
+    :meth:`finished` when the context exits; ``uncond_given``: some coefficient gives the unconditional half
+    its own strength, which needs the pipeline's batch layout checked."""
+
+    def __init__(self, model: Any, schedule: int = 0, uncond_given: bool = False) -> None:
+        self.stack: list[Pass | str] = []
+        self.steps: dict[float, int] = {}
+        self.last: tuple[float, Tensor] | None = None
+        self.schedule = schedule
+        self.uncond_given = uncond_given
+        self.model = model
+
+    def current(self, where: str) -> Pass:
+        if not self.stack:
+            raise ValueError(
+                f"{where}: per-image coefficients are placed by the rows of the denoiser's input, read where the "
+                f"forward enters it, and this layer ran without them: call the denoiser (pipe.unet, "
+                f"pipe.transformer) itself, not one of its submodules"
+            )
+        top = self.stack[-1]
+        if isinstance(top, str):
+            raise ValueError(f"{where}: {top}")
+        return top
+
+    def save(self) -> list[Pass | str]:
+        return list(self.stack)
+
+    def load(self, saved: list[Pass | str]) -> None:
+        self.stack[:] = saved
+
+    def finished(self) -> None:
+        """Raise if the denoiser ran at another number of distinct timesteps than the schedule gives (and at
+        least one): the schedule's values then did not meet the steps they were meant for."""
+        ran = len(self.steps)
+        if self.schedule and ran and ran != self.schedule:
+            raise ValueError(
+                f"the per-step schedule gives {self.schedule} steps, but the denoiser ran at {ran} distinct "
+                f"timesteps in this context, so the images did not get the schedule as given (steps are the "
+                f"distinct timesteps, in order: the steps the pipeline runs, fewer with img2img strength < 1, "
+                f"one more with Heun-type schedulers, fewer where two timesteps round to one number, as in "
+                f"bfloat16). Give one value per distinct timestep, and one pipeline call per context"
+            )
+
+    def recording(self, forward: Any) -> Any:
+        """``forward`` (an entry module's), recording its pass while it runs; only for the thread applying the
+        frame (another thread's call is refused by the modules the frame changes)."""
+        owner = current_thread()
+        try:
+            signature: inspect.Signature | None = inspect.signature(forward)
+        except (TypeError, ValueError):
+            signature = None
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            if current_thread() is not owner:
+                return forward(*args, **kwargs)
+            self.stack.append(self._enter(_arguments(signature, args, kwargs)))
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.stack.pop()
+
+        recorded.__wrapped__ = forward  # type: ignore[attr-defined]
+        return recorded
+
+    def _enter(self, arguments: Mapping[str, Any]) -> Pass | str:
+        sample = next((v for v in arguments.values() if isinstance(v, Tensor) and v.dim() > 0), None)
+        if sample is None:
+            return "per-image coefficients need the denoiser's input batch: call it with the latents as a tensor"
+        rows = int(sample.shape[0])
+        outer = next((p for p in reversed(self.stack) if isinstance(p, Pass) and p.step is not None), None)
+        if outer is not None:  # the same forward, one entry module further in: the same step
+            return Pass(rows, outer.step, outer.repeated, outer.paired)
+        if self.uncond_given:
+            refused = _cond_first(self.model)
+            if refused:
+                return refused
+        half = rows // 2
+        paired = rows % 2 == 0 and bool(torch.equal(sample[:half], sample[half:]))
+        t = _timestep(arguments)  # (a wrapper's forward(*args, **kwargs) names none: its inner module's does)
+        if t is None:
+            return Pass(rows, None, paired=paired)
+        step = self.steps.setdefault(t, len(self.steps))
+        last, self.last = self.last, (t, sample.detach())
+        repeated = (
+            self.uncond_given
+            and last is not None
+            and last[0] == t
+            and last[1].shape == sample.shape
+            and bool(torch.equal(last[1], sample))
+        )
+        return Pass(rows, step, repeated, paired)
+
+
+COND_FIRST: dict[str, str] = {
+    # pipeline_stable_cascade(_prior).py: predicted_latents_text, predicted_latents_uncond = ....chunk(2)
+    "diffusers.models.unets.unet_stable_cascade.StableCascadeUNet": "Stable Cascade",
+    # lumina/pipeline_lumina.py: torch.cat([prompt_embeds, negative_prompt_embeds])
+    "diffusers.models.transformers.lumina_nextdit2d.LuminaNextDiT2DModel": "Lumina",
+    # omnigen/pipeline_omnigen.py: cond, uncond = torch.split(noise_pred, len(noise_pred) // 2)
+    "diffusers.models.transformers.transformer_omnigen.OmniGenTransformer2DModel": "OmniGen",
+    # deprecated/wuerstchen: predicted_latents_text, predicted_latents_uncond = ....chunk(2)
+    "diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_prior.WuerstchenPrior": "Würstchen",
+    "diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_diffnext.WuerstchenDiffNeXt": "Würstchen",
+}
+"""Denoisers whose pipelines put the conditional half of a guidance batch first, by class, as read from their
+pipelines' code: a strength of the unconditional half (``uncond`` a number) is refused on them."""
+
+
+def _cond_first(model: Any) -> str:
+    """Why ``uncond`` as a number cannot be placed on this model's guidance batch, or ``""``: its pipelines
+    put the conditional half first (:data:`COND_FIRST`), or perturbed-attention guidance is on (its batch
+    adds a perturbed copy, and without guidance its halves are [conditional; perturbed])."""
+    for module in model.modules():
+        cls = type(module)
+        found = COND_FIRST.get(f"{cls.__module__}.{cls.__qualname__}")
+        if found:
+            return (
+                f"{found}'s pipelines put the conditional half of a guidance batch first, so a strength of the "
+                f"unconditional half (uncond as a number) cannot be placed; use uncond='same'"
+            )
+        processor = getattr(module, "processor", None)
+        if processor is not None and type(processor).__name__.startswith("PAG"):
+            return (
+                "perturbed-attention guidance is on (a PAG attention processor), whose batch is not "
+                "[unconditional; conditional], so a strength of the unconditional half (uncond as a number) "
+                "cannot be placed; use uncond='same'"
+            )
+    return ""
+
+
+def _arguments(signature: inspect.Signature | None, args: tuple, kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The forward's arguments by name, in order (positional ones by index where they cannot be bound)."""
+    if signature is not None:
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            pass
+        else:
+            named: dict[str, Any] = {}
+            for name, value in bound.items():
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_POSITIONAL:  # a wrapper's forward(*args, **kwargs)
+                    named.update((f"*{i}", a) for i, a in enumerate(value))
+                elif kind is inspect.Parameter.VAR_KEYWORD:
+                    named.update(value)
+                else:
+                    named[name] = value
+            return named
+    return {**{f"*{i}": a for i, a in enumerate(args)}, **kwargs}
+
+
+def _timestep(arguments: Mapping[str, Any]) -> float | None:
+    for name in ("timestep", "timesteps", "t"):
+        t = arguments.get(name)
+        if isinstance(t, Tensor) and t.numel():
+            return float(t.reshape(-1)[0])
+        if isinstance(t, int | float) and not isinstance(t, bool):
+            return float(t)
+    return None
+
+
+def image_coefficients(where: str, c: Tensor, now: Pass, y: Tensor) -> Tensor:
+    """The coefficient of each row of ``y`` (a layer's output, or an activation laid out like it),
+    broadcastable to it, for per-image coefficients ``c`` (``[H, N]`` or ``[S, H, N]``, see
+    :class:`PerImage`) in the denoiser pass ``now``."""
+    if c.dim() == 3:
+        if now.step is None:
+            raise ValueError(
+                f"{where}: per-step coefficients count the denoising steps by the denoiser's timestep argument, "
+                f"and this forward was called without one (an argument named timestep)"
+            )
+        if now.step >= int(c.shape[0]):
+            raise ValueError(
+                f"{where}: the schedule gives {int(c.shape[0])} steps, and the denoiser is running step "
+                f"{now.step + 1} (distinct timestep number {now.step + 1} in this context). Give one value per "
+                f"distinct timestep the pipeline runs the denoiser at: num_inference_steps, fewer with img2img "
+                f"strength < 1, more with schedulers that evaluate the denoiser at inner timesteps (Heun: one more, "
+                f"KDPM2: 2·steps − 1)"
+            )
+        c = c[now.step]
+    halves, images = int(c.shape[0]), int(c.shape[1])
+    rows = now.rows
+    got = int(y.shape[0]) if y.dim() else 0
+    if got != rows:
+        raise ValueError(
+            f"{where}: its output has {got} rows, but the denoiser's input has {rows}: per-image coefficients need "
+            f"a layer that keeps the batch's rows (one that folds frames, patches or tokens into its batch "
+            f"cannot be given them). Give it one coefficient, or leave it out (adapter_names, groups)"
+        )
+    if halves == 1 and images == 1:
+        k = c[0].expand(rows)
+    elif rows == images:
+        if halves == 2 and now.repeated:
+            raise ValueError(
+                f"{where}: the denoiser is called a second time at the same timestep, so the pipeline runs the "
+                f"unconditional prediction as a separate call, and funcadapt cannot tell which call is which: "
+                f"uncond as a number is refused here. Use uncond='same' (both calls at the image's strength)"
+            )
+        k = c[-1]
+    elif rows == 2 * images:
+        if not now.paired:
+            raise ValueError(
+                f"{where}: the denoiser's input has {rows} rows for {images} per-image strengths, but its two halves "
+                f"differ, so it is not a classifier-free-guidance batch (whose halves are the same latents): give "
+                f"one strength per image ({rows}). With num_images_per_prompt = k: per_image(one_per_prompt, "
+                f"repeat=k)"
+            )
+        k = torch.cat([c[0], c[-1]])
+    else:
+        raise ValueError(
+            f"{where}: the denoiser's input has {rows} rows and {images} per-image strengths were given; give one "
+            f"per image ({rows} without classifier-free guidance, {rows // 2 if rows % 2 == 0 else rows} with it). "
+            f"With num_images_per_prompt = k, N = prompts·k: per_image(one_per_prompt, repeat=k)"
+        )
+    return k.reshape(-1, *([1] * (y.dim() - 1)))
