@@ -22,6 +22,7 @@ path to a group name (None: in no group).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -164,46 +165,62 @@ def resolve(tree: AdapterTree, groups: Groups) -> Grouping:
 Varying = PerRow | PerToken | PerImage
 """Coefficients that vary over the batch: per row, per token, per image (and denoising step)."""
 
+
+@dataclass(frozen=True)
+class Layout:
+    """How a kind of :data:`Varying` coefficients is laid out: its ``values`` have one of ``dims``
+    dimensions (plus a group axis with ``groups``); ``plain`` and ``grouped`` are the shapes a user gives."""
+
+    name: str
+    unit: str
+    build: str
+    dims: tuple[int, ...]
+    plain: str
+    grouped: str
+
+
+LAYOUTS: dict[type, Layout] = {
+    PerRow: Layout("per-row", "row", "funcadapt.per_row(vectors, groups=...)", (1,), "[rows]", "[rows, {G}]"),
+    PerToken: Layout(
+        "per-token",
+        "token",
+        "funcadapt.per_token(values, groups=...)",
+        (1, 2),
+        "[B, L] or [L]",
+        "[B, L, {G}] or [L, {G}]",
+    ),
+    # PerImage holds [H, N] or [S, H, N] (see funcadapt.images), built from these shapes
+    PerImage: Layout(
+        "per-image",
+        "image",
+        "funcadapt.per_image(values, groups=...), funcadapt.per_step(values, groups=...)",
+        (2, 3),
+        "[N], [S] or [S, N]",
+        "[N, {G}], [S, {G}] or [S, N, {G}]",
+    ),
+}
+
+
 Vector: TypeAlias = "Tensor | tuple[float, ...] | PerRow | PerToken | PerImage"
-"""A checked coefficient vector: a 1-d tensor, numbers, per-row vectors ([rows, G]), per-token vectors
-([B, L, G] or [L, G]) or per-image vectors ([H, N, G] or [S, H, N, G], see :class:`PerImage`)."""
+"""A checked coefficient vector: a 1-d tensor, numbers, or :data:`Varying` coefficients with a group axis."""
 
 
 def check_vector(v: Any, grouping: Grouping, where: str, check_finite: Callable[[Any, str], None]) -> Vector:
     """``v`` as one coefficient per group, or a clear error."""
     size = len(grouping)
     shown = f"{size} groups ({', '.join(grouping.names[:6])}{' …' if size > 6 else ''})"
-    if isinstance(v, PerRow | PerToken | PerImage) and v.groups is None:
-        kind = {PerRow: "per_row", PerToken: "per_token", PerImage: "per_image or per_step"}[type(v)]
-        raise ValueError(
-            f"coefficient{where} was built without groups, and transform was given a grouping: build it with the "
-            f"grouping ({kind}(values, groups=groups)), so that its last axis is read as one entry per group"
-        )
-    if isinstance(v, PerImage):
-        values = v.values
-        if values.dim() not in (3, 4) or values.shape[-1] != size:
+    if isinstance(v, Varying):
+        layout = LAYOUTS[type(v)]
+        if v.groups is None:
             raise ValueError(
-                f"per-image coefficients{where} with groups need one vector of {size} entries per image (and step), "
-                f"values of shape [N, {size}], [S, {size}] or [S, N, {size}]; the grouping has {shown}"
+                f"coefficient{where} was built without groups, and transform was given a grouping: build it with "
+                f"the grouping ({layout.build}), so that its last axis is read as one entry per group"
             )
-        check_finite(values, where)
-        return v
-    if isinstance(v, PerToken):
         values = v.values
-        if values.dim() not in (2, 3) or values.shape[-1] != size:
+        if values.dim() - 1 not in layout.dims or values.shape[-1] != size:
             raise ValueError(
-                f"per-token coefficients{where} with groups must have shape [B, L, {size}] or [L, {size}], one "
-                f"vector per token (funcadapt.per_token(values, groups=...)), got {tuple(values.shape)}; the "
-                f"grouping has {shown}"
-            )
-        check_finite(values, where)
-        return v
-    if isinstance(v, PerRow):
-        values = v.values
-        if values.dim() != 2 or values.shape[1] != size:
-            raise ValueError(
-                f"per-row coefficients{where} with groups must have shape [rows, {size}], one vector per row "
-                f"(funcadapt.per_row(vectors, groups=...)), got {tuple(values.shape)}; the grouping has {shown}"
+                f"{layout.name} coefficients{where} with groups must be given as {layout.grouped.format(G=size)}, "
+                f"one vector per {layout.unit} ({layout.build}), got {tuple(values.shape)}; the grouping has {shown}"
             )
         check_finite(values, where)
         return v
@@ -234,12 +251,8 @@ def check_vector(v: Any, grouping: Grouping, where: str, check_finite: Callable[
 def entry(vector: Vector, g: int) -> Coeff | PerRow | PerToken | PerImage:
     """Group ``g``'s coefficient: a number, a 0-d tensor (vmapped or requiring grad as the vector
     is), one coefficient per row, per token, or per image."""
-    if isinstance(vector, PerImage):
-        return PerImage(vector.values[..., g])
-    if isinstance(vector, PerToken):
-        return PerToken(vector.values[..., g])
-    if isinstance(vector, PerRow):
-        return PerRow(vector.values[:, g])
+    if isinstance(vector, Varying):
+        return dataclasses.replace(vector, values=vector.values[..., g], groups=None)
     return vector[g]
 
 

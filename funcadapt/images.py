@@ -55,7 +55,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .swap import current_thread
+from .entries import EntryRecorder
 
 Uncond = Literal["same"] | float
 
@@ -158,41 +158,28 @@ class Pass:
     paired: bool = False
 
 
-class Passes:
-    """The denoiser forwards running now, recorded where they enter the model (a stack: an entry module's
-    forward may call another's), and the steps of the context: each distinct timestep the denoiser is
-    called with is a step, numbered in order of first appearance. ``save``/``load`` let a checkpoint
-    recomputation see the pass of the forward that ran the block (:mod:`funcadapt.swap`).
+class Passes(EntryRecorder[Pass]):
+    """The denoiser forwards running now, recorded where they enter the model (:mod:`funcadapt.entries`),
+    and the steps of the context: each distinct timestep the denoiser is called with is a step, numbered in
+    order of first appearance.
 
     ``schedule``: the number of steps the per-step coefficients give (0: none are per step), checked by
     :meth:`finished` when the context exits; ``uncond_given``: some coefficient gives the unconditional half
     its own strength, which needs the pipeline's batch layout checked."""
 
+    outside = (
+        "per-image coefficients are placed by the rows of the denoiser's input, read where the forward enters "
+        "it, and this layer ran without them: call the denoiser (pipe.unet, pipe.transformer) itself, not one "
+        "of its submodules"
+    )
+
     def __init__(self, model: Any, schedule: int = 0, uncond_given: bool = False) -> None:
-        self.stack: list[Pass | str] = []
+        super().__init__()
         self.steps: dict[float, int] = {}
         self.last: tuple[float, Tensor] | None = None
         self.schedule = schedule
         self.uncond_given = uncond_given
         self.model = model
-
-    def current(self, where: str) -> Pass:
-        if not self.stack:
-            raise ValueError(
-                f"{where}: per-image coefficients are placed by the rows of the denoiser's input, read where the "
-                f"forward enters it, and this layer ran without them: call the denoiser (pipe.unet, "
-                f"pipe.transformer) itself, not one of its submodules"
-            )
-        top = self.stack[-1]
-        if isinstance(top, str):
-            raise ValueError(f"{where}: {top}")
-        return top
-
-    def save(self) -> list[Pass | str]:
-        return list(self.stack)
-
-    def load(self, saved: list[Pass | str]) -> None:
-        self.stack[:] = saved
 
     def finished(self) -> None:
         """Raise if the denoiser ran at another number of distinct timesteps than the schedule gives (and at
@@ -207,26 +194,12 @@ class Passes:
                 f"bfloat16). Give one value per distinct timestep, and one pipeline call per context"
             )
 
-    def recording(self, forward: Any) -> Any:
-        """``forward`` (an entry module's), recording its pass while it runs; only for the thread applying the
-        frame (another thread's call is refused by the modules the frame changes)."""
-        owner = current_thread()
+    def entering(self, forward: Any) -> Any:
         try:
             signature: inspect.Signature | None = inspect.signature(forward)
         except (TypeError, ValueError):
             signature = None
-
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            if current_thread() is not owner:
-                return forward(*args, **kwargs)
-            self.stack.append(self._enter(_arguments(signature, args, kwargs)))
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                self.stack.pop()
-
-        recorded.__wrapped__ = forward  # type: ignore[attr-defined]
-        return recorded
+        return lambda args, kwargs: self._enter(_arguments(signature, args, kwargs))
 
     def _enter(self, arguments: Mapping[str, Any]) -> Pass | str:
         sample = next((v for v in arguments.values() if isinstance(v, Tensor) and v.dim() > 0), None)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .swap import current_thread
+from .entries import EntryRecorder
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,52 +137,18 @@ class Span:
     keep: int = 0
 
 
-class Positions:
-    """The positions of the forward running now, recorded where it enters the model (a stack: an entry
-    module's forward may call another's). ``save``/``load`` let a checkpoint recomputation see the
-    positions of the forward that ran the block (:mod:`funcadapt.swap`)."""
+class Positions(EntryRecorder[Span]):
+    """The positions of the forward running now, recorded where it enters the model
+    (:mod:`funcadapt.entries`)."""
 
-    def __init__(self) -> None:
-        self.stack: list[Span | str] = []
+    outside = (
+        "per-token coefficients are placed by the positions the model's forward processes, read where the "
+        "forward enters the model, and this layer ran without them: call the model (or its PEFT wrapper) "
+        "itself, not one of its submodules"
+    )
 
-    def current(self, where: str) -> Span:
-        if not self.stack:
-            raise ValueError(
-                f"{where}: per-token coefficients are placed by the positions the model's forward processes, "
-                f"read where the forward enters the model, and this layer ran without them: call the model "
-                f"(or its PEFT wrapper) itself, not one of its submodules"
-            )
-        top = self.stack[-1]
-        if isinstance(top, str):
-            raise ValueError(f"{where}: {top}")
-        return top
-
-    def save(self) -> list[Span | str]:
-        return list(self.stack)
-
-    def load(self, saved: list[Span | str]) -> None:
-        self.stack[:] = saved
-
-    def finished(self) -> None:
-        """Nothing to check: every forward's positions were checked as it ran."""
-
-    def recording(self, forward: Any) -> Any:
-        """``forward`` (an entry module's), recording its positions while it runs; only for the thread
-        applying the frame (another thread's call is refused by the modules the frame changes, and must not
-        leave its positions where this thread's layers read them)."""
-        owner = current_thread()
-
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            if current_thread() is not owner:
-                return forward(*args, **kwargs)
-            self.stack.append(span_of(args, kwargs))
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                self.stack.pop()
-
-        recorded.__wrapped__ = forward  # type: ignore[attr-defined]  # generate() reads the signature
-        return recorded
+    def entering(self, forward: Any) -> Any:
+        return span_of
 
 
 def span_of(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:

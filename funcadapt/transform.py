@@ -43,7 +43,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from .engines import flat_shard, is_sharded, local_shard
-from .groups import Groups, Varying, check_vector, per_layer, resolve
+from .groups import LAYOUTS, Groups, Varying, check_vector, per_layer, resolve
 from .images import PerImage
 from .ops import ForwardOp, Interpolate, InterpolateImages, InterpolateRows, InterpolateTokens
 from .rows import PerRow
@@ -203,27 +203,13 @@ _SEVERAL = (
 
 
 def _check_coeff(c: Any, where: str) -> Coeff | Varying:
-    if isinstance(c, PerImage):
-        if c.values.dim() not in (2, 3):
+    if isinstance(c, Varying):
+        layout = LAYOUTS[type(c)]
+        if c.values.dim() not in layout.dims:
             raise ValueError(
-                f"per-image coefficients{where} have shape {tuple(c.values.shape)}: one vector per image needs "
-                f"groups= (funcadapt.per_image(values, groups=...), funcadapt.per_step(values, groups=...))"
-            )
-        _check_finite(c.values, where)
-        return c
-    if isinstance(c, PerToken):
-        if c.values.dim() not in (1, 2):
-            raise ValueError(
-                f"per-token coefficients{where} have shape {tuple(c.values.shape)}: one vector per token needs "
-                f"groups= (funcadapt.per_token(values, groups=...)); plain per-token coefficients are [B, L] or [L]"
-            )
-        _check_finite(c.values, where)
-        return c
-    if isinstance(c, PerRow):
-        if c.values.dim() != 1:
-            raise ValueError(
-                f"per-row coefficients{where} have shape {tuple(c.values.shape)}: one vector per row needs "
-                f"groups= (funcadapt.per_row(vectors, groups=...)), a plain per-row coefficient is 1-d"
+                f"{layout.name} coefficients{where} have shape {tuple(c.values.shape)}: plain {layout.name} "
+                f"coefficients are given as {layout.plain}, and one vector per {layout.unit} needs groups= "
+                f"({layout.build})"
             )
         _check_finite(c.values, where)
         return c
