@@ -199,7 +199,12 @@ class Passes(EntryRecorder[Pass]):
             signature: inspect.Signature | None = inspect.signature(forward)
         except (TypeError, ValueError):
             signature = None
-        return lambda args, kwargs: self._enter(_arguments(signature, args, kwargs))
+
+        @torch.compiler.disable  # bookkeeping that reads numbers (the timestep): run eagerly, not traced
+        def enter(args: tuple, kwargs: Mapping[str, Any]) -> Pass | str:
+            return self._enter(_arguments(signature, args, kwargs))
+
+        return enter
 
     def _enter(self, arguments: Mapping[str, Any]) -> Pass | str:
         sample = next((v for v in arguments.values() if isinstance(v, Tensor) and v.dim() > 0), None)

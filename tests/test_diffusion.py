@@ -501,3 +501,39 @@ def test_misused_coefficients_are_refused():
         funcadapt.transform(tree, funcadapt.per_step(torch.zeros(3, len(groups))), groups=groups)
     with pytest.raises(ValueError, match=r"was built without groups, and transform was given a grouping"):
         funcadapt.transform(tree, funcadapt.per_token(torch.zeros(2, len(groups))), groups=groups)
+
+
+def test_compiled_denoiser():
+    """A compiled denoiser (Dynamo, its eager backend) under per-image and per-step strengths equals the hooks:
+    the entry's bookkeeping (the timestep as a number, the guidance layout) runs outside the graph. A small
+    denoiser of linear layers (compiling a UNet takes seconds per context: see docs/diffusion.md)."""
+
+    class Denoiser(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 8)
+            self.out = torch.nn.Linear(8, 4)
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.proj(sample) + timestep / 1000))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Denoiser(), LoraConfig(r=2, target_modules=["proj", "out"], init_lora_weights=False))
+    model.to(torch.float64)
+    g = torch.Generator().manual_seed(1)
+    latents = [torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    batches = [torch.cat([x, x]) for x in latents]  # guidance batches: 2 images
+    timesteps = [torch.tensor(900.0), torch.tensor(500.0), torch.tensor(100.0)]
+    table = torch.tensor([[0.5, -1.0], [2.0, 0.0], [1.0, 1.5]], dtype=torch.float64)
+    want = []
+    with stepped_reference(model, lambda k: rows_reference(table[k].tolist(), [0.25, 0.25])):
+        want = [model(x, t) for x, t in zip(batches, timesteps, strict=True)]
+    compiled = torch.compile(model, backend="eager")
+    with AdapterModifier(model, "scale", funcadapt.per_step(table, uncond=0.25)):
+        got = [compiled(x, t) for x, t in zip(batches, timesteps, strict=True)]
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+    with reference_interpolation(model, rows_reference([-1.0, 2.0])):
+        want_image = model(batches[0], timesteps[0])
+    with AdapterModifier(model, "scale", funcadapt.per_image([-1.0, 2.0])):
+        assert_close(compiled(batches[0], timesteps[0]), want_image)
