@@ -537,3 +537,35 @@ def test_compiled_denoiser():
         want_image = model(batches[0], timesteps[0])
     with AdapterModifier(model, "scale", funcadapt.per_image([-1.0, 2.0])):
         assert_close(compiled(batches[0], timesteps[0]), want_image)
+
+
+def test_block_vector_gradient_on_a_dit():
+    """A learned strength per transformer block of a DiT (SD3): the gradient of a loss on the prediction with
+    respect to the block vector equals central differences."""
+    s = setup("sd3", "lora")
+    model = s.denoiser
+    tree = funcadapt.extract(model)
+    groups = funcadapt.layer_groups(tree, "block")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    text, pooled = (
+        torch.randn(2, 5, 32, generator=g, dtype=torch.float64),
+        torch.randn(2, 16, generator=g, dtype=torch.float64),
+    )
+    t = torch.tensor([300.0, 300.0], dtype=torch.float64)
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        params = funcadapt.transform(tree, v, groups=groups)
+        out = funcadapt.call(model, params, x, text, pooled, t).sample
+        return out.pow(2).mean()
+
+    v = torch.linspace(-0.5, 1.5, len(groups), dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss(v), v)
+    eps = 1e-6
+    for i in range(len(groups)):
+        e = torch.zeros_like(v)
+        e[i] = eps
+        with torch.no_grad():
+            fd = (loss(v.detach() + e) - loss(v.detach() - e)) / (2 * eps)
+        torch.testing.assert_close(grad[i], fd, rtol=1e-6, atol=1e-10)
+    assert grad.abs().max() > 0
