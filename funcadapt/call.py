@@ -191,9 +191,9 @@ def _interpolated(per_adapter: Mapping[str, Sequence[ForwardOp]]) -> bool:
 
 def entry_modules(model: nn.Module) -> list[nn.Module]:
     """The modules a forward of ``model`` starts in: ``model``, and a PEFT model's base model, whose
-    forward ``generate()`` calls directly."""
+    forward ``generate()`` calls directly (or the module a ``torch.compile`` wrapper runs)."""
     get_base = getattr(model, "get_base_model", None)
-    inner = get_base() if callable(get_base) else None
+    inner = get_base() if callable(get_base) else getattr(model, "_orig_mod", None)  # (torch.compile's wrapper)
     return [model, inner] if isinstance(inner, nn.Module) and inner is not model else [model]
 
 

@@ -18,21 +18,22 @@ the image that row ``r`` belongs to, at the step running now::
     with funcadapt.AdapterModifier(pipe.unet, "scale", strengths):
         images = pipe(prompt_embeds=..., num_images_per_prompt=5, generator=generators).images
 
-**Which rows are which** is read where the forward enters the denoiser: its first tensor argument (the
-latents, ``sample`` or ``hidden_states``) has R rows. R = N: no CFG, row i is image i. R = 2N with both
-halves the same latents: the CFG batch, rows ``0 … N−1`` the unconditional predictions and ``N … 2N−1``
-the conditional ones, in image order (what diffusers' pipelines concatenate). Any other R raises (2N rows
-whose halves differ are 2N images, not a CFG batch), except that a single strength for every image
-(``per_image([c])``, ``per_step`` of shape ``[S]``) fits any R. A layer whose output does not have R rows
-(one that folds frames or tokens into its batch) raises too.
+**Which rows are which** is read where the forward enters the denoiser: its first argument (the latents,
+``sample`` or ``hidden_states``, or a list of one tensor per image) has R rows. R = N: no CFG, row i is
+image i. R = 2N with both halves the same latents and different conditioning: the CFG batch, rows
+``0 … N−1`` the unconditional predictions and ``N … 2N−1`` the conditional ones, in image order (what
+diffusers' pipelines concatenate). Any other R raises (2N rows that are not such a batch are 2N images),
+except that a single strength for every image (``per_image([c])``, ``per_step`` of shape ``[S]``) fits any
+R. A layer whose output does not have R rows (one that folds frames or tokens into its batch) raises too.
 
 **The unconditional half** (``uncond``): ``"same"`` (the default) steers it with the image's own
 strength, as Concept Sliders do; a number runs it at that coefficient instead (``uncond=0.0``: only the
-conditional prediction is steered). A number is refused where the layout is known to differ: denoisers
-whose pipelines put the conditional half first (:data:`COND_FIRST`), perturbed-attention guidance, and a
-pipeline that computes the unconditional prediction in a separate denoiser call with the same latents
-at the same timestep (Flux's ``true_cfg_scale``), which cannot be told apart by rows (refused at that
-second call; ``"same"`` steers both calls alike).
+conditional prediction is steered). A number is placed only on denoisers known to put the unconditional
+half first (:data:`UNCOND_FIRST`: SD, SDXL, SD3, PixArt, Sana, HunyuanDiT, AuraFlow; some pipelines put the
+conditional half first), and refused under perturbed-attention guidance and at a separate unconditional
+denoiser call with the same latents at the same timestep (Flux's ``true_cfg_scale``), which cannot be told
+apart by rows (refused at that second call, or where no timestep can be read; ``"same"`` steers both calls
+alike).
 
 **Steps** are the distinct timesteps the denoiser is called with (its ``timestep`` argument), numbered in
 the order they first appear in the context: step k of a schedule is the k-th distinct timestep, the k-th
@@ -176,7 +177,7 @@ class Passes(EntryRecorder[Pass]):
     def __init__(self, model: Any, schedule: int = 0, uncond_given: bool = False) -> None:
         super().__init__()
         self.steps: dict[float, int] = {}
-        self.last: tuple[float, Tensor] | None = None
+        self.last: tuple[float, Latents] | None = None
         self.schedule = schedule
         self.uncond_given = uncond_given
         self.model = model
@@ -207,61 +208,104 @@ class Passes(EntryRecorder[Pass]):
         return enter
 
     def _enter(self, arguments: Mapping[str, Any]) -> Pass | str:
-        sample = next((v for v in arguments.values() if isinstance(v, Tensor) and v.dim() > 0), None)
-        if sample is None:
-            return "per-image coefficients need the denoiser's input batch: call it with the latents as a tensor"
-        rows = int(sample.shape[0])
+        latents = _latents(arguments)
+        if isinstance(latents, str):
+            return latents
+        rows = len(latents)
         outer = next((p for p in reversed(self.stack) if isinstance(p, Pass) and p.step is not None), None)
         if outer is not None:  # the same forward, one entry module further in: the same step
             return Pass(rows, outer.step, outer.repeated, outer.paired)
         if self.uncond_given:
-            refused = _cond_first(self.model)
+            refused = _order_unknown(self.model)
             if refused:
                 return refused
-        half = rows // 2
-        paired = rows % 2 == 0 and bool(torch.equal(sample[:half], sample[half:]))
+        paired = _guidance_batch(latents, _conditioning(arguments, rows))
         t = _timestep(arguments)  # (a wrapper's forward(*args, **kwargs) names none: its inner module's does)
         if t is None:
             return Pass(rows, None, paired=paired)
         step = self.steps.setdefault(t, len(self.steps))
-        last, self.last = self.last, (t, sample.detach())
-        repeated = (
-            self.uncond_given
-            and last is not None
-            and last[0] == t
-            and last[1].shape == sample.shape
-            and bool(torch.equal(last[1], sample))
-        )
+        last, self.last = self.last, (t, latents)
+        repeated = self.uncond_given and last is not None and last[0] == t and _same(last[1], latents)
         return Pass(rows, step, repeated, paired)
 
 
-COND_FIRST: dict[str, str] = {
-    # pipeline_stable_cascade(_prior).py: predicted_latents_text, predicted_latents_uncond = ....chunk(2)
-    "diffusers.models.unets.unet_stable_cascade.StableCascadeUNet": "Stable Cascade",
-    # lumina/pipeline_lumina.py: torch.cat([prompt_embeds, negative_prompt_embeds])
-    "diffusers.models.transformers.lumina_nextdit2d.LuminaNextDiT2DModel": "Lumina",
-    # omnigen/pipeline_omnigen.py: cond, uncond = torch.split(noise_pred, len(noise_pred) // 2)
-    "diffusers.models.transformers.transformer_omnigen.OmniGenTransformer2DModel": "OmniGen",
-    # deprecated/wuerstchen: predicted_latents_text, predicted_latents_uncond = ....chunk(2)
-    "diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_prior.WuerstchenPrior": "Würstchen",
-    "diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_diffnext.WuerstchenDiffNeXt": "Würstchen",
+Latents = Tensor | list[Tensor]
+"""A denoiser's first argument: a batch tensor, or one tensor per image (Z-Image's ``x``)."""
+
+
+def _latents(arguments: Mapping[str, Any]) -> Latents | str:
+    """The denoiser's first argument, its latents (never a later one: that could be the timestep), or why not."""
+    first = next(iter(arguments.values()), None)
+    if isinstance(first, Tensor) and first.dim() > 0:
+        return first
+    if isinstance(first, list | tuple) and first and all(isinstance(x, Tensor) for x in first):
+        return list(first)
+    return (
+        "per-image coefficients read the images from the denoiser's first argument (its latents, a batch tensor "
+        f"or a list of one tensor per image), and this forward's is a {type(first).__name__}: pass the latents first"
+    )
+
+
+def _halves_equal(x: Latents) -> bool:
+    half = len(x) // 2
+    if len(x) % 2 or not half:
+        return False
+    if isinstance(x, Tensor):
+        return bool(torch.equal(x[:half], x[half:]))
+    return all(_same(a, b) for a, b in zip(x[:half], x[half:], strict=True))
+
+
+def _same(a: Latents, b: Latents) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return False
+
+
+CONDITIONING = ("encoder_hidden_states", "class_labels", "context", "cap_feats")
+"""Names of the argument carrying a denoiser's conditioning (text embeddings, class labels)."""
+
+
+def _conditioning(arguments: Mapping[str, Any], rows: int) -> Latents | None:
+    for name in CONDITIONING:
+        value = arguments.get(name)
+        if isinstance(value, Tensor) and value.dim() and int(value.shape[0]) == rows:
+            return value
+        if isinstance(value, list | tuple) and len(value) == rows and all(isinstance(v, Tensor) for v in value):
+            return list(value)
+    return None
+
+
+def _guidance_batch(latents: Latents, conditioning: Latents | None) -> bool:
+    """A classifier-free-guidance batch: the same latents twice, with different conditioning (2N images of
+    one prompt from one seed have equal halves too, and are not one)."""
+    return conditioning is not None and _halves_equal(latents) and not _halves_equal(conditioning)
+
+
+UNCOND_FIRST: dict[str, str] = {
+    # each: its pipelines concatenate [negative; prompt] and split noise_pred_uncond, noise_pred_text (diffusers 0.42)
+    "diffusers.models.unets.unet_2d_condition.UNet2DConditionModel": "SD, SDXL, Kolors",
+    "diffusers.models.transformers.transformer_sd3.SD3Transformer2DModel": "SD3",
+    "diffusers.models.transformers.pixart_transformer_2d.PixArtTransformer2DModel": "PixArt",
+    "diffusers.models.transformers.sana_transformer.SanaTransformer2DModel": "Sana",
+    "diffusers.models.transformers.hunyuan_transformer_2d.HunyuanDiT2DModel": "HunyuanDiT",
+    "diffusers.models.transformers.auraflow_transformer_2d.AuraFlowTransformer2DModel": "AuraFlow",
 }
-"""Denoisers whose pipelines put the conditional half of a guidance batch first, by class, as read from their
-pipelines' code: a strength of the unconditional half (``uncond`` a number) is refused on them."""
+"""Denoisers whose guidance batches are known to be ``[unconditional; conditional]``, by class, as read from
+their pipelines' code: only on these is a strength of the unconditional half (``uncond`` a number) placed.
+Others put the conditional half first (Stable Cascade, Lumina, OmniGen, DiT's class labels, Z-Image); add a
+class here (``funcadapt.images.UNCOND_FIRST[path] = "your pipeline"``) once you have read its pipeline's order."""
 
 
-def _cond_first(model: Any) -> str:
-    """Why ``uncond`` as a number cannot be placed on this model's guidance batch, or ``""``: its pipelines
-    put the conditional half first (:data:`COND_FIRST`), or perturbed-attention guidance is on (its batch
-    adds a perturbed copy, and without guidance its halves are [conditional; perturbed])."""
+def _order_unknown(model: Any) -> str:
+    """Why ``uncond`` as a number cannot be placed on this model's guidance batches, or ``""``: its denoiser is
+    not known to put the unconditional half first (:data:`UNCOND_FIRST`), or perturbed-attention guidance is on
+    (its batch adds a perturbed copy, and without guidance its halves are [conditional; perturbed])."""
+    known = False
     for module in model.modules():
         cls = type(module)
-        found = COND_FIRST.get(f"{cls.__module__}.{cls.__qualname__}")
-        if found:
-            return (
-                f"{found}'s pipelines put the conditional half of a guidance batch first, so a strength of the "
-                f"unconditional half (uncond as a number) cannot be placed; use uncond='same'"
-            )
+        known = known or f"{cls.__module__}.{cls.__qualname__}" in UNCOND_FIRST
         processor = getattr(module, "processor", None)
         if processor is not None and type(processor).__name__.startswith("PAG"):
             return (
@@ -269,7 +313,14 @@ def _cond_first(model: Any) -> str:
                 "[unconditional; conditional], so a strength of the unconditional half (uncond as a number) "
                 "cannot be placed; use uncond='same'"
             )
-    return ""
+    if known:
+        return ""
+    return (
+        f"a strength of the unconditional half (uncond as a number) is placed only on denoisers known to put it "
+        f"first in their guidance batches (funcadapt.images.UNCOND_FIRST), and {type(model).__name__} is not one "
+        f"(some pipelines put the conditional half first). Use uncond='same', or, once you have read your "
+        f"pipeline's order, add the denoiser's class to funcadapt.images.UNCOND_FIRST"
+    )
 
 
 def _arguments(signature: inspect.Signature | None, args: tuple, kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -334,6 +385,12 @@ def image_coefficients(where: str, c: Tensor, now: Pass, y: Tensor) -> Tensor:
     if halves == 1 and images == 1:
         k = c[0].expand(rows)
     elif rows == images:
+        if halves == 2 and now.step is None:
+            raise ValueError(
+                f"{where}: with a strength for the unconditional half (uncond as a number), a denoiser call of one "
+                f"row per image may be a separate unconditional pass, which funcadapt tells apart by its timestep, "
+                f"and this forward has none it can read (an argument named timestep). Use uncond='same'"
+            )
         if halves == 2 and now.repeated:
             raise ValueError(
                 f"{where}: the denoiser is called a second time at the same timestep, so the pipeline runs the "
@@ -344,10 +401,10 @@ def image_coefficients(where: str, c: Tensor, now: Pass, y: Tensor) -> Tensor:
     elif rows == 2 * images:
         if not now.paired:
             raise ValueError(
-                f"{where}: the denoiser's input has {rows} rows for {images} per-image strengths, but its two halves "
-                f"differ, so it is not a classifier-free-guidance batch (whose halves are the same latents): give "
-                f"one strength per image ({rows}). With num_images_per_prompt = k: per_image(one_per_prompt, "
-                f"repeat=k)"
+                f"{where}: the denoiser's input has {rows} rows for {images} per-image strengths, but it is not a "
+                f"classifier-free-guidance batch (whose two halves are the same latents with different conditioning, "
+                f"passed as encoder_hidden_states or class_labels): give one strength per image ({rows}). With "
+                f"num_images_per_prompt = k: per_image(one_per_prompt, repeat=k)"
             )
         k = torch.cat([c[0], c[-1]])
     else:

@@ -150,8 +150,13 @@ def test_flux_true_cfg_separate_calls():
             want = s.run({k: v[i // 2 : i // 2 + 1] for k, v in kw.items()}, [SEEDS[i]], 1, 5.0)
         assert_close(got[i : i + 1], want)
     before = snapshot(s.denoiser)
-    with pytest.raises(ValueError, match=r"second time at the same timestep.*uncond='same'"):
-        one_call(s, funcadapt.per_image(STRENGTHS, uncond=0.0))
+    with pytest.raises(ValueError, match=r"placed only on denoisers known to put it first"):
+        one_call(s, funcadapt.per_image(STRENGTHS, uncond=0.0))  # Flux is not in UNCOND_FIRST
+    name = f"{type(s.denoiser).__module__}.{type(s.denoiser).__qualname__}"
+    with pytest.MonkeyPatch.context() as patched:  # were it known, the second call of a step is still refused
+        patched.setitem(funcadapt.images.UNCOND_FIRST, name, "a test")
+        with pytest.raises(ValueError, match=r"second time at the same timestep.*uncond='same'"):
+            one_call(s, funcadapt.per_image(STRENGTHS, uncond=0.0))
     assert_unchanged(s.denoiser, before)
     ramp = [0.0, 1.0, -1.0]
     got = one_call(s, funcadapt.per_step(ramp))
@@ -166,12 +171,12 @@ def test_strengths_are_differentiable():
     under torch.no_grad(); a differentiable strength is for losses on the denoiser, as in training.)"""
     s = setup("sd", "lora")
     plus, _, _, text = _noisy_pair(s)
-    x, t = torch.cat([plus, plus]), torch.tensor(400)  # a guidance batch: the same latents twice
+    x, t = torch.cat([plus, plus]), torch.tensor(400)  # a guidance batch: the same latents, other conditioning
     values = torch.tensor([0.3, -0.7], dtype=torch.float64, requires_grad=True)
 
     def metric(v: torch.Tensor) -> torch.Tensor:
         with AdapterModifier(s.denoiser, "scale", funcadapt.per_image(v, uncond=0.5)):
-            return s.denoiser(x, t, encoder_hidden_states=torch.cat([text, text])).sample.pow(2).sum()
+            return s.denoiser(x, t, encoder_hidden_states=torch.cat([-text, text])).sample.pow(2).sum()
 
     (grad,) = torch.autograd.grad(metric(values), values)
     eps = 1e-5
@@ -447,18 +452,19 @@ def test_steps_are_distinct_timesteps():
 
 
 def test_guidance_layout_is_checked():
-    """2N rows whose halves differ are not a guidance batch: N strengths for 2N images without guidance are
-    refused, not read as [unconditional; conditional]. uncond as a number is refused under perturbed-attention
-    guidance and on denoisers whose pipelines put the conditional half first."""
+    """2N rows are a guidance batch only when their halves are the same latents with different conditioning:
+    N strengths for 2N images without guidance are refused (different seeds, and one seed for every image),
+    not read as [unconditional; conditional]. uncond as a number is refused under perturbed-attention guidance
+    and on denoisers not known to put the unconditional half first; 'same' needs no order."""
     s = setup("sd", "lora")
     before = snapshot(s.denoiser)
     kw = s.call_kwargs(2)
-    not_guidance = r"its two halves differ, so it is not a classifier-free-guidance batch"
-    with (
-        pytest.raises(ValueError, match=not_guidance),
-        AdapterModifier(s.denoiser, "scale", funcadapt.per_image([-1.0, 2.0])),
-    ):
-        s.run(kw, SEEDS, 2, 1.0)  # 4 images, no guidance, 2 strengths (repeat=2 forgotten)
+    one_prompt = s.call_kwargs(1)
+    not_guidance = r"4 rows for 2 per-image strengths, but it is not a classifier-free-guidance batch"
+    for prompts, seeds in ((kw, SEEDS), (one_prompt, [0, 0, 0, 0])):  # (repeat=2 forgotten)
+        modifier = AdapterModifier(s.denoiser, "scale", funcadapt.per_image([-1.0, 2.0]))
+        with pytest.raises(ValueError, match=not_guidance), modifier:
+            s.run(prompts, seeds, len(seeds) // len(prompts["prompt_embeds"]), 1.0)
     from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
 
     attention = s.denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn1
@@ -469,16 +475,12 @@ def test_guidance_layout_is_checked():
             one_call(s, funcadapt.per_image(STRENGTHS, uncond=0.0))
     finally:
         attention.set_processor(original)
-    import funcadapt.images as images
-
     name = f"{type(s.denoiser).__module__}.{type(s.denoiser).__qualname__}"
-    images.COND_FIRST[name] = "This test's pipeline"
-    try:
-        with pytest.raises(ValueError, match=r"This test's pipeline's pipelines put the conditional half"):
+    with pytest.MonkeyPatch.context() as patched:
+        patched.delitem(funcadapt.images.UNCOND_FIRST, name)
+        with pytest.raises(ValueError, match=r"UNet2DConditionModel is not one"):
             one_call(s, funcadapt.per_image(STRENGTHS, uncond=0.0))
-        one_call(s, funcadapt.per_image(STRENGTHS))  # 'same' needs no order
-    finally:
-        del images.COND_FIRST[name]
+        one_call(s, funcadapt.per_image(STRENGTHS))
     assert_unchanged(s.denoiser, before)
 
 
@@ -514,8 +516,8 @@ def test_compiled_denoiser():
             self.proj = torch.nn.Linear(4, 8)
             self.out = torch.nn.Linear(8, 4)
 
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            return self.out(torch.tanh(self.proj(sample) + timestep / 1000))
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+            return self.out(torch.tanh(self.proj(sample) + encoder_hidden_states + timestep / 1000))
 
     torch.manual_seed(0)
     model = get_peft_model(Denoiser(), LoraConfig(r=2, target_modules=["proj", "out"], init_lora_weights=False))
@@ -523,20 +525,21 @@ def test_compiled_denoiser():
     g = torch.Generator().manual_seed(1)
     latents = [torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(3)]
     batches = [torch.cat([x, x]) for x in latents]  # guidance batches: 2 images
+    text = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
     timesteps = [torch.tensor(900.0), torch.tensor(500.0), torch.tensor(100.0)]
     table = torch.tensor([[0.5, -1.0], [2.0, 0.0], [1.0, 1.5]], dtype=torch.float64)
     want = []
-    with stepped_reference(model, lambda k: rows_reference(table[k].tolist(), [0.25, 0.25])):
-        want = [model(x, t) for x, t in zip(batches, timesteps, strict=True)]
+    with stepped_reference(model, lambda k: rows_reference(table[k].tolist())):
+        want = [model(x, t, text) for x, t in zip(batches, timesteps, strict=True)]
     compiled = torch.compile(model, backend="eager")
-    with AdapterModifier(model, "scale", funcadapt.per_step(table, uncond=0.25)):
-        got = [compiled(x, t) for x, t in zip(batches, timesteps, strict=True)]
+    with AdapterModifier(model, "scale", funcadapt.per_step(table)):
+        got = [compiled(x, t, text) for x, t in zip(batches, timesteps, strict=True)]
     for a, b in zip(got, want, strict=True):
         assert_close(a, b)
     with reference_interpolation(model, rows_reference([-1.0, 2.0])):
-        want_image = model(batches[0], timesteps[0])
+        want_image = model(batches[0], timesteps[0], text)
     with AdapterModifier(model, "scale", funcadapt.per_image([-1.0, 2.0])):
-        assert_close(compiled(batches[0], timesteps[0]), want_image)
+        assert_close(compiled(batches[0], timesteps[0], text), want_image)
 
 
 def test_block_vector_gradient_on_a_dit():
@@ -569,3 +572,53 @@ def test_block_vector_gradient_on_a_dit():
             fd = (loss(v.detach() + e) - loss(v.detach() - e)) / (2 * eps)
         torch.testing.assert_close(grad[i], fd, rtol=1e-6, atol=1e-10)
     assert grad.abs().max() > 0
+
+
+def test_wrapped_and_list_latents():
+    """A torch.compile wrapper given to AdapterModifier reads the step through the module it runs (its own
+    forward is (*args, **kwargs)); a denoiser whose first argument is a list of one tensor per image (Z-Image)
+    is read by that list, never by a later tensor such as the timestep."""
+
+    class ListDenoiser(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x: list[torch.Tensor], t: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
+            return self.proj(torch.stack(x) + torch.stack(cap_feats)) * t
+
+    torch.manual_seed(0)
+    model = get_peft_model(ListDenoiser(), LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
+    model.to(torch.float64)
+    g = torch.Generator().manual_seed(2)
+    image = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    caps = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(4)]
+    t = torch.tensor([0.5, 0.5, 0.5, 0.5], dtype=torch.float64)
+    # 4 images (different latents) and 2 strengths: not a guidance batch, refused (t's rows are equal)
+    modifier = AdapterModifier(model, "scale", funcadapt.per_image([1.0, -1.0]))
+    with pytest.raises(ValueError, match="not a classifier-free-guidance batch"), modifier:
+        model([*image, image[1], image[0]], t, caps)
+    with reference_interpolation(model, rows_reference([1.0, -1.0])):
+        want = model([*image, *image], t, caps)
+    with AdapterModifier(model, "scale", funcadapt.per_image([1.0, -1.0])):
+        assert_close(model([*image, *image], t, caps), want)
+
+    compiled = torch.compile(model, backend="eager")
+    steps = torch.tensor([[2.0, 0.0, 1.0, -1.0], [1.0, 1.0, 0.5, 0.5]], dtype=torch.float64)
+    with stepped_reference(model, lambda k: rows_reference(steps[k].tolist())):
+        want = [model(caps, torch.full((4,), v, dtype=torch.float64), caps) for v in (0.9, 0.1)]
+    with AdapterModifier(compiled, "scale", funcadapt.per_step(steps)):
+        got = [compiled(caps, torch.full((4,), v, dtype=torch.float64), caps) for v in (0.9, 0.1)]
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+    # an adapter injected into the module itself (no PEFT wrapper), compiled: the wrapper runs _orig_mod
+    plain = ListDenoiser()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False), plain)
+    plain.to(torch.float64)
+    with stepped_reference(plain, lambda k: rows_reference(steps[k].tolist())):
+        want = [plain(caps, torch.full((4,), v, dtype=torch.float64), caps) for v in (0.9, 0.1)]
+    compiled = torch.compile(plain, backend="eager")
+    with AdapterModifier(compiled, "scale", funcadapt.per_step(steps)):
+        got = [compiled(caps, torch.full((4,), v, dtype=torch.float64), caps) for v in (0.9, 0.1)]
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
