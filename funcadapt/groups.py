@@ -169,7 +169,8 @@ Varying = PerRow | PerToken | PerImage
 @dataclass(frozen=True)
 class Layout:
     """How a kind of :data:`Varying` coefficients is laid out: its ``values`` have one of ``dims``
-    dimensions (plus a group axis with ``groups``); ``plain`` and ``grouped`` are the shapes a user gives."""
+    dimensions (plus a group axis with ``groups``); ``plain`` and ``grouped`` are the shapes a user gives;
+    ``instead``: what to do where they are refused (geometric mode, rules whose rows are coupled)."""
 
     name: str
     unit: str
@@ -177,10 +178,20 @@ class Layout:
     dims: tuple[int, ...]
     plain: str
     grouped: str
+    instead: str
 
 
 LAYOUTS: dict[type, Layout] = {
-    PerRow: Layout("per-row", "row", "funcadapt.per_row(vectors, groups=...)", (1,), "[rows]", "[rows, {G}]"),
+    PerRow: Layout(
+        "per-row",
+        "row",
+        "funcadapt.per_row(vectors, groups=...)",
+        (1,),
+        "[rows]",
+        "[rows, {G}]",
+        "run each coefficient as its own call, or torch.func.vmap over the coefficients (funcadapt.vmap), which "
+        "keeps the batches apart",
+    ),
     PerToken: Layout(
         "per-token",
         "token",
@@ -188,6 +199,7 @@ LAYOUTS: dict[type, Layout] = {
         (1, 2),
         "[B, L] or [L]",
         "[B, L, {G}] or [L, {G}]",
+        "run each coefficient as its own call",
     ),
     # PerImage holds [H, N] or [S, H, N] (see funcadapt.images), built from these shapes
     PerImage: Layout(
@@ -197,6 +209,7 @@ LAYOUTS: dict[type, Layout] = {
         (2, 3),
         "[N], [S] or [S, N]",
         "[N, {G}], [S, {G}] or [S, N, {G}]",
+        "run one pipeline call per coefficient",
     ),
 }
 

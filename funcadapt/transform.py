@@ -562,54 +562,32 @@ def _inverted_effect(rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], _: An
 def _scale_effect(
     rule: Rule, spec: LayerSpec, p: Mapping[str, Tensor], c: Coeff | Varying, mode: str, joint: bool
 ) -> Effect:
-    if isinstance(c, PerImage):
+    if isinstance(c, Varying):
+        layout = LAYOUTS[type(c)]
         if mode != "linear":
             raise ValueError(
-                "per-image coefficients (funcadapt.per_image, funcadapt.per_step) are defined for mode='linear' "
-                "only: the per-layer interpolation y0 + c·(y1 − y0) is what can differ image by image. For "
-                "geometric mode, run one pipeline call per coefficient"
+                f"{layout.name} coefficients are defined for mode='linear' only: the per-layer interpolation "
+                f"y0 + c·(y1 − y0) is what can differ {layout.unit} by {layout.unit}. For geometric mode, "
+                f"{layout.instead}"
             )
         if rule.rows_coupled:
             raise ValueError(
-                f"layer {spec.path!r} adapter {spec.adapter!r} ({rule.doc.adapter}): per-image coefficients are "
-                f"refused because {rule.rows_coupled}, so no image's output is its own layer's interpolation. "
-                f"Give this adapter one coefficient (a dict per adapter, or adapter_names) or run one pipeline "
-                f"call per coefficient"
+                f"layer {spec.path!r} adapter {spec.adapter!r} ({rule.doc.adapter}): {layout.name} coefficients are "
+                f"refused because {rule.rows_coupled}, so no {layout.unit}'s output is its own layer's "
+                f"interpolation. Give this adapter one coefficient (a dict per adapter, or adapter_names), or "
+                f"{layout.instead}"
             )
-        return Effect(ops=(InterpolateImages(c.values),))
-    if isinstance(c, PerToken):
-        if mode != "linear":
-            raise ValueError(
-                "per-token coefficients (funcadapt.per_token) are defined for mode='linear' only: the "
-                "per-layer interpolation y0 + c·(y1 − y0) is what can differ token by token. For geometric "
-                "mode, run each coefficient separately"
-            )
-        if rule.rows_coupled:
-            raise ValueError(
-                f"layer {spec.path!r} adapter {spec.adapter!r} ({rule.doc.adapter}): per-token coefficients are "
-                f"refused because {rule.rows_coupled}, so no token's output is its own layer's interpolation. "
-                f"Give this adapter one coefficient (a dict per adapter, or adapter_names) or run each "
-                f"coefficient as its own call"
-            )
-        return Effect(ops=(InterpolateTokens(c.values),))
-    if isinstance(c, PerRow):
-        if mode != "linear":
-            raise ValueError(
-                "per-row coefficients (funcadapt.per_row) are defined for mode='linear' only: the "
-                "per-layer interpolation y0 + c·(y1 − y0) is what can differ row by row. For geometric "
-                "mode, run each coefficient separately or torch.func.vmap over them"
-            )
-        if rule.rows_coupled:
-            raise ValueError(
-                f"layer {spec.path!r} adapter {spec.adapter!r} ({rule.doc.adapter}): per-row coefficients are "
-                f"refused because {rule.rows_coupled}, so no row can equal running its coefficient alone. Run "
-                f"each coefficient as its own call, or torch.func.vmap over the coefficients (funcadapt.vmap), "
-                f"which keeps the batches apart"
-            )
-        return Effect(ops=(InterpolateRows(c.values),))
+        return Effect(ops=(_VARYING_OPS[type(c)](c.values),))
     if joint:
         return Effect(ops=(Interpolate(c),))
     return _scaled(rule, spec, p, c, mode)
+
+
+_VARYING_OPS: dict[type, Callable[[Tensor], ForwardOp]] = {
+    PerRow: InterpolateRows,
+    PerToken: InterpolateTokens,
+    PerImage: InterpolateImages,
+}
 
 
 def _plain_scaling(rule: Rule, spec: LayerSpec, mode: str) -> Scaling | None:
