@@ -566,6 +566,9 @@ def test_compiled_denoiser():
         want_image = model(batches[0], timesteps[0], text)
     with AdapterModifier(model, "scale", funcadapt.per_image([-1.0, 2.0])):
         assert_close(compiled(batches[0], timesteps[0], text), want_image)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(batches[0], timesteps[0], text)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)  # the bookkeeping runs before the graph
 
 
 def test_block_vector_gradient_on_a_dit():
