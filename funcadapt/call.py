@@ -69,7 +69,7 @@ def call(model: nn.Module, params: Transformed | Mapping[str, Tensor], *args: An
             "call, or in a sampling loop of your own give step k its own coefficient (funcadapt.per_image(values[k]) "
             "or a number)"
         )
-    with frame(model, params):
+    with frame(model, params, now=True):
         return model(*args, **kwargs)
 
 
@@ -92,10 +92,14 @@ def _changes_nothing(model: nn.Module, params: Transformed | Mapping[str, Tensor
     return all(rule_named(spec.rule).patches is None for spec in params.tree.layers)
 
 
-def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_checked: bool = False) -> Frame:
+def frame(
+    model: nn.Module, params: Transformed | Mapping[str, Tensor], live_checked: bool = False, now: bool = False
+) -> Frame:
     """The (not yet applied) :class:`~funcadapt.swap.Frame` that ``call`` runs the model in.
     ``live_checked``: ``params`` were transformed from a tree extracted from ``model`` just now, so
-    every adapter they change is known to be active and unmerged."""
+    every adapter they change is known to be active and unmerged. ``now``: the frame is applied for
+    one forward that runs at once, in the torch.func transforms active now (``call``), so the patches
+    only a forward under transforms needs are left out when there are none."""
     tensors, effects, extracted = _unpack(params)
     known = structure(model)
     _refuse_fsdp1_under_transforms(known.engine)
@@ -133,11 +137,13 @@ def frame(model: nn.Module, params: Transformed | Mapping[str, Tensor], live_che
     columns = list({id(c): c for c in rows}.values())
     bnb = [(path, m, batch_major(path, modules)) for path, m in known.bnb_linears]
     builders.append(lambda: quantized.patches(bnb, columns))
-    builders.append(lambda: _input_grad_hooks(modules))
-    plain_forwards = known.plain_forwards
+    transformed = under_transforms()
+    if transformed or not now:
+        builders.append(lambda: _input_grad_hooks(modules))
+    plain_forwards = known.plain_forwards if transformed or not now else ()
     if plain_forwards:
         builders.append(lambda: [swap_under_transforms(m, "forward", fn) for m, fn in plain_forwards])
-    one = _vmapped_one(tensors, effects) if under_transforms() else None
+    one = _vmapped_one(tensors, effects) if transformed else None
     blocks = known.adapted_blocks if one is not None else []
     if one is not None:
         builders.append(lambda: [Patch(m, "forward", functools.partial(_batched, m, one), wrap=True) for m in blocks])
@@ -362,7 +368,9 @@ def _layer_builders(
     for e in recipes:
         for key, pairs in known.reached(e.spec, modules[""]).items():
             owners.setdefault(key, pairs)
-    builders.append(functools.partial(jit_patches, path, layer, recipes, owners, loads, guard))
+    jit = jit_patches(path, layer, recipes, owners, loads, guard)
+    if jit is not None:
+        builders.append(jit)
     builders.extend(output_builders(path, layer, per_adapter, rule_of, modules, positions, passes))
     return builders
 

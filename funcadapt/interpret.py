@@ -462,14 +462,13 @@ def _run_scaled(
 ) -> Any:
     """``forward`` with each adapter's output multiplier times the product of its coefficients over the
     frames of ``chain`` (all with :attr:`_Recomputed.factors` on one dict), restored on return."""
-    name = ""
-    device = None
-    total: dict[str, Coeff] = {}
-    for entry in chain:
-        assert entry.factors is not None
-        name, factors, device = entry.factors
-        for adapter, c in factors.items():
-            total[adapter] = c if adapter not in total else scaled_multiplier(total[adapter], c)
+    name, total, device = chain[0].factors  # type: ignore[misc]
+    if len(chain) > 1:
+        total = dict(total)
+        for entry in chain[1:]:
+            assert entry.factors is not None
+            for adapter, c in entry.factors[1].items():
+                total[adapter] = c if adapter not in total else scaled_multiplier(total[adapter], c)
     store = getattr(layer, name)
     saved = {adapter: store[adapter] for adapter in total}
     try:
@@ -489,7 +488,7 @@ def jit_patches(
     owners: Mapping[str, list[tuple[nn.Module, str]]],
     loads: tuple[tuple[nn.Module, str], ...] = (),
     guard: str | None = None,
-) -> list[Patch]:
+) -> Builder | None:
     """The layer's effects applied just in time: when the layer runs, each effect recomputes its
     adapter tensors from the tensors the layer holds *then* (what FSDP all-gathered, accelerate
     loaded, or an enclosing frame showed), and those are shown to PEFT's forward until it returns.
@@ -497,15 +496,30 @@ def jit_patches(
     inner context transforms what the outer one shows. ``loads``: offloaded tensors loaded for the
     layer's run. The layer refuses other threads, as every module the call changes does (see
     :func:`funcadapt.swap.thread_guarded`): with ``guard`` (the layer's name in the error) the check is
-    made here, in the same wrapper, instead of by a second one."""
+    made here, in the same wrapper, instead of by a second one. None where there is nothing to do; the
+    layer's record is made once per frame, its patches each time the frame is applied."""
     if not recipes and not loads:
-        return []
+        return None
     entry = _Recomputed(recipes, owners, loads, layer, path)
-    patches = [Patch(layer, _CHAIN, lambda chain: (*(chain or ()), entry), wrap=True)]
-    if _CHAIN not in layer.__dict__:
+    chained = functools.partial(_chained, entry)
+    wrapper = functools.partial(_just_in_time, layer, guard)
+
+    def patches() -> list[Patch]:
+        chain = Patch(layer, _CHAIN, chained, wrap=True)
+        if _CHAIN in layer.__dict__:
+            return [chain]
         # a "forward" patch goes inside an accelerate hook on the layer itself (after it loaded the weights)
-        patches.append(Patch(layer, "forward", functools.partial(_just_in_time, layer, guard), wrap=True))
+        return [chain, Patch(layer, "forward", wrapper, wrap=True)]
+
     return patches
+
+
+def _all_factors(chain: tuple[_Recomputed, ...]) -> bool:
+    return all(e.factors is not None for e in chain)
+
+
+def _chained(entry: _Recomputed, chain: tuple[_Recomputed, ...] | None) -> tuple[_Recomputed, ...]:
+    return (*(chain or ()), entry)
 
 
 def _just_in_time(layer: Any, guard: str | None, forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -517,7 +531,7 @@ def _just_in_time(layer: Any, guard: str | None, forward: Callable[..., Any]) ->
         chain: tuple[_Recomputed, ...] = layer.__dict__.get(_CHAIN, ())
         # (compiled or under torch.func transforms the tensors are recomputed: the graph has no Python
         # dict to write, and a batched coefficient stays on the tensors it batches)
-        scaled = chain and all(e.factors is not None for e in chain)
+        scaled = chain and (chain[0].factors is not None if len(chain) == 1 else _all_factors(chain))
         if scaled and not torch.compiler.is_compiling() and not under_transforms():
             return _run_scaled(layer, chain, forward, args, kwargs)
         undo: list[Callable[[], None]] = []

@@ -507,6 +507,8 @@ def transform(
     if op == "scale":
         if coeff is None:
             raise ValueError("op='scale' needs a coefficient")
+        if groups is None and type(coeff) in (int, float) and coeff == 1.0 and not torch.compiler.is_compiling():
+            return Transformed(tree, ())  # every layer's identity, bit for bit (compiled, a number warns below)
         coeff_of = _coefficients(tree, coeff, groups)
     elif coeff is not None:
         raise ValueError(f"op={op!r} takes no coefficient (got {coeff!r}); use op='scale' for a coefficient")
@@ -550,6 +552,8 @@ def transform(
             eager.update((spec.keys[role], t) for role, t in effect.params.items())
         effects.append(LayerEffect(spec, recompute if effect.params else None, operand, effect.ops))
     if torch.compiler.is_compiling():  # the Mapping view is not read in compiled code
+        return Transformed(tree, tuple(effects))
+    if not eager:
         return Transformed(tree, tuple(effects))
     versions = tuple(_version(t) for t in tree.params.values())
     return Transformed(tree, tuple(effects), _eager=eager, _cache={"eager_versions": versions})
