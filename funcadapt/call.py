@@ -196,11 +196,32 @@ def _interpolated(per_adapter: Mapping[str, Sequence[ForwardOp]]) -> bool:
 
 
 def entry_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules a forward of ``model`` starts in: ``model``, and a PEFT model's base model, whose
-    forward ``generate()`` calls directly (or the module a ``torch.compile`` wrapper runs)."""
-    get_base = getattr(model, "get_base_model", None)
-    inner = get_base() if callable(get_base) else getattr(model, "_orig_mod", None)  # (torch.compile's wrapper)
-    return [model, inner] if isinstance(inner, nn.Module) and inner is not model else [model]
+    """The modules a forward of ``model`` starts in, outermost first: ``model``, and each module a wrapper
+    hands the whole input to: a PEFT model's base model (whose forward ``generate()`` calls directly), the
+    module of a ``torch.compile`` wrapper, of DistributedDataParallel and of an FSDP1 root (whose
+    ``forward(*args, **kwargs)`` names no argument, so what the inner forward's signature names is read
+    there)."""
+    found = [model]
+    while True:
+        inner = _wrapped(found[-1])
+        if inner is None or any(inner is m for m in found):
+            return found
+        found.append(inner)
+
+
+_WRAPPERS = {"DistributedDataParallel": "module", "FullyShardedDataParallel": "_fsdp_wrapped_module"}
+"""Wrapper classes (by name: the distributed ones are not imported for the check) -> the attribute holding the
+module their forward runs on the whole input."""
+
+
+def _wrapped(module: nn.Module) -> nn.Module | None:
+    get_base = getattr(module, "get_base_model", None)
+    if callable(get_base):
+        inner = get_base()
+    else:
+        attr = _WRAPPERS.get(type(module).__name__, "_orig_mod")  # (torch.compile's OptimizedModule)
+        inner = module.__dict__.get("_modules", {}).get(attr)
+    return inner if isinstance(inner, nn.Module) else None
 
 
 def _unpack(

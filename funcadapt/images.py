@@ -56,6 +56,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from . import models
 from .entries import EntryRecorder
 
 Uncond = Literal["same"] | float
@@ -304,8 +305,7 @@ def _order_unknown(model: Any) -> str:
     (its batch adds a perturbed copy, and without guidance its halves are [conditional; perturbed])."""
     known = False
     for module in model.modules():
-        cls = type(module)
-        known = known or f"{cls.__module__}.{cls.__qualname__}" in UNCOND_FIRST
+        known = known or models.qualified(type(module)) in UNCOND_FIRST
         processor = getattr(module, "processor", None)
         if processor is not None and type(processor).__name__.startswith("PAG"):
             return (

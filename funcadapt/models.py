@@ -31,7 +31,16 @@ PLAIN_FORWARDS: dict[str, tuple[str, str]] = {
 
 
 def qualified(cls: type) -> str:
+    """``module.qualname`` of the class a module was built as: FSDP2's ``fully_shard`` (and composable
+    ``replicate``) swap in a subclass ``FSDP<Name>`` of (their marker class, that class), which lookups by
+    class name must see through."""
+    if len(cls.__bases__) == 2 and cls.__bases__[0].__name__ in _SWAPPED_IN:
+        cls = cls.__bases__[1]
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_SWAPPED_IN = frozenset({"FSDPModule", "DDP"})
+"""The marker classes of torch.distributed's in-place wrappers (``fully_shard``, composable ``replicate``)."""
 
 
 def _group_norm(module: nn.GroupNorm, x: Tensor) -> Tensor:

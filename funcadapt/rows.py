@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import models
+
 
 @dataclass(frozen=True, eq=False)
 class PerRow:
@@ -212,8 +214,7 @@ def sequence_first(path: str, modules: Mapping[str, Any]) -> str:
     for i in range(len(parts), -1, -1):
         holder = modules.get(".".join(parts[:i]))
         if holder is not None:
-            cls = type(holder)
-            reason = SEQUENCE_FIRST.get(f"{cls.__module__}.{cls.__qualname__}", "")
+            reason = SEQUENCE_FIRST.get(models.qualified(type(holder)), "")
             if reason:
                 return reason
     return ""

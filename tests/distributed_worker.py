@@ -279,12 +279,134 @@ def _run_scenario(engine: str, adapter: str, warm: bool) -> dict[str, str | None
     return results
 
 
+MODEL_ENGINES = ("ddp", "fsdp1-root", "fsdp2-root", "fsdp2-layers")
+MODEL_CHECKS = ("per_step_uncond", "per_image_grads", "opt_per_row")
+"""Checks on other models than the matrix's Llama, where engine wrappers change what funcadapt reads of the
+model: a diffusers UNet called with positional arguments, and OPT, whose decoder layer is looked up by class."""
+
+
+def _denoiser() -> torch.nn.Module:
+    from diffusion_cases import UNET_CONV, UNET_LINEAR, configs, randomize_adapters, tiny_unet
+
+    unet = tiny_unet()
+    unet.add_adapter(configs(UNET_LINEAR, UNET_CONV)["lora"]())
+    randomize_adapters(unet, scale=0.1)
+    return unet.double()
+
+
+def _image_checks(denoiser: torch.nn.Module, engine: str) -> dict[str, Callable[[], Any]]:
+    """A sampling loop of its own over a guidance batch, calling the denoiser as pipelines do but with the
+    timestep and the text embeddings positional (which an engine wrapper's ``forward(*args, **kwargs)``
+    does not name): a per-step schedule with an unconditional strength, and per-image slider gradients."""
+    from diffusion_cases import HIDDEN, TOKENS
+
+    import funcadapt
+
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    cond = torch.randn(2, TOKENS, HIDDEN, generator=g, dtype=torch.float64)
+    uncond = torch.zeros_like(cond)
+
+    def per_step_uncond() -> Any:
+        schedule = funcadapt.per_step([[0.5, -1.0], [1.5, 2.0]], uncond=0.0)
+        x = latents
+        with torch.no_grad(), funcadapt.AdapterModifier(denoiser, "scale", schedule):
+            for t in (torch.tensor(900.0), torch.tensor(500.0)):
+                eps = denoiser(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
+                eps_u, eps_c = eps.chunk(2)
+                x = x - 0.1 * (eps_u + 3.0 * (eps_c - eps_u))
+        return x
+
+    def per_image_grads() -> Any:
+        _zero(denoiser)
+        with funcadapt.AdapterModifier(denoiser, "scale", funcadapt.per_image([1.0, -1.0])):
+            eps = denoiser(latents, torch.tensor(700.0), cond).sample
+        loss = (eps * torch.linspace(-1.0, 1.0, eps.numel(), dtype=eps.dtype).reshape(eps.shape)).sum()
+        loss.backward()
+        return {"loss": loss.detach(), **_grads(denoiser, engine)}
+
+    return {"per_step_uncond": per_step_uncond, "per_image_grads": per_image_grads}
+
+
+def _opt() -> torch.nn.Module:
+    from architectures import ARCHS, cases
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules=["q_proj", "fc1", "fc2"], init_lora_weights=False)
+    model = get_peft_model(ARCHS["opt"].build(), config)
+    cases.randomize_adapters(model, seed=1)
+    return model.double().train()
+
+
+def _opt_check(model: torch.nn.Module, engine: str) -> Callable[[], Any]:
+    """Per-row coefficients reach OPT's fc1 and fc2, which its decoder layer runs on the batch flattened."""
+    from architectures import batch
+
+    import funcadapt
+
+    def opt_per_row() -> Any:
+        _zero(model)
+        with funcadapt.AdapterModifier(model, "scale", funcadapt.per_row([1.0, -0.5, 2.0, 0.0])):
+            logits = model(**funcadapt.tile(batch("opt"), 2)).logits
+        loss = (logits * torch.linspace(-1.0, 1.0, logits.shape[-1], dtype=logits.dtype)).sum()
+        loss.backward()
+        return {"logits": logits.detach(), **_grads(model, engine)}
+
+    return opt_per_row
+
+
+def _wrap_other(model: torch.nn.Module, engine: str) -> torch.nn.Module:
+    if engine.startswith("fsdp2"):
+        from torch.distributed.fsdp import fully_shard
+
+        if engine == "fsdp2-layers":
+            for module in model.modules():
+                if type(module).__name__ in ("OPTDecoderLayer", "Transformer2DModel", "ResnetBlock2D"):
+                    fully_shard(module)
+        fully_shard(model)
+        return model
+    if engine == "fsdp1-root":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model)
+
+
+def _run_models() -> dict[str, dict[str, str | None]]:
+    """engine -> check -> None (equal to one process) or the failure."""
+    out: dict[str, dict[str, str | None]] = {}
+    for engine in MODEL_ENGINES:
+        reference = _denoiser()
+        refs = _image_checks(reference, "none")
+        gots = _image_checks(_wrap_other(copy.deepcopy(reference), engine), engine)
+        opt = _opt()
+        refs["opt_per_row"] = _opt_check(opt, "none")
+        gots["opt_per_row"] = _opt_check(_wrap_other(copy.deepcopy(opt), engine), engine)
+        results: dict[str, str | None] = {}
+        for name in MODEL_CHECKS:
+            try:
+                results[name] = _compare(gots[name](), refs[name]())
+            except Exception as e:
+                results[name] = f"raised {type(e).__name__}: {str(e)[:400]}"
+                if os.environ.get("FUNCADAPT_DIST_DEBUG"):
+                    traceback.print_exc()
+        out[engine] = results
+        dist.barrier()
+    return out
+
+
 def main(rank: int, world: int, port: int, out_dir: str, only: str | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     results: dict[str, dict[str, str | None]] = {}
     try:
+        if only == "models":
+            results = _run_models()
+            return
         for engine, adapter, warm in scenarios():
             if only and only not in f"{engine}-{adapter}":
                 continue
