@@ -131,6 +131,22 @@ def test_groups_benchmark_quick_runs():
     assert all(r > 0 for r in ratios.values())
 
 
+def test_overhead_benchmark_quick_runs(capsys):
+    """benchmarks/overhead.py prints every column for each model, the slope and the stages of a call (the
+    timings are reported, never asserted)."""
+    bench = load_script("benchmarks/overhead.py", "overhead_benchmark")
+    bench.main(["--blocks", "1", "2", "--repeats", "1", "--parts"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["layers", "PEFT", "ms", *bench.COLUMNS]
+    assert [line.split()[0] for line in lines[2:5]] == ["4", "8", "slope"]
+    assert all(len(line.split()) == 2 + len(bench.COLUMNS) for line in lines[2:4])
+    header = next(i for i, line in enumerate(lines) if line.startswith("stages of call(c=-1)"))
+    stages = lines[header + 1 :]
+    assert len(stages) == 5, stages
+    for line in stages:
+        float(line.split()[-1])  # µs per layer, printed for each stage
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_sliders_example(tmp_path):
     """examples/sliders.py --quick (float64): the grid from one DDIMPipeline call at 5 strengths equals one
