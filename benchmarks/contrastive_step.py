@@ -128,7 +128,7 @@ def unfolded(step: Callable[[], None]) -> Callable[[], None]:
     from unittest import mock
 
     def run() -> None:
-        with mock.patch.object(sys.modules["funcadapt.call"], "folding_patches", lambda modules: []):
+        with mock.patch.object(sys.modules["funcadapt.call"], "folding_patches", lambda: []):
             step()
 
     return run

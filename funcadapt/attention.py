@@ -3,16 +3,16 @@
 torch has no batching rule for its CPU flash-attention kernel, so under ``torch.func.vmap`` every
 SDPA call (forward and backward) runs once per coefficient and stacks the results, and prints a
 "performance drop" warning; measured on the CPU that costs 25–30 % of each attention's forward and
-backward. While a call runs under vmap, transformers' attention registry (``AttentionInterface``)
-maps ``"sdpa"`` to :func:`folded_sdpa`, which moves the vmapped axis of the query, key, value and
-mask into the batch axis, runs transformers' own ``sdpa_attention_forward`` once on the folded
-batch, and splits the output again. Row ``v·B + b`` of the folded batch is member ``v``'s row ``b``,
-so each member computes exactly what it computes alone; called with no tensor batched at the
-current vmap level (any other model, any other thread) it *is* ``sdpa_attention_forward``. The
-implementation's name stays ``"sdpa"``, so models that test for it in their own code (sparse
-attention, KV sharing) keep their branches. Only transformers' own SDPA entry is replaced, never one
-a user registered; with attention dropout in training the fold is skipped (torch's own loop keeps
-vmap's ``randomness`` setting).
+backward. While a call runs under vmap, ``torch.nn.functional.scaled_dot_product_attention`` is
+:func:`folded_sdpa`, which moves the vmapped axis of the query, key, value and mask into the batch
+axis (the first: SDPA's inputs are ``[..., L, E]`` with the same leading axes), runs torch's own
+SDPA once on the folded batch, and splits the output again. Row ``v·B + b`` of the folded batch is
+member ``v``'s row ``b``, so each member computes exactly what it computes alone. Every caller that
+looks the function up on ``torch.nn.functional`` when it runs gets it: transformers' ``"sdpa"``
+attention, diffusers' attention processors and its native attention backend, a model's own code.
+Called with no tensor batched at the current vmap level (any other model, any other thread) it *is*
+torch's function. With attention dropout the fold is skipped (torch's own loop keeps vmap's
+``randomness`` setting).
 """
 
 from __future__ import annotations
@@ -21,35 +21,42 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
 from .rules.base import Patch
 
 _functorch = torch._C._functorch
+_SDPA = torch._C._nn.scaled_dot_product_attention
+"""torch's own function (what ``F.scaled_dot_product_attention`` is unless something replaced it)."""
 
 
 def folded_sdpa(
-    module: nn.Module,
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attention_mask: Tensor | None,
-    dropout: float = 0.0,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
     **kwargs: Any,
-) -> tuple[Tensor, Any]:
-    """transformers' ``sdpa_attention_forward`` with the current vmap level's axis folded into the batch."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+) -> Tensor:
+    """torch's ``scaled_dot_product_attention`` with the current vmap level's axis folded into the batch."""
     level = _functorch.maybe_current_level()
-    size = _vmapped_size((query, key, value, attention_mask), level)
-    if size is None or dropout:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    size = _vmapped_size((query, key, value, attn_mask), level)
+    if size is None or dropout_p or query.dim() < 3:
+        return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
     assert level is not None
     batch = query.shape[0]
     q, k, v = (_fold(t, level, size, batch) for t in (query, key, value))
-    mask = None if attention_mask is None else _fold(attention_mask, level, size, batch)
-    out, weights = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, **kwargs)
-    return _functorch._add_batch_dim(out.reshape(size, batch, *out.shape[1:]), 0, level), weights
+    mask = attn_mask
+    if attn_mask is not None and (attn_mask.dim() == query.dim() or _batched_at(attn_mask, level)):
+        mask = _fold(attn_mask, level, size, batch, query.dim())  # (a shared mask with fewer axes broadcasts)
+    out = _SDPA(q, k, v, mask, dropout_p, is_causal, **kwargs)
+    return _functorch._add_batch_dim(out.reshape(size, batch, *out.shape[1:]), 0, level)
+
+
+def _batched_at(t: Tensor, level: int | None) -> bool:
+    return level is not None and _functorch.is_batchedtensor(t) and _functorch.maybe_get_level(t) == level
 
 
 def _vmapped_size(tensors: Iterable[Tensor | None], level: int | None) -> int | None:
@@ -57,39 +64,36 @@ def _vmapped_size(tensors: Iterable[Tensor | None], level: int | None) -> int | 
     if level is None:
         return None
     for t in tensors:
-        if t is not None and _functorch.is_batchedtensor(t) and _functorch.maybe_get_level(t) == level:
+        if t is not None and _batched_at(t, level):
             physical, dim = _functorch._unwrap_batched(t, level)
             if dim is not None:
                 return int(physical.shape[dim])
     return None
 
 
-def _fold(t: Tensor, level: int, size: int, batch: int) -> Tensor:
+def _fold(t: Tensor, level: int, size: int, batch: int, dims: int = 0) -> Tensor:
     """``t`` (logical shape ``[b, ...]``, b = batch or 1) as ``[size·batch, ...]``: member v's row r at
-    ``v·batch + r``; a tensor not batched at ``level`` is shared by every member."""
+    ``v·batch + r``; a tensor not batched at ``level`` is shared by every member. ``dims``: the number of
+    logical axes to give ``t`` first (a mask with fewer axes than the query broadcasts over the leading ones)."""
     physical, dim = _functorch._unwrap_batched(t, level)
     physical = physical.unsqueeze(0).expand(size, *physical.shape) if dim is None else physical.movedim(dim, 0)
+    if physical.dim() - 1 < dims:
+        physical = physical.reshape(size, *([1] * (dims - physical.dim() + 1)), *physical.shape[1:])
     if physical.shape[1] != batch:  # a mask broadcast over the batch
         physical = physical.expand(size, batch, *physical.shape[2:])
     return physical.reshape(size * batch, *physical.shape[2:])
 
 
 def folding_patches() -> list[Patch]:
-    """A patch mapping ``"sdpa"`` in transformers' attention registry to :func:`folded_sdpa` while a
-    frame is applied, where it maps to transformers' own function (none where it does not: a user's
-    own registration is kept, and transformers without the registry gets nothing). Several frames at
-    once, in any threads, are fine: each restores only its own entry, and every one of them is the
-    same function, exact for every caller."""
-    try:
-        from transformers import AttentionInterface
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return []
-    mapping = AttentionInterface._global_mapping
+    """A patch making ``torch.nn.functional.scaled_dot_product_attention`` :func:`folded_sdpa` while a frame
+    is applied, where it is torch's own (none where it is not: another library's replacement is kept).
+    Several frames at once, in any threads, are fine: each restores the entry only if it is still
+    :func:`folded_sdpa`, and that is the same function, exact for every caller."""
+    namespace = vars(F)
 
     def folded(current: Callable[..., Any]) -> Callable[..., Any]:
-        return folded_sdpa if current is sdpa_attention_forward else current
+        return folded_sdpa if current is _SDPA else current
 
-    if mapping.get("sdpa") not in (sdpa_attention_forward, folded_sdpa):
+    if namespace.get("scaled_dot_product_attention") not in (_SDPA, folded_sdpa):
         return []
-    return [Patch(mapping, "sdpa", folded, item=True)]
+    return [Patch(namespace, "scaled_dot_product_attention", folded, item=True)]

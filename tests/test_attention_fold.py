@@ -1,10 +1,12 @@
 """SDPA under funcadapt.vmap: the vmapped coefficient axis is folded into the batch (funcadapt.attention).
 
 Reference: each coefficient as its own call (float64), for models that dispatch attention through
-transformers' AttentionInterface (Llama with grouped-query attention, GPT-2, BERT with a padding mask);
-a module that calls torch's SDPA itself is left alone; a user's own "sdpa" registration is
-kept; with attention dropout in training the fold is skipped. Models still see the name "sdpa" (some
-branch on it), and the registry is as it was after every call.
+transformers' AttentionInterface (Llama with grouped-query attention, GPT-2, BERT with a padding mask),
+a module and Falcon calling torch's SDPA themselves, diffusers' UNet (attention processors) and SD3 (its
+native attention backend); torch's SDPA itself on every mask layout against one call per member; a user's
+own "sdpa" registration is kept (and folded beneath); another library's replacement of torch's function is
+kept; with attention dropout in training the fold is skipped. torch's function is its own again after
+every call, and models still see the name "sdpa" (some branch on it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import warnings
 import pytest
 import torch
 from cases import build, case, inputs, output
+from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -21,6 +24,7 @@ import funcadapt
 from funcadapt import attention
 
 TOL64 = {"rtol": 1e-10, "atol": 1e-12}
+TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 COEFFS = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
 
 
@@ -42,9 +46,9 @@ def _count_folds(monkeypatch) -> list[int]:
     folds: list[int] = []
     real = attention._fold
 
-    def counted(t, level, size, batch):
+    def counted(t, level, size, batch, *dims):
         folds.append(size)
-        return real(t, level, size, batch)
+        return real(t, level, size, batch, *dims)
 
     monkeypatch.setattr(attention, "_fold", counted)
     return folds
@@ -71,7 +75,8 @@ def test_vmapped_sdpa_folds_and_equals_separate_calls(arch, monkeypatch):
         got.sum().backward()
     assert folds and set(folds) == {len(COEFFS)}, "SDPA ran on the folded batch"
     assert names and set(names) == {"sdpa"}, "the model sees its own implementation's name"
-    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward, "the registry is restored"
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward, "the registry is untouched"
+    assert F.scaled_dot_product_attention is TORCH_SDPA, "torch's function is restored"
     for i, ci in enumerate(COEFFS):
         one = ci.clone().requires_grad_()
         want = loss(one)
@@ -94,10 +99,10 @@ class _OwnSdpa(torch.nn.Module):
         return self.out(y.transpose(1, 2).flatten(-2))
 
 
-def test_models_that_call_sdpa_themselves_are_exact(monkeypatch):
-    """A module calling torch's SDPA in its own code is not folded (torch's per-coefficient loop runs),
-    and is exact; so is Falcon, whichever way this transformers release runs its attention, and it
-    sees the name "sdpa" (Falcon branches on it)."""
+def test_models_that_call_sdpa_themselves_fold_and_are_exact(monkeypatch):
+    """A module calling torch's SDPA in its own code is folded too (it looks the function up when it runs),
+    without torch's warning, and is exact; so is Falcon, whichever way this transformers release runs its
+    attention, and it sees the name "sdpa" (Falcon branches on it)."""
     from architectures import build_peft
     from peft import LoraConfig, get_peft_model
 
@@ -117,12 +122,14 @@ def test_models_that_call_sdpa_themselves_are_exact(monkeypatch):
         def run(c, model=model, tree=tree, batch=batch):
             return output(funcadapt.call(model, funcadapt.transform(tree, c), **batch))
 
-        got = funcadapt.vmap(run)(COEFFS)
-        if model is own:
-            assert not folds
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            got = funcadapt.vmap(run)(COEFFS)
+        assert folds and set(folds) == {len(COEFFS)}
         for i, ci in enumerate(COEFFS):
             torch.testing.assert_close(got[i], run(ci), **TOL64)
     assert seen and set(seen) == {"sdpa"}
+    assert F.scaled_dot_product_attention is TORCH_SDPA
 
 
 def test_attention_dropout_in_training_is_not_folded(monkeypatch):
@@ -146,7 +153,8 @@ def test_attention_dropout_in_training_is_not_folded(monkeypatch):
 
 
 def test_a_users_own_sdpa_registration_is_kept(monkeypatch):
-    """A function the user registered as "sdpa" runs under vmap as it is (no fold, nothing replaced)."""
+    """A function the user registered as "sdpa" runs under vmap as it is (nothing replaced), and torch's
+    SDPA it calls is folded."""
     calls: list[int] = []
 
     def mine(*args, **kwargs):
@@ -159,8 +167,120 @@ def test_a_users_own_sdpa_registration_is_kept(monkeypatch):
     tree = funcadapt.extract(model)
     folds = _count_folds(monkeypatch)
     got = funcadapt.vmap(lambda c: output(funcadapt.call(model, funcadapt.transform(tree, c), **batch)))(COEFFS)
-    assert calls and not folds
+    assert calls and folds
     assert AttentionInterface._global_mapping["sdpa"] is mine
     for i, ci in enumerate(COEFFS):
         want = output(funcadapt.call(model, funcadapt.transform(tree, ci), **batch))
         torch.testing.assert_close(got[i], want, **TOL64)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_another_librarys_replacement_of_torchs_sdpa_is_kept(monkeypatch):
+    """Where something replaced torch.nn.functional.scaled_dot_product_attention, funcadapt leaves it in place
+    under vmap (its replacement runs through torch's loop) and the result is still exact."""
+    calls: list[int] = []
+
+    def theirs(*args, **kwargs):
+        calls.append(1)
+        return TORCH_SDPA(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", theirs)
+    model = _sdpa_model("llama")
+    batch = _batch("llama")
+    tree = funcadapt.extract(model)
+    folds = _count_folds(monkeypatch)
+    got = funcadapt.vmap(lambda c: output(funcadapt.call(model, funcadapt.transform(tree, c), **batch)))(COEFFS)
+    assert calls and not folds
+    assert F.scaled_dot_product_attention is theirs
+    for i, ci in enumerate(COEFFS):
+        want = output(funcadapt.call(model, funcadapt.transform(tree, ci), **batch))
+        torch.testing.assert_close(got[i], want, **TOL64)
+
+
+def _member_calls(q, k, v, mask, mask_dim, **options):
+    """torch's SDPA once per member of the vmapped axis 0 (the reference)."""
+    outs = []
+    for i in range(q.shape[0]):
+        m = None if mask is None else (mask[i] if mask_dim == 0 else mask)
+        outs.append(TORCH_SDPA(q[i], k[i], v[i], m, **options))
+    return torch.stack(outs)
+
+
+MASKS = {
+    "none": (None, None),
+    "batched [V, B, H, L, S]": ((3, 2, 2, 5, 5), 0),
+    "shared [B, 1, L, S]": ((2, 1, 5, 5), None),
+    "shared, broadcast batch [1, 1, L, S]": ((1, 1, 5, 5), None),
+    "shared [L, S]": ((5, 5), None),
+    "batched [V, L, S]": ((3, 5, 5), 0),
+}
+
+
+OPTIONS = [{}, {"scale": 0.3}, {"enable_gqa": True}]
+SDPA_CASES = [(mask, options) for mask in MASKS for options in OPTIONS] + [("none", {"is_causal": True})]
+"""(mask layout, options): is_causal only without a mask (torch refuses both at once)."""
+
+
+@pytest.mark.parametrize(("mask_kind", "options"), SDPA_CASES, ids=str)
+def test_folded_sdpa_equals_one_call_per_member(mask_kind, options):
+    """funcadapt.attention.folded_sdpa under torch.func.vmap, against torch's SDPA once per member, for every
+    mask layout (batched or shared, broadcast over the batch, fewer axes), causal, scaled and grouped-query
+    attention; with gradients."""
+    g = torch.Generator().manual_seed(0)
+    heads_kv = 1 if options.get("enable_gqa") else 2
+    q = torch.randn(3, 2, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 2, heads_kv, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, heads_kv, 5, 4, generator=g, dtype=torch.float64)
+    shape, mask_dim = MASKS[mask_kind]
+    mask = None if shape is None else torch.randn(*shape, generator=g, dtype=torch.float64)
+    got = torch.func.vmap(
+        lambda q, k, v, m: attention.folded_sdpa(q, k, v, m, **options), in_dims=(0, 0, 0, mask_dim)
+    )(q, k, v, mask)
+    want = _member_calls(q, k, v, mask, mask_dim, **options)
+    torch.testing.assert_close(got, want, **TOL64)
+    grads = torch.autograd.grad(got.square().sum(), (q, k))
+    torch.testing.assert_close(grads, torch.autograd.grad(want.square().sum(), (q, k)), **TOL64)
+
+
+@pytest.mark.filterwarnings("ignore:.*clip_sample.*")
+@pytest.mark.parametrize("name", ["unet", "sd3"])
+def test_diffusers_attention_folds_and_equals_separate_calls(name, monkeypatch):
+    """diffusers' UNet (its attention processors call torch's SDPA) and SD3 (diffusers' native attention
+    backend) under funcadapt.vmap over the coefficient: folded, without torch's warning, equal to one call
+    per coefficient, gradients too."""
+    from cases import randomize_adapters
+    from diffusion_cases import HIDDEN, TOKENS, UNET_CONV, UNET_LINEAR, configs, tiny_sd3, tiny_unet
+
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    text = torch.randn(2, TOKENS, HIDDEN, generator=g, dtype=torch.float64)
+    t = torch.tensor([500.0])
+    if name == "unet":
+        denoiser, config = tiny_unet(), configs(UNET_LINEAR, UNET_CONV)["lora"]()
+        batch = {"sample": latents, "timestep": t, "encoder_hidden_states": text}
+    else:
+        denoiser, config = tiny_sd3(), configs(["to_q", "to_v", "add_k_proj"], [])["lora"]()
+        pooled = torch.randn(2, 16, generator=g, dtype=torch.float64)
+        batch = {"hidden_states": latents, "timestep": t, "encoder_hidden_states": text, "pooled_projections": pooled}
+    denoiser.add_adapter(config)
+    randomize_adapters(denoiser, scale=0.1)
+    denoiser.double()
+    tree = funcadapt.extract(denoiser)
+
+    def loss(c):
+        return funcadapt.call(denoiser, funcadapt.transform(tree, c), **batch).sample.square().mean()
+
+    folds = _count_folds(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        c = COEFFS.clone().requires_grad_()
+        got = funcadapt.vmap(loss)(c)
+        got.sum().backward()
+    assert folds and set(folds) == {len(COEFFS)}
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+    for i, ci in enumerate(COEFFS):
+        one = ci.clone().requires_grad_()
+        want = loss(one)
+        want.backward()
+        torch.testing.assert_close(got[i], want, **TOL64)
+        torch.testing.assert_close(c.grad[i], one.grad, **TOL64)
