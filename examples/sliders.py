@@ -239,8 +239,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.sampling_steps or (4 if quick else 25)
     seeds = list(range(args.seeds or (2 if quick else 6)))
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # diffusers' attention calls SDPA itself, which vmap runs once per coefficient (torch's warning)
-    warnings.filterwarnings("ignore", message="There is a performance drop")
     diffusers_logging.set_verbosity_error()
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)

@@ -147,6 +147,15 @@ def test_overhead_benchmark_quick_runs(capsys):
         float(line.split()[-1])  # µs per layer, printed for each stage
 
 
+def test_slider_step_benchmark_quick_runs():
+    """benchmarks/slider_step.py times every step on both denoisers (the timings are reported, never asserted)."""
+    bench = load_script("benchmarks/slider_step.py", "slider_step_benchmark")
+    results = bench.main(["--batch", "2", "--repeats", "1", "--threads", "1"])
+    assert list(results) == ["UNet2DModel (examples/sliders.py)", "SD3-style DiT"]
+    assert all(list(r) == ["vmap", "vmap, unfolded", "coefficient batch"] for r in results.values())
+    assert all(ms > 0 for r in results.values() for ms in r.values())
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_sliders_example(tmp_path):
     """examples/sliders.py --quick (float64): the grid from one DDIMPipeline call at 5 strengths equals one
