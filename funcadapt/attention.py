@@ -42,17 +42,32 @@ def folded_sdpa(
 ) -> Tensor:
     """torch's ``scaled_dot_product_attention`` with the current vmap level's axis folded into the batch."""
     level = _functorch.maybe_current_level()
-    size = _vmapped_size((query, key, value, attn_mask), level)
-    if size is None or dropout_p or query.dim() < 3:
+    inputs = (query, key, value, attn_mask)
+    size = _vmapped_size(inputs, level)
+    batch = _common_batch(inputs) if size is not None and not dropout_p else None
+    if batch is None:
         return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
-    assert level is not None
-    batch = query.shape[0]
-    q, k, v = (_fold(t, level, size, batch) for t in (query, key, value))
+    assert level is not None and size is not None
+    rank = query.dim()
+    q, k, v = (_fold(t, level, size, batch, rank) for t in (query, key, value))
     mask = attn_mask
-    if attn_mask is not None and (attn_mask.dim() == query.dim() or _batched_at(attn_mask, level)):
-        mask = _fold(attn_mask, level, size, batch, query.dim())  # (a shared mask with fewer axes broadcasts)
+    if attn_mask is not None and (attn_mask.dim() == rank or _batched_at(attn_mask, level)):
+        mask = _fold(attn_mask, level, size, batch, rank)  # (a shared mask with fewer axes broadcasts)
     out = _SDPA(q, k, v, mask, dropout_p, is_causal, **kwargs)
     return _functorch._add_batch_dim(out.reshape(size, batch, *out.shape[1:]), 0, level)
+
+
+def _common_batch(inputs: Iterable[Tensor | None]) -> int | None:
+    """The batch the inputs share on the query's first axis, each given the query's number of axes (leading
+    ones added, as SDPA broadcasts them): every size there 1 or that batch. None where they do not line up
+    that way (a key or value with more axes than the query, a query without a batch axis): torch's loop."""
+    query, *rest = (t for t in inputs if t is not None)
+    rank = query.dim()
+    if rank < 3 or any(t.dim() > rank for t in rest):
+        return None
+    sizes = {int(t.shape[0]) if t.dim() == rank else 1 for t in (query, *rest)}
+    sizes.discard(1)
+    return sizes.pop() if len(sizes) == 1 else 1 if not sizes else None
 
 
 def _batched_at(t: Tensor, level: int | None) -> bool:
@@ -71,15 +86,15 @@ def _vmapped_size(tensors: Iterable[Tensor | None], level: int | None) -> int | 
     return None
 
 
-def _fold(t: Tensor, level: int, size: int, batch: int, dims: int = 0) -> Tensor:
-    """``t`` (logical shape ``[b, ...]``, b = batch or 1) as ``[size·batch, ...]``: member v's row r at
-    ``v·batch + r``; a tensor not batched at ``level`` is shared by every member. ``dims``: the number of
-    logical axes to give ``t`` first (a mask with fewer axes than the query broadcasts over the leading ones)."""
+def _fold(t: Tensor, level: int, size: int, batch: int, rank: int) -> Tensor:
+    """``t`` as ``[size·batch, ...]`` with ``rank`` axes: member v's row r at ``v·batch + r``; first given
+    ``rank`` logical axes (leading ones added) and its first axis (1 or ``batch``) expanded to ``batch``. A
+    tensor not batched at ``level`` is shared by every member."""
     physical, dim = _functorch._unwrap_batched(t, level)
     physical = physical.unsqueeze(0).expand(size, *physical.shape) if dim is None else physical.movedim(dim, 0)
-    if physical.dim() - 1 < dims:
-        physical = physical.reshape(size, *([1] * (dims - physical.dim() + 1)), *physical.shape[1:])
-    if physical.shape[1] != batch:  # a mask broadcast over the batch
+    if physical.dim() - 1 < rank:
+        physical = physical.reshape(size, *([1] * (rank - physical.dim() + 1)), *physical.shape[1:])
+    if physical.shape[1] != batch:  # (1: broadcast over the batch)
         physical = physical.expand(size, batch, *physical.shape[2:])
     return physical.reshape(size * batch, *physical.shape[2:])
 

@@ -31,16 +31,19 @@ PLAIN_FORWARDS: dict[str, tuple[str, str]] = {
 
 
 def qualified(cls: type) -> str:
-    """``module.qualname`` of the class a module was built as: FSDP2's ``fully_shard`` (and composable
-    ``replicate``) swap in a subclass ``FSDP<Name>`` of (their marker class, that class), which lookups by
-    class name must see through."""
-    if len(cls.__bases__) == 2 and cls.__bases__[0].__name__ in _SWAPPED_IN:
-        cls = cls.__bases__[1]
+    """``module.qualname`` of the class a module was built as: torch.distributed's in-place wrappers
+    (``fully_shard``, composable ``replicate``, ``replicate_with_fsdp``) swap in a subclass of (their marker
+    class, that class), which lookups by class name must see through."""
+    bases = cls.__bases__
+    if len(bases) == 2 and any(_is_marker(c) for c in bases[0].__mro__):
+        cls = bases[1]
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-_SWAPPED_IN = frozenset({"FSDPModule", "DDP"})
-"""The marker classes of torch.distributed's in-place wrappers (``fully_shard``, composable ``replicate``)."""
+def _is_marker(cls: type) -> bool:
+    """FSDP2's ``FSDPModule`` (``replicate_with_fsdp``'s ``ReplicateModule`` derives from it) or composable
+    ``replicate``'s ``DDP``, defined in torch.distributed."""
+    return cls.__name__ in ("FSDPModule", "DDP") and cls.__module__.startswith("torch.distributed.")
 
 
 def _group_norm(module: nn.GroupNorm, x: Tensor) -> Tensor:

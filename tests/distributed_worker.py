@@ -235,6 +235,8 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
 
 
 def _compare(got: Any, want: Any) -> str | None:
+    if isinstance(want, str) or isinstance(got, str):  # an outcome ("refused") rather than tensors
+        return None if isinstance(got, str) and got == want else f"got {str(got)[:200]}, one process {want}"
     if isinstance(want, dict):
         if set(got) != set(want):
             return f"gradients for {sorted(set(want) ^ set(got))[:3]} missing or extra"
@@ -279,10 +281,19 @@ def _run_scenario(engine: str, adapter: str, warm: bool) -> dict[str, str | None
     return results
 
 
-MODEL_ENGINES = ("ddp", "fsdp1-root", "fsdp2-root", "fsdp2-layers")
-MODEL_CHECKS = ("per_step_uncond", "per_image_grads", "opt_per_row")
+MODEL_ENGINES = ("ddp", "fsdp1-root", "fsdp2-root", "fsdp2-layers", "replicate", "replicate-fsdp")
+MODEL_CHECKS = ("per_step_uncond", "per_image_grads", "opt_per_row", "xlnet_per_row_refused")
+MODEL_CASES = [
+    (engine, check)
+    for engine in MODEL_ENGINES
+    for check in MODEL_CHECKS
+    if check == "xlnet_per_row_refused" or not engine.startswith("replicate")
+]
 """Checks on other models than the matrix's Llama, where engine wrappers change what funcadapt reads of the
-model: a diffusers UNet called with positional arguments, and OPT, whose decoder layer is looked up by class."""
+model: a diffusers UNet called with positional arguments; OPT, whose decoder layer is looked up by class, and
+XLNet, whose model is (it runs sequence-first: per-row coefficients are refused), the looked-up module wrapped
+in place by FSDP2 or torch's composable replicate (``replicate``, ``replicate_with_fsdp``) where the engine
+allows it."""
 
 
 def _denoiser() -> torch.nn.Module:
@@ -356,11 +367,49 @@ def _opt_check(model: torch.nn.Module, engine: str) -> Callable[[], Any]:
     return opt_per_row
 
 
+def _xlnet() -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import XLNetConfig, XLNetModel
+
+    torch.manual_seed(0)
+    config = XLNetConfig(vocab_size=32, d_model=16, n_layer=1, n_head=2, d_inner=32, dropout=0.0)
+    model = get_peft_model(XLNetModel(config), LoraConfig(r=2, target_modules=["layer_1"], init_lora_weights=False))
+    return model.double().eval()
+
+
+def _xlnet_check(model: torch.nn.Module) -> Callable[[], Any]:
+    """XLNet runs its layers sequence-first ([T, B, …]), so per-row coefficients are refused (with T == B they
+    would otherwise be placed on tokens), also where an engine swapped in its own class for XLNetModel."""
+    import funcadapt
+
+    def xlnet_per_row_refused() -> Any:
+        ids = torch.randint(0, 32, (3, 3), generator=torch.Generator().manual_seed(1))
+        coeffs = funcadapt.per_row(torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64))
+        try:
+            with torch.no_grad(), funcadapt.AdapterModifier(model, "scale", coeffs):
+                out = model(input_ids=ids).last_hidden_state
+        except ValueError as e:
+            return "refused" if "sequence-first" in str(e) else f"raised {e}"
+        return out.full_tensor() if hasattr(out, "full_tensor") else out
+
+    return xlnet_per_row_refused
+
+
 def _wrap_other(model: torch.nn.Module, engine: str) -> torch.nn.Module:
+    xlnet = type(getattr(model, "get_base_model", lambda: None)()).__name__ == "XLNetModel"
+    if engine.startswith("replicate"):
+        if engine == "replicate":
+            from torch.distributed._composable import replicate
+        else:
+            from torch.distributed._composable.replicate_with_fsdp import replicate
+        replicate(model.get_base_model())
+        return model
     if engine.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
 
         if engine == "fsdp2-layers":
+            if xlnet:
+                fully_shard(model.get_base_model())
             for module in model.modules():
                 if type(module).__name__ in ("OPTDecoderLayer", "Transformer2DModel", "ResnetBlock2D"):
                     fully_shard(module)
@@ -376,17 +425,25 @@ def _wrap_other(model: torch.nn.Module, engine: str) -> torch.nn.Module:
 
 
 def _run_models() -> dict[str, dict[str, str | None]]:
-    """engine -> check -> None (equal to one process) or the failure."""
+    """engine -> check -> None (equal to one process) or the failure, for :data:`MODEL_CASES`."""
     out: dict[str, dict[str, str | None]] = {}
     for engine in MODEL_ENGINES:
-        reference = _denoiser()
-        refs = _image_checks(reference, "none")
-        gots = _image_checks(_wrap_other(copy.deepcopy(reference), engine), engine)
-        opt = _opt()
-        refs["opt_per_row"] = _opt_check(opt, "none")
-        gots["opt_per_row"] = _opt_check(_wrap_other(copy.deepcopy(opt), engine), engine)
+        checks = [check for e, check in MODEL_CASES if e == engine]
+        refs: dict[str, Callable[[], Any]] = {}
+        gots: dict[str, Callable[[], Any]] = {}
+        if "per_image_grads" in checks:
+            reference = _denoiser()
+            refs.update(_image_checks(reference, "none"))
+            gots.update(_image_checks(_wrap_other(copy.deepcopy(reference), engine), engine))
+        if "opt_per_row" in checks:
+            opt = _opt()
+            refs["opt_per_row"] = _opt_check(opt, "none")
+            gots["opt_per_row"] = _opt_check(_wrap_other(copy.deepcopy(opt), engine), engine)
+        xlnet = _xlnet()
+        refs["xlnet_per_row_refused"] = _xlnet_check(xlnet)
+        gots["xlnet_per_row_refused"] = _xlnet_check(_wrap_other(copy.deepcopy(xlnet), engine))
         results: dict[str, str | None] = {}
-        for name in MODEL_CHECKS:
+        for name in checks:
             try:
                 results[name] = _compare(gots[name](), refs[name]())
             except Exception as e:

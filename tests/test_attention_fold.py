@@ -242,6 +242,35 @@ def test_folded_sdpa_equals_one_call_per_member(mask_kind, options):
     torch.testing.assert_close(grads, torch.autograd.grad(want.square().sum(), (q, k)), **TOL64)
 
 
+LAYOUTS = {
+    # name: (query shape, key/value shape, query's in_dim); members V = 3, batch B = 2, heads 2, L = 3, S = 5
+    "key/value [B, H, S, E]": ((3, 2, 2, 3, 4), (3, 2, 2, 5, 4), 0),
+    "key/value [S, E] shared by rows and heads, S == B": ((3, 2, 2, 3, 4), (3, 2, 4), 0),
+    "key/value [S, E], S != B": ((3, 2, 2, 3, 4), (3, 5, 4), 0),
+    "key/value [H, S, E]": ((3, 2, 2, 3, 4), (3, 2, 5, 4), 0),
+    "key/value [1, S, E], query [1, H, L, E]": ((3, 1, 2, 3, 4), (3, 1, 5, 4), 0),
+    "query [1, H, L, E] shared by members, key/value [B, H, S, E]": ((1, 2, 3, 4), (3, 2, 2, 5, 4), None),
+    "query [B, L, E] (3-D)": ((3, 2, 3, 4), (3, 2, 5, 4), 0),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_folded_sdpa_broadcast_layouts_equal_one_call_per_member(layout):
+    """Key and value broadcast against the query (fewer axes, a batch of 1, a query shared by the members)
+    as torch's SDPA allows: folded where the inputs line up on one batch, torch's loop elsewhere, equal to one
+    call per member either way."""
+    q_shape, kv_shape, q_dim = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(*q_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(*kv_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(*kv_shape, generator=g, dtype=torch.float64)
+    got = torch.func.vmap(attention.folded_sdpa, in_dims=(q_dim, 0, 0))(q, k, v)
+    want = torch.stack([TORCH_SDPA(q if q_dim is None else q[i], k[i], v[i]) for i in range(k.shape[0])])
+    torch.testing.assert_close(got, want, **TOL64)
+    grads = torch.autograd.grad(got.square().sum(), (q, k))
+    torch.testing.assert_close(grads, torch.autograd.grad(want.square().sum(), (q, k)), **TOL64)
+
+
 @pytest.mark.filterwarnings("ignore:.*clip_sample.*")
 @pytest.mark.parametrize("name", ["unet", "sd3"])
 def test_diffusers_attention_folds_and_equals_separate_calls(name, monkeypatch):

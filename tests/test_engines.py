@@ -83,13 +83,13 @@ def distributed_models(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return dw.run(str(tmp_path_factory.mktemp("dist_models")), "models")
 
 
-@pytest.mark.parametrize("check", dw.MODEL_CHECKS)
-@pytest.mark.parametrize("engine", dw.MODEL_ENGINES)
+@pytest.mark.parametrize(("engine", "check"), dw.MODEL_CASES)
 def test_engine_wrappers_are_transparent_to_what_funcadapt_reads(distributed_models, engine, check):
     """A denoiser called with its timestep and text embeddings positional under DDP and FSDP1 (whose
-    forward(*args, **kwargs) names neither: they are read where the wrapped module's forward starts), FSDP2's
-    swapped-in classes (FSDPUNet2DConditionModel is UNet2DConditionModel for the unconditional half's order,
-    FSDPOPTDecoderLayer is OPT's decoder layer for its flattened fc1/fc2): equal to one process."""
+    forward(*args, **kwargs) names neither: they are read where the wrapped module's forward starts), the
+    classes torch.distributed swaps in (FSDPUNet2DConditionModel is UNet2DConditionModel for the unconditional
+    half's order, FSDPOPTDecoderLayer is OPT's decoder layer for its flattened fc1/fc2, FSDP-, DDP- and
+    ReplicateXLNetModel are XLNetModel, which runs sequence-first): equal to one process, refusals included."""
     for rank in (0, 1):
         result = distributed_models[rank][engine][check]
         assert result is None, f"rank {rank}: {result}"
