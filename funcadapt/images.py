@@ -201,12 +201,22 @@ class Passes(EntryRecorder[Pass]):
             signature: inspect.Signature | None = inspect.signature(forward)
         except (TypeError, ValueError):
             signature = None
+        if signature is not None and _only_passes_on(signature):
+            # a wrapper's forward(*args, **kwargs) (PEFT's, DDP's, FSDP1's, torch.compile's) names no argument,
+            # so which one is the latents or the timestep is read where the denoiser's own forward starts
+            return lambda args, kwargs: self.wrapped
 
         @torch.compiler.disable  # bookkeeping that reads numbers (the timestep): run eagerly, not traced
         def enter(args: tuple, kwargs: Mapping[str, Any]) -> Pass | str:
             return self._enter(_arguments(signature, args, kwargs))
 
         return enter
+
+    wrapped = (
+        "per-image coefficients are read where the denoiser's own forward starts, and this forward went through a "
+        "wrapper (forward(*args, **kwargs)) whose denoiser's forward did not run: give AdapterModifier the "
+        "denoiser, or a wrapper that calls it"
+    )
 
     def _enter(self, arguments: Mapping[str, Any]) -> Pass | str:
         latents = _latents(arguments)
@@ -228,6 +238,12 @@ class Passes(EntryRecorder[Pass]):
         last, self.last = self.last, (t, latents)
         repeated = self.uncond_given and last is not None and last[0] == t and _same(last[1], latents)
         return Pass(rows, step, repeated, paired)
+
+
+def _only_passes_on(signature: inspect.Signature) -> bool:
+    """A forward taking only ``*args`` and ``**kwargs``."""
+    kinds = {p.kind for p in signature.parameters.values()}
+    return bool(kinds) and kinds <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
 
 
 Latents = Tensor | list[Tensor]

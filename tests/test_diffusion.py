@@ -290,6 +290,35 @@ def test_get_peft_model_denoiser():
     assert_close(got, want)
 
 
+def test_wrapper_called_with_keywords_in_any_order():
+    """A PEFT wrapper's forward(*args, **kwargs) names no argument, so what it is called with is read where the
+    denoiser's own forward starts: with the timestep given first as a keyword, four different images and two
+    strengths are refused (not a guidance batch, although the timestep's halves are equal), and a guidance
+    batch gets the unconditional strength on its first half."""
+    wrapped = get_peft_model(
+        tiny_unet(), LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "conv1"], init_lora_weights=False)
+    )
+    wrapped.to(torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    text = torch.randn(4, 5, 32, generator=g, dtype=torch.float64)
+    t = torch.full((4,), 500.0, dtype=torch.float64)
+    strengths = funcadapt.per_image([1.0, -1.0], uncond=0.0)
+    before = snapshot(wrapped)
+    with (
+        pytest.raises(ValueError, match="not a classifier-free-guidance batch"),
+        AdapterModifier(wrapped, "scale", strengths),
+    ):
+        wrapped(timestep=t, sample=x, encoder_hidden_states=text)
+    assert_unchanged(wrapped, before)
+    guidance = torch.cat([x[:2], x[:2]])
+    with torch.no_grad(), AdapterModifier(wrapped, "scale", strengths):
+        got = wrapped(timestep=t, sample=guidance, encoder_hidden_states=text).sample
+    with torch.no_grad(), reference_interpolation(wrapped, rows_reference([1.0, -1.0], [0.0, 0.0])):
+        want = wrapped(timestep=t, sample=guidance, encoder_hidden_states=text).sample
+    assert_close(got, want)
+
+
 # ---- training and coefficient fields ----------------------------------------------------------------------
 
 
