@@ -121,7 +121,13 @@ def frame(
     recorders = [r for r in (positions, passes) if r is not None]
     if recorders:
         entries = entry_modules(model)
-        builders.append(lambda: [Patch(m, "forward", r.recording, wrap=True) for r in recorders for m in entries])
+        builders.append(
+            lambda: [
+                Patch(m, "forward", functools.partial(r.recording, wrapper=m is not entries[-1]), wrap=True)
+                for r in recorders
+                for m in entries
+            ]
+        )
     for path in {**touched, **recipes, **loads}:
         if path not in recipes and path not in loads and _untouched(known, path, touched[path]):
             continue  # its tensors are the model's own and nothing acts on it (c = 1): no patch at all

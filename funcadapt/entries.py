@@ -30,7 +30,9 @@ class EntryRecorder(Generic[Record]):
     def __init__(self) -> None:
         self.stack: list[Record | str] = []
 
-    def entering(self, forward: Callable[..., Any]) -> Enter:
+    def entering(self, forward: Callable[..., Any], wrapper: bool = False) -> Enter:
+        """What a forward's record is. ``wrapper``: the entry module's forward hands the whole input to another
+        entry module further in (a PEFT model's, DDP's, FSDP1's, torch.compile's), which records too."""
         raise NotImplementedError
 
     def current(self, where: str) -> Record:
@@ -51,17 +53,18 @@ class EntryRecorder(Generic[Record]):
     def finished(self) -> None:
         """Checked when the context exits; nothing by default (each forward was checked as it ran)."""
 
-    def recording(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+    def recording(self, forward: Callable[..., Any], wrapper: bool = False) -> Callable[..., Any]:
         """``forward`` (an entry module's), recording while it runs; only for the thread applying the frame
         (another thread's call is refused by the modules the frame changes, and must not leave its record
-        where this thread's layers read it)."""
+        where this thread's layers read it). ``wrapper``: see :meth:`entering`."""
         owner = current_thread()
-        enter = self.entering(forward)
+        enter = self.entering(forward, wrapper)
 
         def recorded(*args: Any, **kwargs: Any) -> Any:
             if current_thread() is not owner:
                 return forward(*args, **kwargs)
-            self.stack.append(enter(args, kwargs))
+            record = enter(args, kwargs)  # (its own statement: no object waits on the stack across a graph break)
+            self.stack.append(record)
             try:
                 return forward(*args, **kwargs)
             finally:

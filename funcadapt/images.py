@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -150,14 +150,21 @@ def _halves(tensor: Tensor, uncond: Uncond, axis: int) -> Tensor:
 
 @dataclass(frozen=True)
 class Pass:
-    """One denoiser forward: its input's ``rows``; ``step`` (None: no timestep could be read);
-    ``repeated``: a call at the previous call's timestep with the same latents (a separate unconditional
-    pass); ``paired``: the two halves of the latents are equal, as in a guidance batch."""
+    """One denoiser forward: its input's ``rows``; ``step`` (None: no timestep could be read), and the same
+    as a 0-d int64 tensor, ``index``, which is what layers read (compiled, a tensor is an input of the graph,
+    where a number would be a constant and each step a graph of its own); ``repeated``: a call at the previous
+    call's timestep with the same latents (a separate unconditional pass); ``paired``: the two halves of the
+    latents are equal, as in a guidance batch."""
 
     rows: int
     step: int | None
     repeated: bool = False
     paired: bool = False
+    index: Tensor | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.step is not None and self.index is None:
+            object.__setattr__(self, "index", torch.tensor(self.step))  # (frozen)
 
 
 class Passes(EntryRecorder[Pass]):
@@ -196,26 +203,34 @@ class Passes(EntryRecorder[Pass]):
                 f"bfloat16). Give one value per distinct timestep, and one pipeline call per context"
             )
 
-    def entering(self, forward: Any) -> Any:
+    def entering(self, forward: Any, wrapper: bool = False) -> Any:
         try:
             signature: inspect.Signature | None = inspect.signature(forward)
         except (TypeError, ValueError):
             signature = None
-        if signature is not None and _only_passes_on(signature):
+        unnamed = signature is not None and _only_passes_on(signature)
+        if unnamed and wrapper:
             # a wrapper's forward(*args, **kwargs) (PEFT's, DDP's, FSDP1's, torch.compile's) names no argument,
             # so which one is the latents or the timestep is read where the denoiser's own forward starts
             return lambda args, kwargs: self.wrapped
 
         @torch.compiler.disable  # bookkeeping that reads numbers (the timestep): run eagerly, not traced
         def enter(args: tuple, kwargs: Mapping[str, Any]) -> Pass | str:
+            if unnamed and not args:  # (the first keyword could be any argument, the timestep say)
+                return self.unnamed
             return self._enter(_arguments(signature, args, kwargs))
 
         return enter
 
     wrapped = (
-        "per-image coefficients are read where the denoiser's own forward starts, and this forward went through a "
-        "wrapper (forward(*args, **kwargs)) whose denoiser's forward did not run: give AdapterModifier the "
-        "denoiser, or a wrapper that calls it"
+        "per-image coefficients are read where the denoiser's own forward starts, inside this wrapper "
+        "(forward(*args, **kwargs)), and it did not run there: give AdapterModifier the denoiser itself, or a "
+        "wrapper that calls its forward"
+    )
+    unnamed = (
+        "per-image coefficients read the images from the denoiser's first argument, and this forward names none "
+        "(forward(*args, **kwargs)) and was called with keywords only: pass the latents first, positionally, or "
+        "give AdapterModifier the denoiser inside it"
     )
 
     def _enter(self, arguments: Mapping[str, Any]) -> Pass | str:
@@ -235,6 +250,13 @@ class Passes(EntryRecorder[Pass]):
         if t is None:
             return Pass(rows, None, paired=paired)
         step = self.steps.setdefault(t, len(self.steps))
+        if self.schedule and step >= self.schedule:
+            return (
+                f"the schedule gives {self.schedule} steps, and the denoiser is running step {step + 1} (distinct "
+                f"timestep number {step + 1} in this context). Give one value per distinct timestep the pipeline "
+                f"runs the denoiser at: num_inference_steps, fewer with img2img strength < 1, more with schedulers "
+                f"that evaluate the denoiser at inner timesteps (Heun: one more, KDPM2: 2·steps − 1)"
+            )
         last, self.last = self.last, (t, latents)
         repeated = self.uncond_given and last is not None and last[0] == t and _same(last[1], latents)
         return Pass(rows, step, repeated, paired)
@@ -375,20 +397,13 @@ def image_coefficients(where: str, c: Tensor, now: Pass, y: Tensor) -> Tensor:
     broadcastable to it, for per-image coefficients ``c`` (``[H, N]`` or ``[S, H, N]``, see
     :class:`PerImage`) in the denoiser pass ``now``."""
     if c.dim() == 3:
-        if now.step is None:
+        if now.index is None:
             raise ValueError(
                 f"{where}: per-step coefficients count the denoising steps by the denoiser's timestep argument, "
                 f"and this forward was called without one (an argument named timestep)"
             )
-        if now.step >= int(c.shape[0]):
-            raise ValueError(
-                f"{where}: the schedule gives {int(c.shape[0])} steps, and the denoiser is running step "
-                f"{now.step + 1} (distinct timestep number {now.step + 1} in this context). Give one value per "
-                f"distinct timestep the pipeline runs the denoiser at: num_inference_steps, fewer with img2img "
-                f"strength < 1, more with schedulers that evaluate the denoiser at inner timesteps (Heun: one more, "
-                f"KDPM2: 2·steps − 1)"
-            )
-        c = c[now.step]
+        # (a step past the schedule was refused where the pass was recorded)
+        c = c.index_select(0, now.index.reshape(1).to(c.device))[0]
     halves, images = int(c.shape[0]), int(c.shape[1])
     rows = now.rows
     got = int(y.shape[0]) if y.dim() else 0
@@ -401,7 +416,7 @@ def image_coefficients(where: str, c: Tensor, now: Pass, y: Tensor) -> Tensor:
     if halves == 1 and images == 1:
         k = c[0].expand(rows)
     elif rows == images:
-        if halves == 2 and now.step is None:
+        if halves == 2 and now.index is None:
             raise ValueError(
                 f"{where}: with a strength for the unconditional half (uncond as a number), a denoiser call of one "
                 f"row per image may be a separate unconditional pass, which funcadapt tells apart by its timestep, "

@@ -34,9 +34,8 @@ def qualified(cls: type) -> str:
     """``module.qualname`` of the class a module was built as: torch.distributed's in-place wrappers
     (``fully_shard``, composable ``replicate``, ``replicate_with_fsdp``) swap in a subclass of (their marker
     class, that class), which lookups by class name must see through."""
-    bases = cls.__bases__
-    if len(bases) == 2 and any(_is_marker(c) for c in bases[0].__mro__):
-        cls = bases[1]
+    while len(cls.__bases__) == 2 and any(_is_marker(c) for c in cls.__bases__[0].__mro__):
+        cls = cls.__bases__[1]
     return f"{cls.__module__}.{cls.__qualname__}"
 
 

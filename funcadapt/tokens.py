@@ -147,7 +147,7 @@ class Positions(EntryRecorder[Span]):
         "itself, not one of its submodules"
     )
 
-    def entering(self, forward: Any) -> Any:
+    def entering(self, forward: Any, wrapper: bool = False) -> Any:
         return span_of
 
 

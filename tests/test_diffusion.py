@@ -319,6 +319,39 @@ def test_wrapper_called_with_keywords_in_any_order():
     assert_close(got, want)
 
 
+def test_denoiser_whose_own_forward_names_no_argument():
+    """A denoiser whose own forward is (*args, **kwargs) (no wrapper around it): its latents are its first
+    positional argument (exact against hooks), and called with keywords only it is refused, since the first
+    keyword could be the timestep."""
+
+    class ArgsOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 8)
+
+        def forward(self, *args, **kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            return self.proj(sample + t / 1000) + kwargs["encoder_hidden_states"]
+
+    torch.manual_seed(0)
+    model = ArgsOnly()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False), model)
+    model.to(torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    text = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor(5.0, dtype=torch.float64)
+    strengths = funcadapt.per_image([1.0, -1.0])
+    with torch.no_grad(), AdapterModifier(model, "scale", strengths):
+        got = model(torch.cat([x, x]), timestep=t, encoder_hidden_states=text)
+    with torch.no_grad(), reference_interpolation(model, rows_reference([1.0, -1.0])):
+        want = model(torch.cat([x, x]), timestep=t, encoder_hidden_states=text)
+    assert_close(got, want)
+    with pytest.raises(ValueError, match="names none"), AdapterModifier(model, "scale", strengths):
+        model(timestep=t, sample=torch.cat([x, x]), encoder_hidden_states=text)
+
+
 # ---- training and coefficient fields ----------------------------------------------------------------------
 
 
@@ -598,6 +631,47 @@ def test_compiled_denoiser():
         torch._dynamo.reset()
         explained = torch._dynamo.explain(model)(batches[0], timesteps[0], text)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)  # the bookkeeping runs before the graph
+
+
+def test_compiled_denoiser_compiles_once_for_every_step_and_context():
+    """A compiled denoiser under per-step schedules: one graph for all the steps of a context and for later
+    contexts with other schedules (the step reaches the layers as a tensor, not a number each step would
+    specialise on), equal to the hooks. Before, each denoiser call compiled again until Dynamo's recompile
+    limit, after which the denoiser ran uncompiled."""
+    from torch._dynamo.utils import counters
+
+    class Denoiser(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 8)
+            self.out = torch.nn.Linear(8, 4)
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+            return self.out(torch.tanh(self.proj(sample) + encoder_hidden_states + timestep / 1000))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Denoiser(), LoraConfig(r=2, target_modules=["proj", "out"], init_lora_weights=False))
+    model.to(torch.float64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    text = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
+    steps = 10
+    timesteps = [torch.tensor(1000.0 - 90 * k, dtype=torch.float64) for k in range(steps)]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    graphs = []
+    for context in range(3):
+        table = torch.linspace(-1.0, 2.0, 2 * steps, dtype=torch.float64).reshape(steps, 2) + context
+        with stepped_reference(model, lambda k, table=table: rows_reference(table[k].tolist())):
+            want = [model(torch.cat([x, x]), t, text) for t in timesteps]
+        with torch.no_grad(), AdapterModifier(model, "scale", funcadapt.per_step(table)):
+            got = [compiled(torch.cat([x, x]), t, text) for t in timesteps]
+        for a, b in zip(got, want, strict=True):
+            assert_close(a, b)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # one graph (two, were the entry's bookkeeping to split it), whatever the step and the context
+    assert 1 <= graphs[0] <= 2 and graphs == [graphs[0]] * 3, graphs
 
 
 def test_block_vector_gradient_on_a_dit():
