@@ -111,10 +111,10 @@ def frame(
     # puts on the layer (no output interpolation around it) and there is no engine hook to stay outside of
     self_guarded = set() if known.engine is not None else {p for p in recipes if not _interpolated(touched.get(p, {}))}
     builders: list[Builder] = []
-    per_token = any(isinstance(op, InterpolateTokens) for e in effects for op in e.ops)
+    token_lengths = [int(op.values.shape[-1]) for e in effects for op in e.ops if isinstance(op, InterpolateTokens)]
     images = [op.values for e in effects for op in e.ops if isinstance(op, InterpolateImages)]
     # what a forward processes, recorded where it enters the model and read by every layer
-    positions = Positions() if per_token else None
+    positions = Positions(min(token_lengths)) if token_lengths else None
     passes = _passes(model, images) if images else None
     if positions is not None:
         _refuse_encoder_decoder(model)

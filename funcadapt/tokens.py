@@ -38,7 +38,7 @@ steer_last_prompt_token=True)`` steers it too.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -129,12 +129,19 @@ def after_prompt(
 @dataclass(frozen=True)
 class Span:
     """What one forward processes: ``length`` tokens from absolute position ``start`` in each of ``rows``
-    rows; ``keep`` > 0: the output head sees only the last ``keep`` of them (``logits_to_keep``)."""
+    rows; ``keep`` > 0: the output head sees only the last ``keep`` of them (``logits_to_keep``). Layers read
+    the start as ``offset``, a 0-d int64 tensor (compiled, a tensor is an input of the graph, where a number
+    would be a constant and each decoding step a graph of its own)."""
 
     start: int
     length: int
     rows: int
     keep: int = 0
+    offset: Tensor | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.offset is None:
+            object.__setattr__(self, "offset", torch.tensor(self.start))  # (frozen)
 
 
 class Positions(EntryRecorder[Span]):
@@ -147,8 +154,25 @@ class Positions(EntryRecorder[Span]):
         "itself, not one of its submodules"
     )
 
+    def __init__(self, total: int | None = None) -> None:
+        super().__init__()
+        self.total = total
+
     def entering(self, forward: Any, wrapper: bool = False) -> Any:
-        return span_of
+        total = self.total
+
+        @torch.compiler.disable  # bookkeeping that reads numbers (the cache position): run eagerly, not traced
+        def enter(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:
+            span = span_of(args, kwargs)
+            if isinstance(span, Span) and total is not None and span.start + span.length > total:
+                return (
+                    f"the per-token coefficients cover positions 0…{total - 1} (L = {total}), but this forward "
+                    f"processes positions {span.start}…{span.start + span.length - 1}. Give values for every position "
+                    f"the model will see: prompt length (with padding) plus max_new_tokens for generate()"
+                )
+            return span
+
+        return enter
 
 
 def span_of(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:
@@ -214,17 +238,13 @@ def token_coefficients(
     ``span``: ``c[:, P:P+T]`` at ``[b, t]`` of a ``[B, T, …]`` output, at row ``b·T + t`` of a layer the
     model runs on its batch flattened batch-major (``batch_major``; ``batch``: the rows the module
     holding it received)."""
-    start, length, batch_rows = span.start, span.length, span.rows
+    length, batch_rows = span.length, span.rows
+    assert span.offset is not None
+    offset = span.offset.to(c.device)
     if span.keep and y.dim() >= 3 and not batch_major and y.shape[1] == span.keep:
-        start, length = start + length - span.keep, span.keep  # the output head, on the last positions only
-    total = int(c.shape[-1])
-    if start + length > total:
-        raise ValueError(
-            f"{where}: the per-token coefficients cover positions 0…{total - 1} (L = {total}), but this forward "
-            f"processes positions {start}…{start + length - 1}. Give values for every position the model will "
-            f"see: prompt length (with padding) plus max_new_tokens for generate()"
-        )
-    k = c[..., start : start + length]
+        offset, length = offset + (length - span.keep), span.keep  # the output head, on the last positions only
+    # (positions past the values were refused where the forward's span was recorded)
+    k = c.index_select(-1, offset + torch.arange(length, device=c.device))
     rows = int(y.shape[0]) if y.dim() else 0
     per_row = k.dim() == 2
     if per_row and k.shape[0] != batch_rows:

@@ -162,6 +162,25 @@ def test_ten_coefficient_values_compile_once(case_id, kind):
     assert counts[-1] == (2 if kind == "float" else 1), f"compiles after each value: {counts}"
 
 
+@pytest.mark.parametrize("case_id", ["lora", "hra"])
+def test_per_token_coefficients_compile_once_for_every_position(case_id):
+    """Decoding one token at a time (cache_position 0, 1, …, 9) under per-token coefficients around a compiled
+    model: one compile for every position (the start reaches the layers as a tensor; as a number each
+    position was a graph of its own, until Dynamo's recompile limit, after which the model ran uncompiled).
+    Every output is eager funcadapt's (float64)."""
+    model = build(case(case_id), dtype=F64)
+    compiled, counter = _counted(model)
+    ids = inputs(batch=2, seq=6)["input_ids"]
+    values = torch.linspace(-1.0, 2.0, 2 * 12, dtype=F64).reshape(2, 12)
+    counts = []
+    with torch.no_grad(), AdapterModifier(model, "scale", funcadapt.per_token(values)):
+        for start in range(10):
+            step = {"input_ids": ids[:, :1], "cache_position": torch.tensor([start]), "use_cache": False}
+            torch.testing.assert_close(output(compiled(**step)), output(model(**step)), **TOL64)
+            counts.append(counter.frame_count)
+    assert counts == [counts[0]] * 10 and 1 <= counts[0] <= 2, f"compiles after each position: {counts}"
+
+
 def test_call_inside_a_compiled_function_compiles_once_for_every_tensor_value():
     model = build(case("lora"), dtype=F64)
     tree = funcadapt.extract(model)
