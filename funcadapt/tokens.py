@@ -131,9 +131,10 @@ class Span:
     """What one forward processes: ``length`` tokens from absolute position ``start`` in each of ``rows``
     rows; ``keep`` > 0: the output head sees only the last ``keep`` of them (``logits_to_keep``). Layers read
     the start as ``offset``, a 0-d int64 tensor (compiled, a tensor is an input of the graph, where a number
-    would be a constant and each decoding step a graph of its own)."""
+    would be a constant and each decoding step a graph of its own); ``start`` is None where it is known only
+    as that tensor (compiled, from ``cache_position``)."""
 
-    start: int
+    start: int | None
     length: int
     rows: int
     keep: int = 0
@@ -141,7 +142,7 @@ class Span:
 
     def __post_init__(self) -> None:
         if self.offset is None:
-            object.__setattr__(self, "offset", torch.tensor(self.start))  # (frozen)
+            object.__setattr__(self, "offset", torch.tensor(self.start or 0))  # (frozen)
 
 
 class Positions(EntryRecorder[Span]):
@@ -161,18 +162,23 @@ class Positions(EntryRecorder[Span]):
     def entering(self, forward: Any, wrapper: bool = False) -> Any:
         total = self.total
 
-        @torch.compiler.disable  # bookkeeping that reads numbers (the cache position): run eagerly, not traced
         def enter(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:
             span = span_of(args, kwargs)
-            if isinstance(span, Span) and total is not None and span.start + span.length > total:
-                return (
-                    f"the per-token coefficients cover positions 0…{total - 1} (L = {total}), but this forward "
-                    f"processes positions {span.start}…{span.start + span.length - 1}. Give values for every position "
-                    f"the model will see: prompt length (with padding) plus max_new_tokens for generate()"
-                )
+            if isinstance(span, str) or span.start is None or total is None:
+                return span  # (a start known only as a tensor is checked in the layers)
+            if span.start + span.length > total:
+                return _past_the_values(total, f"positions {span.start}…{span.start + span.length - 1}")
             return span
 
         return enter
+
+
+def _past_the_values(total: int, processed: str) -> str:
+    return (
+        f"the per-token coefficients cover positions 0…{total - 1} (L = {total}), but this forward processes "
+        f"{processed}. Give values for every position the model will see: prompt length (with padding) plus "
+        f"max_new_tokens for generate()"
+    )
 
 
 def span_of(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:
@@ -193,12 +199,16 @@ def span_of(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:
             "input_ids ([B, T]) or inputs_embeds ([B, T, H])"
         )
     cache_position = kwargs.get("cache_position")
+    offset: Tensor | None = None
+    start: int | None
     if isinstance(cache_position, Tensor) and cache_position.numel():
-        start = int(cache_position.reshape(-1)[0])
+        # compiled, the start stays a tensor (a number would make each position a graph of its own)
+        offset = cache_position.reshape(-1)[0].to(torch.int64)
+        start = None if torch.compiler.is_compiling() else int(offset)
     else:
         start = _past_length(kwargs)
     mask = kwargs.get("attention_mask")
-    if isinstance(mask, Tensor) and mask.dim() == 2 and int(mask.shape[-1]) != start + length:
+    if start is not None and isinstance(mask, Tensor) and mask.dim() == 2 and int(mask.shape[-1]) != start + length:
         # the mask covers every position so far: a cache funcadapt cannot see would otherwise place the
         # tokens at the wrong positions without a word
         return (
@@ -213,7 +223,7 @@ def span_of(args: tuple, kwargs: Mapping[str, Any]) -> Span | str:
             "per-token coefficients with logits_to_keep given as indices are not supported (the output head's "
             "positions would be those indices); pass an int, or 0 for every position"
         )
-    return Span(start, length, rows, keep if isinstance(keep, int) and 0 < keep < length else 0)
+    return Span(start, length, rows, keep if isinstance(keep, int) and 0 < keep < length else 0, offset)
 
 
 def _past_length(kwargs: Mapping[str, Any]) -> int:
@@ -243,7 +253,8 @@ def token_coefficients(
     offset = span.offset.to(c.device)
     if span.keep and y.dim() >= 3 and not batch_major and y.shape[1] == span.keep:
         offset, length = offset + (length - span.keep), span.keep  # the output head, on the last positions only
-    # (positions past the values were refused where the forward's span was recorded)
+    if span.start is None:  # (compiled: the start is a tensor, checked in the graph; eager, at the entry)
+        torch._assert_async(offset + length <= c.shape[-1], f"{where}: {_past_the_values(c.shape[-1], 'more')}")
     k = c.index_select(-1, offset + torch.arange(length, device=c.device))
     rows = int(y.shape[0]) if y.dim() else 0
     per_row = k.dim() == 2

@@ -179,6 +179,15 @@ def test_per_token_coefficients_compile_once_for_every_position(case_id):
             torch.testing.assert_close(output(compiled(**step)), output(model(**step)), **TOL64)
             counts.append(counter.frame_count)
     assert counts == [counts[0]] * 10 and 1 <= counts[0] <= 2, f"compiles after each position: {counts}"
+    # and in one graph with fullgraph=True; a position past the values is refused in the graph
+    whole = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad(), AdapterModifier(model, "scale", funcadapt.per_token(values)):
+        for start in (0, 5, 11):
+            step = {"input_ids": ids[:, :1], "cache_position": torch.tensor([start]), "use_cache": False}
+            torch.testing.assert_close(output(whole(**step)), output(model(**step)), **TOL64)
+        step = {"input_ids": ids[:, :1], "cache_position": torch.tensor([12]), "use_cache": False}
+        with pytest.raises(RuntimeError, match="per-token coefficients cover positions 0…11"):
+            whole(**step)
 
 
 def test_call_inside_a_compiled_function_compiles_once_for_every_tensor_value():
