@@ -593,23 +593,31 @@ def test_misused_coefficients_are_refused():
         funcadapt.transform(tree, funcadapt.per_token(torch.zeros(2, len(groups))), groups=groups)
 
 
+class _LinearDenoiser(torch.nn.Module):
+    """A denoiser of two linear layers, quick to compile (a UNet takes seconds per compile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 8)
+        self.out = torch.nn.Linear(8, 4)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.out(torch.tanh(self.proj(sample) + encoder_hidden_states + timestep / 1000))
+
+
+def _linear_denoiser() -> torch.nn.Module:
+    """:class:`_LinearDenoiser` with a random LoRA on both layers, float64, wrapped by get_peft_model."""
+    torch.manual_seed(0)
+    model = get_peft_model(_LinearDenoiser(), LoraConfig(r=2, target_modules=["proj", "out"], init_lora_weights=False))
+    return model.to(torch.float64)
+
+
 def test_compiled_denoiser():
     """A compiled denoiser (Dynamo, its eager backend) under per-image and per-step strengths equals the hooks:
     the entry's bookkeeping (the timestep as a number, the guidance layout) runs outside the graph. A small
     denoiser of linear layers (compiling a UNet takes seconds per context: see docs/diffusion.md)."""
 
-    class Denoiser(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = torch.nn.Linear(4, 8)
-            self.out = torch.nn.Linear(8, 4)
-
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-            return self.out(torch.tanh(self.proj(sample) + encoder_hidden_states + timestep / 1000))
-
-    torch.manual_seed(0)
-    model = get_peft_model(Denoiser(), LoraConfig(r=2, target_modules=["proj", "out"], init_lora_weights=False))
-    model.to(torch.float64)
+    model = _linear_denoiser()
     g = torch.Generator().manual_seed(1)
     latents = [torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(3)]
     batches = [torch.cat([x, x]) for x in latents]  # guidance batches: 2 images
@@ -640,18 +648,7 @@ def test_compiled_denoiser_compiles_once_for_every_step_and_context():
     limit, after which the denoiser ran uncompiled."""
     from torch._dynamo.utils import counters
 
-    class Denoiser(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = torch.nn.Linear(4, 8)
-            self.out = torch.nn.Linear(8, 4)
-
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-            return self.out(torch.tanh(self.proj(sample) + encoder_hidden_states + timestep / 1000))
-
-    torch.manual_seed(0)
-    model = get_peft_model(Denoiser(), LoraConfig(r=2, target_modules=["proj", "out"], init_lora_weights=False))
-    model.to(torch.float64)
+    model = _linear_denoiser()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
     text = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
